@@ -1,0 +1,77 @@
+"""``bench embed|train|kernels|io|all [--size tiny|small|full] [--out bench/results]``.
+
+Each command runs its bench, prints a table, and merges its section into today's report for this device
+(``<out>/<device>_<yyyymmdd>.json`` and ``.md``; see :mod:`bench.report`). ``all`` runs the four in turn and
+writes the report after each, so a bench that fails leaves the others' figures in place; the exit status is then
+1 and the error is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench.context import SIZES, Context
+from bench.report import Env, print_section, write_report
+
+BENCHES = ("embed", "train", "kernels", "io")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[1])
+    ap.add_argument("command", choices=(*BENCHES, "all"), help="which bench to run; all = every one in turn")
+    ap.add_argument(
+        "--size",
+        choices=SIZES,
+        default="tiny",
+        help="tiny: seconds on CPU (the smoke test); small: minutes on CPU; full: the issue's sizes, for a GPU",
+    )
+    ap.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder (default bench/results)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda[:N]")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch folder for datasets and caches (default: a fresh temporary folder, removed afterwards); "
+        "the io bench measures the disk it lies on",
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    names = BENCHES if args.command == "all" else (args.command,)
+    env = Env.detect(device)
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="samtune-bench-", dir=args.work) as work:
+        ctx = Context(size=args.size, device=device, work=Path(work), out=args.out, env=env)
+        for name in names:
+            module = importlib.import_module(f"bench.{name}")
+            try:
+                sec = module.run(ctx)
+            except Exception:  # keep the other benches' figures; report the failure and exit non-zero
+                traceback.print_exc()
+                failed.append(name)
+                continue
+            print_section(sec)
+            jpath, mpath = write_report(args.out, env, [sec])
+        if len(failed) < len(names):
+            print(f"\nreport: {mpath} (and {jpath.name})")
+    if failed:
+        print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

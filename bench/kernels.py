@@ -1,0 +1,211 @@
+"""``bench kernels``: the fused upsample+loss op against its torch reference, forward plus backward.
+
+Both providers are ``kernels.mask_losses`` with ``backend="triton"`` (fused) and ``backend="torch"`` (the
+reference, which materialises the ``(P, 4h, 4w)`` upsampled logits and their gradient). One timed call runs the
+forward and the backward of ``focal + bce + dice + mse`` summed over masks, with the same inputs for both.
+
+Achieved bandwidth counts the compulsory bytes only: logits and targets read once and the logits' gradient
+written once (``P*h*w*4 + P*16*h*w*1 + P*h*w*4`` for float32 logits and uint8 targets), divided by the time. It is
+compared with the device's copy bandwidth measured in the same run: a fused op that reads its inputs once is
+bounded by that figure, so the fraction says how far the op is from its byte limit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.context import Context
+from bench.report import Ratio, Row, Section
+from bench.timing import Stat, peak_memory, time_kernel
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelsSize:
+    masks: tuple[int, ...]
+    """Values of P, the number of masks in one call."""
+    h: int
+    """Low-resolution logit side (SAM: 256); targets are 4h x 4w."""
+    warmup: int
+    repeats: int
+
+
+SIZES = {
+    "tiny": KernelsSize(masks=(2, 8), h=32, warmup=1, repeats=3),
+    "small": KernelsSize(masks=(4, 16, 64), h=64, warmup=2, repeats=7),
+    "full": KernelsSize(masks=(16, 64, 256, 1024), h=256, warmup=25, repeats=100),
+}
+
+
+def make_inputs(p: int, h: int, device: torch.device, seed: int = 0):
+    """``(P, h, h)`` float32 logits (requires grad), ``(P, 4h, 4h)`` uint8 blob targets, ``(P, 2)`` valid sizes.
+
+    Targets are thresholded smooth noise, so they have SAM-like blobs rather than salt and pepper; valid sizes
+    cover 60-100% of each side, like images resized to a 1024 long side and padded.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (3 * torch.randn(p, h, h, generator=g)).to(device).requires_grad_(True)
+    coarse = torch.randn(p, 1, max(h // 8, 2), max(h // 8, 2), generator=g)
+    targets = (F.interpolate(coarse, (4 * h, 4 * h), mode="bilinear") > 0.3)[:, 0].to(torch.uint8).to(device)
+    vh = torch.randint(int(0.6 * 4 * h), 4 * h + 1, (p,), generator=g)
+    vw = torch.randint(int(0.6 * 4 * h), 4 * h + 1, (p,), generator=g)
+    valid = torch.stack([vh, vw], 1).to(device)
+    return logits, targets, valid
+
+
+def _losses_fn():
+    """``(mask_losses, why_unavailable)``: the public op, or the reference when ``kernels`` has no dispatcher."""
+    import kernels
+
+    op = getattr(kernels, "mask_losses", None)
+    if callable(op):
+        return op, None
+    from kernels.reference import mask_losses_reference
+
+    return (lambda *a, backend: mask_losses_reference(*a)), "kernels.mask_losses is not exported yet"
+
+
+def run(ctx: Context) -> Section:
+    size = SIZES[ctx.size]
+    t_start = time.perf_counter()
+    mask_losses, missing = _losses_fn()
+    copy = ctx.limit("copy")
+    sec = Section(bench="kernels", size=ctx.size, config=asdict(size))
+    sec.limits[ctx.limit_name("copy")] = copy
+    providers = [("reference", "torch"), ("fused", "triton")]
+    times: dict[tuple[str, int], Stat] = {}
+    peaks: dict[tuple[str, int], Stat] = {}
+    for p in size.masks:
+        logits, targets, valid = make_inputs(p, size.h, ctx.device)
+        cfg = {"P": p, "h": size.h, "w": size.h, "targets": f"{4 * size.h}x{4 * size.h} uint8", "logits": "fp32"}
+        compulsory = logits.numel() * 4 * 2 + targets.numel() * targets.element_size()
+        for name, backend in providers:
+            why = _unavailable(name, ctx, missing)
+            if why:
+                sec.rows.append(Row(case="mask_losses fwd+bwd", provider=name, config=cfg, status="unavailable", note=why))
+                continue
+
+            def step(backend=backend):
+                out = mask_losses(logits, targets, valid, backend=backend)
+                (out.focal + out.bce + out.dice + out.mse).sum().backward()
+
+            try:
+                ms = time_kernel(
+                    step, device=ctx.device, warmup=size.warmup, repeats=size.repeats, grad_to_none=[logits]
+                )
+                logits.grad = None
+                peak = peak_memory(step, device=ctx.device)
+            except torch.OutOfMemoryError:
+                logits.grad = None
+                if ctx.cuda:
+                    torch.cuda.empty_cache()
+                sec.rows.append(
+                    Row(case="mask_losses fwd+bwd", provider=name, config=cfg, status="unavailable", note="out of memory")
+                )
+                continue
+            logits.grad = None
+            bw = ms.map(lambda t, b=compulsory: b / (t * 1e-3) / 1e9, "GB/s")
+            times[name, p], peaks[name, p] = ms, peak
+            sec.rows.append(
+                Row(
+                    case="mask_losses fwd+bwd",
+                    provider=name,
+                    config=cfg,
+                    metrics={
+                        "time": ms,
+                        "peak memory": peak,
+                        "achieved bandwidth": bw,
+                        "of copy bandwidth": bw.map(lambda b: 100 * b / copy.median, "%"),
+                    },
+                )
+            )
+        del logits, targets, valid
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    for p in size.masks:
+        if ("fused", p) in times and ("reference", p) in times:
+            cfg = {"P": p, "h": size.h}
+            sec.ratios.append(
+                Ratio(name="fused speed-up (reference time / fused time)", config=cfg,
+                      value=times["reference", p].median / times["fused", p].median)
+            )
+            sec.ratios.append(
+                Ratio(name="peak memory saved (reference / fused)", config=cfg,
+                      value=peaks["reference", p].median / peaks["fused", p].median)
+            )
+    sec.notes += _notes(ctx, size, times, copy, missing)
+    if ctx.out is not None:
+        sec.plots += _plot(ctx, size, times)
+    sec.seconds = time.perf_counter() - t_start
+    return sec
+
+
+def _unavailable(provider: str, ctx: Context, missing: str | None) -> str | None:
+    if provider != "fused":
+        return None
+    if missing:
+        return missing
+    if not ctx.cuda:
+        # The Triton op runs on CPU only under TRITON_INTERPRET=1, a debugging interpreter: its times say
+        # nothing about the kernel, so no CPU figure is reported for it.
+        return "needs CUDA (on CPU only the Triton interpreter runs it, which is not a speed measure)"
+    return None
+
+
+def _notes(ctx: Context, size: KernelsSize, times: dict, copy: Stat, missing: str | None) -> list[str]:
+    notes = [
+        "One call = forward and backward of focal+bce+dice+mse summed over masks, float32 logits, uint8 targets. "
+        + (
+            "Timed with triton.testing.do_bench (L2 flushed between calls); quantiles over its samples."
+            if ctx.cuda
+            else f"Timed by wall clock, {size.warmup} warm-up + {size.repeats} timed calls."
+        ),
+        "Achieved bandwidth = compulsory bytes (logits read once, targets read once, logit gradient written once) "
+        "/ time; the copy bandwidth (read + write, measured in the same run) is the ceiling for such an op.",
+        "Peak memory = most bytes allocated during one call above those allocated before it "
+        + ("(CUDA caching allocator counters)." if ctx.cuda else "(live tensor storage of op outputs; CPU)."),
+    ]
+    if not ctx.cuda:
+        notes.append(
+            "No GPU in this run: only the reference is timed. Its CPU time says how the materialised path scales "
+            "with P, not how the fused op would compare."
+        )
+    for p in size.masks:
+        if ("fused", p) in times:
+            ms = times["fused", p].median
+            # The byte bound: the time the compulsory bytes take at the measured copy bandwidth.
+            floor_ms = _compulsory(p, size.h) / (copy.median * 1e9) * 1e3
+            notes.append(
+                f"P={p}: fused {ms:.3g} ms vs byte floor {floor_ms:.3g} ms at copy bandwidth "
+                f"({floor_ms / ms:.0%} of the byte limit reached)."
+            )
+    return notes
+
+
+def _compulsory(p: int, h: int) -> int:
+    return p * h * h * 4 * 2 + p * 16 * h * h
+
+
+def _plot(ctx: Context, size: KernelsSize, times: dict) -> list[str]:
+    from bench.plots import line_plot
+
+    series = {}
+    for name in ("reference", "fused"):
+        pts = [(p, times[name, p]) for p in size.masks if (name, p) in times]
+        if pts:
+            series[name] = pts
+    if not series:
+        return []
+    return [
+        line_plot(
+            ctx,
+            "kernels_time_vs_masks",
+            series,
+            xlabel="masks per call (P)",
+            ylabel="fwd+bwd time (ms)",
+            title=f"mask_losses fwd+bwd, {size.h}x{size.h} logits, {ctx.env.device}",
+        )
+    ]
