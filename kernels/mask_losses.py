@@ -1,0 +1,420 @@
+"""Fused 4x bilinear upsample + per-mask losses (focal, BCE, dice, MSE, hard IoU), forward and backward.
+
+``kernels.reference.mask_losses_reference`` defines the op; this file computes the same numbers from the
+``(P, h, w)`` low-resolution logits without ever materialising the ``(P, 4h, 4w)`` upsampled logits or their
+gradient. See ``docs/kernels.md`` for the derivation.
+
+Layout of the work. A 4x ``align_corners=False`` upsample maps high-res row ``y = 4k - 2 + r`` (``r`` in 0..3)
+between low-res rows ``k - 1`` and ``k`` with the fixed weights ``(7 - 2r) / 8`` and ``(2r + 1) / 8`` (indices
+clamped to ``[0, h - 1]``, which reproduces PyTorch's edge handling exactly). Call the 4 high-res rows that
+share ``k`` a row *group*; groups ``k = 0..h`` cover every high-res row once (rows -2, -1, 4h and 4h + 1 fall
+outside and are masked). The kernels work on blocks of ``BLOCK x BLOCK`` groups, i.e. ``4 BLOCK x 4 BLOCK``
+high-res pixels held as a 4-D ``(BLOCK, 4, BLOCK, 4)`` tile, so the four low-res corners of each group are
+loaded once per group, not once per pixel.
+
+- Forward: one program per (mask, block of groups). It interpolates the tile, computes every loss term per
+  pixel in float32, and writes 8 partial sums per program to a ``(P, tiles, 8)`` buffer; a torch ``sum`` over
+  tiles finishes the reduction (deterministic, no atomics).
+- Backward: the adjoint of the upsample sends low-res pixel ``i`` the high-res rows ``4i - 2 .. 4i + 5`` with
+  weights ``1, 3, 5, 7, 7, 5, 3, 1`` / 8, i.e. the "down" half of group ``i`` plus the "up" half of group
+  ``i + 1``. One program per (mask, block of groups) recomputes the per-pixel gradient of the tile, reduces
+  each group to its up/down halves (per axis), and combines group ``i`` with group ``i + 1`` by a register
+  gather. The last group of a block only feeds the next block, so blocks overlap by one group (``BLOCK``
+  groups produce ``BLOCK - 1`` low-res rows/cols). Every low-res gradient is written by exactly one program:
+  no atomics, no full-resolution buffer.
+
+Targets are read as one byte per pixel (bool is viewed as uint8, no copy); they are not bit-packed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._lazy import LazyKernel, require_launchable
+from kernels.reference import MaskLosses, _check_mask_inputs, mask_losses_reference
+
+__all__ = ["mask_losses", "min_bytes_moved", "MaskLosses"]
+
+# Order of the per-program partial sums in the forward buffer.
+_S_FOCAL, _S_CE, _S_MSE, _S_P, _S_T, _S_PT, _S_INTER, _S_UNION = range(8)
+_N_SUMS = 8
+
+# 16 x 16 groups = 64 x 64 high-res pixels per program: 4096 elements, 16 per thread at 8 warps. Not tuned on
+# a GPU yet (none was available when this was written); the launchers take `block=` so a bench can sweep it.
+DEFAULT_BLOCK = 16
+
+
+def _mask_losses_fwd(
+    logits_ptr,  # (P, h, w) float32 / bfloat16
+    targets_ptr,  # (P, 4h, 4w) uint8
+    valid_ptr,  # (P, 2) int32
+    partial_ptr,  # (P, n_tiles, 8) float32 out
+    h,
+    w,
+    n_tiles_w,
+    alpha_pos,
+    alpha_neg,
+    GAMMA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    n_tiles = tl.num_programs(1)
+    H = 4 * h
+    W = 4 * w
+    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p), 0), H)
+    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p + 1), 0), W)
+
+    # Group indices of this block and the position inside a group, as broadcastable 4-D pieces.
+    kr = (pid_t // n_tiles_w) * BLOCK + tl.arange(0, BLOCK)
+    kc = (pid_t % n_tiles_w) * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, 4)
+    kr4 = kr[:, None, None, None]
+    kc4 = kc[None, None, :, None]
+    ry = r[None, :, None, None]
+    rx = r[None, None, None, :]
+    y = 4 * kr4 - 2 + ry
+    x = 4 * kc4 - 2 + rx
+    inside = (y >= 0) & (y < vh) & (x >= 0) & (x < vw)
+
+    # The 4 low-res corners of every group (clamped like PyTorch's edge handling) and the fixed weights.
+    r_lo = tl.minimum(tl.maximum(kr4 - 1, 0), h - 1)
+    r_hi = tl.minimum(kr4, h - 1)
+    c_lo = tl.minimum(tl.maximum(kc4 - 1, 0), w - 1)
+    c_hi = tl.minimum(kc4, w - 1)
+    group_ok = (4 * kr4 - 2 < vh) & (4 * kc4 - 2 < vw)
+    base = logits_ptr + pid_p.to(tl.int64) * h * w
+    l00 = tl.load(base + r_lo * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
+    l01 = tl.load(base + r_lo * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
+    l10 = tl.load(base + r_hi * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
+    l11 = tl.load(base + r_hi * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
+    wy_hi = (2 * ry + 1).to(tl.float32) * 0.125
+    wy_lo = 1.0 - wy_hi
+    wx_hi = (2 * rx + 1).to(tl.float32) * 0.125
+    wx_lo = 1.0 - wx_hi
+    up = wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
+
+    t_raw = tl.load(targets_ptr + pid_p.to(tl.int64) * H * W + y * W + x, mask=inside, other=0)
+    is_fg = t_raw != 0
+    t = is_fg.to(tl.float32)
+
+    # Stable sigmoid pieces from one exp: e = exp(-|x|) in (0, 1].
+    e = tl.exp(-tl.abs(up))
+    inv = 1.0 / (1.0 + e)
+    p = tl.where(up >= 0, inv, e * inv)  # sigmoid(up)
+    z = tl.where(is_fg, up, -up)  # logit of the true class
+    q = tl.where(z >= 0, e * inv, inv)  # 1 - p_t = sigmoid(-z), without the cancellation of 1 - p
+    # log1p(e) to full precision (Kahan's trick; Triton has no portable log1p).
+    one_e = 1.0 + e
+    log1p_e = tl.where(one_e == 1.0, e, tl.log(one_e) * e / tl.where(one_e == 1.0, 1.0, one_e - 1.0))
+    ce = tl.maximum(-z, 0.0) + log1p_e  # BCE with logits = softplus(-z)
+    if GAMMA == 2.0:
+        q_gamma = q * q
+    elif GAMMA == 0.0:
+        q_gamma = tl.full(q.shape, 1.0, tl.float32)
+    else:
+        q_gamma = tl.where(q > 0, tl.exp2(GAMMA * tl.log2(tl.maximum(q, 1e-38))), 0.0)
+    a_t = tl.where(is_fg, alpha_pos, alpha_neg)
+    focal = a_t * q_gamma * ce
+    d = p - t
+    pred = up > 0
+
+    zero = tl.zeros(up.shape, tl.float32)
+    out = partial_ptr + (pid_p.to(tl.int64) * n_tiles + pid_t) * 8
+    tl.store(out + 0, tl.sum(tl.where(inside, focal, zero)))
+    tl.store(out + 1, tl.sum(tl.where(inside, ce, zero)))
+    tl.store(out + 2, tl.sum(tl.where(inside, d * d, zero)))
+    tl.store(out + 3, tl.sum(tl.where(inside, p, zero)))
+    tl.store(out + 4, tl.sum(tl.where(inside, t, zero)))
+    tl.store(out + 5, tl.sum(tl.where(inside, p * t, zero)))
+    tl.store(out + 6, tl.sum(tl.where(inside & pred & is_fg, 1.0, zero)))
+    tl.store(out + 7, tl.sum(tl.where(inside & (pred | is_fg), 1.0, zero)))
+
+
+def _mask_losses_bwd(
+    logits_ptr,  # (P, h, w) float32 / bfloat16
+    targets_ptr,  # (P, 4h, 4w) uint8
+    valid_ptr,  # (P, 2) int32
+    coef_ptr,  # (P, 5) float32: focal, bce, mse, dice*t, dice*1 coefficients
+    grad_ptr,  # (P, h, w) out, logits' dtype
+    h,
+    w,
+    n_tiles_w,
+    alpha_pos,
+    alpha_neg,
+    GAMMA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    H = 4 * h
+    W = 4 * w
+    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p), 0), H)
+    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p + 1), 0), W)
+    c_focal = tl.load(coef_ptr + 5 * pid_p + 0)
+    c_bce = tl.load(coef_ptr + 5 * pid_p + 1)
+    c_mse = tl.load(coef_ptr + 5 * pid_p + 2)
+    c_dice_t = tl.load(coef_ptr + 5 * pid_p + 3)
+    c_dice_1 = tl.load(coef_ptr + 5 * pid_p + 4)
+
+    # Blocks step by BLOCK - 1 groups: the last group of a block only completes the next block's first row.
+    kr = (pid_t // n_tiles_w) * (BLOCK - 1) + tl.arange(0, BLOCK)
+    kc = (pid_t % n_tiles_w) * (BLOCK - 1) + tl.arange(0, BLOCK)
+    r = tl.arange(0, 4)
+    kr4 = kr[:, None, None, None]
+    kc4 = kc[None, None, :, None]
+    ry = r[None, :, None, None]
+    rx = r[None, None, None, :]
+    y = 4 * kr4 - 2 + ry
+    x = 4 * kc4 - 2 + rx
+    inside = (y >= 0) & (y < vh) & (x >= 0) & (x < vw)
+
+    # Recompute the upsampled tile exactly as the forward does.
+    r_lo = tl.minimum(tl.maximum(kr4 - 1, 0), h - 1)
+    r_hi = tl.minimum(kr4, h - 1)
+    c_lo = tl.minimum(tl.maximum(kc4 - 1, 0), w - 1)
+    c_hi = tl.minimum(kc4, w - 1)
+    group_ok = (4 * kr4 - 2 < vh) & (4 * kc4 - 2 < vw)
+    base = logits_ptr + pid_p.to(tl.int64) * h * w
+    l00 = tl.load(base + r_lo * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
+    l01 = tl.load(base + r_lo * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
+    l10 = tl.load(base + r_hi * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
+    l11 = tl.load(base + r_hi * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
+    wy_hi = (2 * ry + 1).to(tl.float32) * 0.125
+    wy_lo = 1.0 - wy_hi
+    wx_hi = (2 * rx + 1).to(tl.float32) * 0.125
+    wx_lo = 1.0 - wx_hi
+    up = wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
+
+    t_raw = tl.load(targets_ptr + pid_p.to(tl.int64) * H * W + y * W + x, mask=inside, other=0)
+    is_fg = t_raw != 0
+    t = is_fg.to(tl.float32)
+
+    e = tl.exp(-tl.abs(up))
+    inv = 1.0 / (1.0 + e)
+    p = tl.where(up >= 0, inv, e * inv)
+    z = tl.where(is_fg, up, -up)
+    q = tl.where(z >= 0, e * inv, inv)  # 1 - p_t
+    p_t = tl.where(z >= 0, inv, e * inv)
+    one_e = 1.0 + e
+    log1p_e = tl.where(one_e == 1.0, e, tl.log(one_e) * e / tl.where(one_e == 1.0, 1.0, one_e - 1.0))
+    ce = tl.maximum(-z, 0.0) + log1p_e
+    if GAMMA == 2.0:
+        q_gamma = q * q
+    elif GAMMA == 0.0:
+        q_gamma = tl.full(q.shape, 1.0, tl.float32)
+    else:
+        q_gamma = tl.where(q > 0, tl.exp2(GAMMA * tl.log2(tl.maximum(q, 1e-38))), 0.0)
+    a_t = tl.where(is_fg, alpha_pos, alpha_neg)
+    # d focal / dz = -a_t q^gamma (gamma p_t ce + q), and dz/dx = +1 for foreground, -1 for background.
+    d_focal_dz = -a_t * q_gamma * (GAMMA * p_t * ce + q)
+    d_focal = tl.where(is_fg, d_focal_dz, -d_focal_dz)
+    d = p - t  # d bce / dx
+    dp = e * inv * inv  # sigmoid'(x) = p (1 - p)
+    g = c_focal * d_focal + c_bce * d + (2.0 * c_mse * d + c_dice_t * t + c_dice_1) * dp
+    g = tl.where(inside, g, 0.0)
+
+    # Adjoint of the upsample, columns first: per group, the part that goes to low-res col k-1 ("lo") and to
+    # k.
+    wx_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
+    col_lo = tl.sum(g * (1.0 - wx_hi_1)[None, None, None, :], axis=3)  # (BLOCK, 4, BLOCK)
+    col_hi = tl.sum(g * wx_hi_1[None, None, None, :], axis=3)
+    # Low-res col j = kc receives hi(k=j) + lo(k=j+1); col 0 also gets lo(0), col w-1 also hi(w) (the clamps).
+    a = tl.arange(0, BLOCK)
+    j3 = kc[None, None, :]
+    nxt3 = tl.minimum(a + 1, BLOCK - 1)[None, None, :] + tl.zeros((BLOCK, 4, BLOCK), tl.int32)
+    col_lo_next = tl.gather(col_lo, nxt3, 2)
+    col_hi_next = tl.gather(col_hi, nxt3, 2)
+    cols = col_hi + col_lo_next + tl.where(j3 == 0, col_lo, 0.0) + tl.where(j3 == w - 1, col_hi_next, 0.0)
+
+    # Then rows, the same way.
+    wy_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
+    row_lo = tl.sum(cols * (1.0 - wy_hi_1)[None, :, None], axis=1)  # (BLOCK, BLOCK)
+    row_hi = tl.sum(cols * wy_hi_1[None, :, None], axis=1)
+    i2 = kr[:, None]
+    nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.zeros((BLOCK, BLOCK), tl.int32)
+    row_lo_next = tl.gather(row_lo, nxt2, 0)
+    row_hi_next = tl.gather(row_hi, nxt2, 0)
+    grad = row_hi + row_lo_next + tl.where(i2 == 0, row_lo, 0.0) + tl.where(i2 == h - 1, row_hi_next, 0.0)
+
+    j2 = kc[None, :]
+    keep = (a[:, None] < BLOCK - 1) & (a[None, :] < BLOCK - 1) & (i2 < h) & (j2 < w)
+    out = grad_ptr + pid_p.to(tl.int64) * h * w + i2 * w + j2
+    tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=keep)
+
+
+_fwd_kernel = LazyKernel(_mask_losses_fwd)
+_bwd_kernel = LazyKernel(_mask_losses_bwd)
+
+
+def _alpha_weights(alpha: float) -> tuple[float, float]:
+    # torchvision: alpha < 0 disables the class weighting.
+    return (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+
+
+def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block):
+    """``(P, h, w)`` logits -> ``(P, 8)`` float32 per-mask sums (see ``_S_*``)."""
+    p_count, h, w = logits.shape
+    n_tiles_h = triton.cdiv(h + 1, block)
+    n_tiles_w = triton.cdiv(w + 1, block)
+    partial = torch.empty(
+        (p_count, n_tiles_h * n_tiles_w, _N_SUMS), device=logits.device, dtype=torch.float32
+    )
+    if p_count == 0:
+        return partial.sum(1)
+    a_pos, a_neg = _alpha_weights(alpha)
+    _fwd_kernel[(p_count, n_tiles_h * n_tiles_w)](
+        logits, targets_u8, valid_i32, partial, h, w, n_tiles_w, a_pos, a_neg, GAMMA=float(gamma), BLOCK=block
+    )
+    return partial.sum(1)
+
+
+def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
+    """Per-mask loss coefficients ``(P, 5)`` -> ``(P, h, w)`` gradient in the logits' dtype."""
+    p_count, h, w = logits.shape
+    grad = torch.empty_like(logits)
+    if p_count == 0:
+        return grad
+    step = block - 1
+    n_tiles_h = triton.cdiv(h, step)
+    n_tiles_w = triton.cdiv(w, step)
+    a_pos, a_neg = _alpha_weights(alpha)
+    _bwd_kernel[(p_count, n_tiles_h * n_tiles_w)](
+        logits,
+        targets_u8,
+        valid_i32,
+        coef,
+        grad,
+        h,
+        w,
+        n_tiles_w,
+        a_pos,
+        a_neg,
+        GAMMA=float(gamma),
+        BLOCK=block,
+    )
+    return grad
+
+
+def _valid_count(valid_i32: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(P,)`` float32 number of valid high-res pixels per mask."""
+    vh = valid_i32[:, 0].clamp(0, 4 * h)
+    vw = valid_i32[:, 1].clamp(0, 4 * w)
+    return (vh * vw).to(torch.float32)
+
+
+class _MaskLossesFunction(torch.autograd.Function):
+    """Fused forward/backward; saves only the inputs and ``(P, 8)`` sums, never a high-res tensor."""
+
+    @staticmethod
+    def forward(ctx, logits, targets_u8, valid_i32, alpha, gamma, block):
+        _, h, w = logits.shape
+        sums = _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block)
+        n = _valid_count(valid_i32, h, w)
+        inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1.0), torch.zeros_like(n))
+        focal = sums[:, _S_FOCAL] * inv_n
+        bce = sums[:, _S_CE] * inv_n
+        mse = sums[:, _S_MSE] * inv_n
+        denom = sums[:, _S_P] + sums[:, _S_T] + 1.0
+        dice = 1.0 - (2.0 * sums[:, _S_PT] + 1.0) / denom
+        union = sums[:, _S_UNION]
+        iou = torch.where(union > 0, sums[:, _S_INTER] / union.clamp(min=1.0), torch.ones_like(union))
+        ctx.save_for_backward(logits, targets_u8, valid_i32, sums, inv_n)
+        ctx.alpha, ctx.gamma, ctx.block = alpha, gamma, block
+        ctx.mark_non_differentiable(iou)
+        return focal, bce, dice, mse, iou
+
+    @staticmethod
+    def backward(ctx, g_focal, g_bce, g_dice, g_mse, _g_iou):
+        logits, targets_u8, valid_i32, sums, inv_n = ctx.saved_tensors
+        # dice = 1 - (2I + 1) / (S + 1) with I = sum p t, S = sum p + sum t, so
+        # d dice / d p_i = -2 t_i / (S + 1) + (2I + 1) / (S + 1)^2.
+        denom = sums[:, _S_P] + sums[:, _S_T] + 1.0
+        dice_t = -2.0 / denom
+        dice_1 = (2.0 * sums[:, _S_PT] + 1.0) / (denom * denom)
+        coef = torch.stack(
+            [g_focal * inv_n, g_bce * inv_n, g_mse * inv_n, g_dice * dice_t, g_dice * dice_1], dim=1
+        ).to(torch.float32)
+        grad = _launch_bwd(logits, targets_u8, valid_i32, coef.contiguous(), ctx.alpha, ctx.gamma, ctx.block)
+        return grad, None, None, None, None, None
+
+
+def _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block):
+    require_launchable(logits, targets, valid_hw)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton backend takes float32/bfloat16/float16 logits, got {logits.dtype}")
+    if block < 2 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 2, got {block}")
+    targets_u8 = targets.contiguous()
+    if targets_u8.dtype == torch.bool:
+        targets_u8 = targets_u8.view(torch.uint8)  # same bytes, no copy
+    valid_i32 = valid_hw.to(device=logits.device, dtype=torch.int32).contiguous()
+    out = _MaskLossesFunction.apply(
+        logits.contiguous(), targets_u8, valid_i32, float(alpha), float(gamma), block
+    )
+    return MaskLosses(*out)
+
+
+def mask_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    valid_hw: torch.Tensor,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    backend: str = "auto",
+    block: int = DEFAULT_BLOCK,
+) -> MaskLosses:
+    """Per-mask focal, BCE, dice, MSE and hard IoU of the 4x-upsampled logits against full-resolution targets.
+
+    Equal to ``kernels.reference.mask_losses_reference`` (which defines it: bilinear ``align_corners=False``
+    upsample to ``(4h, 4w)``, crop to ``[:vh, :vw]`` per mask, means over the valid pixels). An empty valid
+    region gives 0 for every loss, 1 for ``iou``, and zero gradient.
+
+    Args:
+        logits: ``(P, h, w)`` float32 or bfloat16 low-resolution logits (e.g. ``(P, 256, 256)`` from SAM's
+            decoder). The Triton path computes in float32 whatever the input dtype; the gradient comes back in
+            the input dtype.
+        targets: ``(P, 4h, 4w)`` bool or uint8 targets in SAM's input frame; nonzero is foreground. Read as
+            one byte per pixel (not bit-packed).
+        valid_hw: ``(P, 2)`` int ``(vh, vw)`` per mask, clamped to ``[0, 4h] x [0, 4w]``.
+        alpha: focal class weight of the foreground (``< 0`` disables it, as in torchvision).
+        gamma: focal exponent, ``>= 0``. Each distinct value compiles its own kernel (it is a ``constexpr``).
+        backend: ``"auto"`` sends CUDA tensors to Triton and everything else to the torch reference;
+            ``"triton"`` forces Triton (on CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the
+            reference.
+        block: groups of 4x4 high-res pixels per program side (power of two >= 2); ``16`` means 64x64 pixels.
+
+    Returns:
+        ``MaskLosses(focal, bce, dice, mse, iou)``, each a ``(P,)`` float32 tensor.
+    """
+    _check_mask_inputs(logits, targets, valid_hw)
+    if backend == "auto":
+        backend = "triton" if logits.is_cuda else "torch"
+    if backend == "torch":
+        return mask_losses_reference(logits, targets, valid_hw, alpha=alpha, gamma=gamma)
+    if backend == "triton":
+        return _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block)
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def min_bytes_moved(
+    p_count: int, h: int, w: int, dtype: torch.dtype = torch.float32, *, backward: bool = True
+) -> int:
+    """Bytes the fused op must move to or from device memory for ``(P, h, w)`` logits (the bandwidth floor).
+
+    Forward: read the logits (``P h w`` elements) and the targets (``16 P h w`` bytes, one byte per pixel).
+    Backward: read both again and write the gradient (``P h w`` elements). Per-mask scalars and the
+    partial-sum buffer (8 floats per 64x64 tile) are below 0.1% and left out. With float32 logits that is
+    ``44 P h w`` bytes for forward + backward (``20 P h w`` forward only); the targets dominate.
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    lowres = p_count * h * w
+    fwd = lowres * elem + 16 * lowres
+    if not backward:
+        return fwd
+    return fwd + lowres * elem + 16 * lowres + lowres * elem
