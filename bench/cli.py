@@ -2,8 +2,8 @@
 
 Each command runs its bench, prints a table, and merges its section into today's report for this device
 (``<out>/<device>_<yyyymmdd>.json`` and ``.md``; see :mod:`bench.report`). ``all`` runs the four in turn and
-writes the report after each, so a bench that fails leaves the others' figures in place; the exit status is then
-1 and the error is printed.
+writes the report after each, so a bench that fails leaves the others' figures in place; the exit status is
+then 1 and the error is printed.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--size",
         choices=SIZES,
         default="tiny",
-        help="tiny: seconds on CPU (the smoke test); small: minutes on CPU; full: the issue's sizes, for a GPU",
+        help="tiny: seconds on CPU (the smoke test); small: minutes on CPU; full: the issue's sizes (GPU)",
     )
-    ap.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder (default bench/results)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
     ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda[:N]")
     ap.add_argument(
         "--work",
         type=Path,
         default=None,
-        help="scratch folder for datasets and caches (default: a fresh temporary folder, removed afterwards); "
+        help="scratch folder for datasets and caches (default: a fresh temporary folder, removed after); "
         "the io bench measures the disk it lies on",
     )
     return ap.parse_args(argv)

@@ -12,8 +12,8 @@ from bench.report import Env
 from bench.timing import Stat
 
 SIZES = ("tiny", "small", "full")
-"""``tiny``: seconds on CPU, the smoke test. ``small``: a minute or two on CPU, for CPU ratios that are not all
-overhead. ``full``: the issue's sizes, meant for an H100/H200."""
+"""``tiny``: seconds on CPU, the smoke test. ``small``: a minute or two on CPU, for CPU ratios that are not
+all overhead. ``full``: the issue's sizes, meant for an H100/H200."""
 
 
 @dataclass(kw_only=True)

@@ -1,13 +1,13 @@
 """``bench kernels``: the fused upsample+loss op against its torch reference, forward plus backward.
 
 Both providers are ``kernels.mask_losses`` with ``backend="triton"`` (fused) and ``backend="torch"`` (the
-reference, which materialises the ``(P, 4h, 4w)`` upsampled logits and their gradient). One timed call runs the
-forward and the backward of ``focal + bce + dice + mse`` summed over masks, with the same inputs for both.
+reference, which materialises the ``(P, 4h, 4w)`` upsampled logits and their gradient). One timed call runs
+the forward and the backward of ``focal + bce + dice + mse`` summed over masks, with the same inputs for both.
 
 Achieved bandwidth counts the compulsory bytes only: logits and targets read once and the logits' gradient
-written once (``P*h*w*4 + P*16*h*w*1 + P*h*w*4`` for float32 logits and uint8 targets), divided by the time. It is
-compared with the device's copy bandwidth measured in the same run: a fused op that reads its inputs once is
-bounded by that figure, so the fraction says how far the op is from its byte limit.
+written once (``P*h*w*4 + P*16*h*w*1 + P*h*w*4`` for float32 logits and uint8 targets), divided by the time.
+It is compared with the device's copy bandwidth measured in the same run: a fused op that reads its inputs
+once is bounded by that figure, so the fraction says how far the op is from its byte limit.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SIZES = {
 
 
 def make_inputs(p: int, h: int, device: torch.device, seed: int = 0):
-    """``(P, h, h)`` float32 logits (requires grad), ``(P, 4h, 4h)`` uint8 blob targets, ``(P, 2)`` valid sizes.
+    """``(P, h, h)`` fp32 logits (requiring grad), ``(P, 4h, 4h)`` uint8 blob targets, ``(P, 2)`` valid sizes.
 
     Targets are thresholded smooth noise, so they have SAM-like blobs rather than salt and pepper; valid sizes
     cover 60-100% of each side, like images resized to a 1024 long side and padded.
@@ -57,7 +57,7 @@ def make_inputs(p: int, h: int, device: torch.device, seed: int = 0):
 
 
 def _losses_fn():
-    """``(mask_losses, why_unavailable)``: the public op, or the reference when ``kernels`` has no dispatcher."""
+    """``(mask_losses, why_unavailable)``: the public op, or the reference while ``kernels`` exports none."""
     import kernels
 
     op = getattr(kernels, "mask_losses", None)
@@ -80,16 +80,24 @@ def run(ctx: Context) -> Section:
     peaks: dict[tuple[str, int], Stat] = {}
     for p in size.masks:
         logits, targets, valid = make_inputs(p, size.h, ctx.device)
-        cfg = {"P": p, "h": size.h, "w": size.h, "targets": f"{4 * size.h}x{4 * size.h} uint8", "logits": "fp32"}
+        cfg = {
+            "P": p,
+            "h": size.h,
+            "w": size.h,
+            "targets": f"{4 * size.h}x{4 * size.h} uint8",
+            "logits": "fp32",
+        }
         compulsory = logits.numel() * 4 * 2 + targets.numel() * targets.element_size()
         for name, backend in providers:
             why = _unavailable(name, ctx, missing)
             if why:
-                sec.rows.append(Row(case="mask_losses fwd+bwd", provider=name, config=cfg, status="unavailable", note=why))
+                sec.rows.append(
+                    Row(case="mask_losses fwd+bwd", provider=name, config=cfg, status="unavailable", note=why)
+                )
                 continue
 
-            def step(backend=backend):
-                out = mask_losses(logits, targets, valid, backend=backend)
+            def step(backend=backend, inputs=(logits, targets, valid)):
+                out = mask_losses(*inputs, backend=backend)
                 (out.focal + out.bce + out.dice + out.mse).sum().backward()
 
             try:
@@ -103,7 +111,13 @@ def run(ctx: Context) -> Section:
                 if ctx.cuda:
                     torch.cuda.empty_cache()
                 sec.rows.append(
-                    Row(case="mask_losses fwd+bwd", provider=name, config=cfg, status="unavailable", note="out of memory")
+                    Row(
+                        case="mask_losses fwd+bwd",
+                        provider=name,
+                        config=cfg,
+                        status="unavailable",
+                        note="out of memory",
+                    )
                 )
                 continue
             logits.grad = None
@@ -122,6 +136,7 @@ def run(ctx: Context) -> Section:
                     },
                 )
             )
+        step = None  # drop the last closure's hold on this P's inputs before the next, larger P
         del logits, targets, valid
         if ctx.cuda:
             torch.cuda.empty_cache()
@@ -129,12 +144,18 @@ def run(ctx: Context) -> Section:
         if ("fused", p) in times and ("reference", p) in times:
             cfg = {"P": p, "h": size.h}
             sec.ratios.append(
-                Ratio(name="fused speed-up (reference time / fused time)", config=cfg,
-                      value=times["reference", p].median / times["fused", p].median)
+                Ratio(
+                    name="fused speed-up (reference time / fused time)",
+                    config=cfg,
+                    value=times["reference", p].median / times["fused", p].median,
+                )
             )
             sec.ratios.append(
-                Ratio(name="peak memory saved (reference / fused)", config=cfg,
-                      value=peaks["reference", p].median / peaks["fused", p].median)
+                Ratio(
+                    name="peak memory saved (reference / fused)",
+                    config=cfg,
+                    value=peaks["reference", p].median / peaks["fused", p].median,
+                )
             )
     sec.notes += _notes(ctx, size, times, copy, missing)
     if ctx.out is not None:
@@ -157,21 +178,22 @@ def _unavailable(provider: str, ctx: Context, missing: str | None) -> str | None
 
 def _notes(ctx: Context, size: KernelsSize, times: dict, copy: Stat, missing: str | None) -> list[str]:
     notes = [
-        "One call = forward and backward of focal+bce+dice+mse summed over masks, float32 logits, uint8 targets. "
+        "One call = forward and backward of focal+bce+dice+mse over all masks (fp32 logits, uint8 targets). "
         + (
             "Timed with triton.testing.do_bench (L2 flushed between calls); quantiles over its samples."
             if ctx.cuda
             else f"Timed by wall clock, {size.warmup} warm-up + {size.repeats} timed calls."
         ),
-        "Achieved bandwidth = compulsory bytes (logits read once, targets read once, logit gradient written once) "
-        "/ time; the copy bandwidth (read + write, measured in the same run) is the ceiling for such an op.",
+        "Achieved bandwidth = compulsory bytes (logits read once, targets read once, logit gradient "
+        "written once) / time; the copy bandwidth (read + write, measured in the same run) is the ceiling "
+        "for such an op.",
         "Peak memory = most bytes allocated during one call above those allocated before it "
         + ("(CUDA caching allocator counters)." if ctx.cuda else "(live tensor storage of op outputs; CPU)."),
     ]
     if not ctx.cuda:
         notes.append(
-            "No GPU in this run: only the reference is timed. Its CPU time says how the materialised path scales "
-            "with P, not how the fused op would compare."
+            "No GPU in this run: only the reference is timed. Its CPU time says how the materialised path "
+            "scales with P, not how the fused op would compare."
         )
     for p in size.masks:
         if ("fused", p) in times:

@@ -49,7 +49,9 @@ def line_plot(
     return fname
 
 
-def bar_plot(ctx: Context, name: str, bars: dict[str, Stat], *, ylabel: str, title: str, logy: bool = True) -> str:
+def bar_plot(
+    ctx: Context, name: str, bars: dict[str, Stat], *, ylabel: str, title: str, logy: bool = True
+) -> str:
     """One bar per entry (median, with a min-max whisker); returns the PNG's file name."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

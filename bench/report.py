@@ -68,7 +68,7 @@ class Env:
     """Where a row was measured."""
 
     device: str
-    """Short device name used in file names: ``cpu`` or the GPU's name, slugged (``nvidia-h100-80gb-hbm3``)."""
+    """Short name used in file names: ``cpu`` or the GPU's name, slugged (``nvidia-h100-80gb-hbm3``)."""
     device_name: str
     """Full name: the GPU's name, or the CPU model and the threads torch uses."""
     torch: str
@@ -252,7 +252,11 @@ def render_markdown(doc: dict) -> str:
             lines.append("")
         lines += _rows_table(sec["rows"])
         if sec["ratios"]:
-            lines += ["", "| comparison (same run) | config | ratio | goal (H100/H200) |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "| comparison (same run) | config | ratio | goal (H100/H200) |",
+                "|---|---|---|---|",
+            ]
             for r in sec["ratios"]:
                 goal = "" if r["goal"] is None else f"{r['goal']:g}"
                 lines.append(f"| {r['name']} | {_fmt_config(r['config'])} | {r['value']:.3g} | {goal} |")

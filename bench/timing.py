@@ -1,9 +1,10 @@
 """How every bench times and sizes things: repeated samples after warm-up, summarised as median and spread.
 
 On CUDA a sample is the time between two CUDA events around one call (or ``triton.testing.do_bench`` for
-single kernels, which also flushes L2 between calls). On CPU it is wall clock (``time.perf_counter``) around one
-call, after the same warm-up. Peak memory is the most bytes allocated during one call above what was allocated
-before it: the CUDA caching allocator's counters on GPU, and a dispatch-mode tally of live tensor storage on CPU.
+single kernels, which also flushes L2 between calls). On CPU it is wall clock (``time.perf_counter``) around
+one call, after the same warm-up. Peak memory is the most bytes allocated during one call above what was
+allocated before it: the CUDA caching allocator's counters on GPU, and a dispatch-mode tally of live tensor
+storage on CPU.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Stat:
         return cls(median=v, q25=v, q75=v, min=v, max=v, n=1, unit=unit)
 
     def map(self, f: Callable[[float], float], unit: str) -> Stat:
-        """The same samples' summary under a monotone ``f`` (e.g. time -> rate), swapping ends if it decreases."""
+        """The summary under a monotone ``f`` (e.g. time -> rate), swapping the ends if ``f`` decreases."""
         lo, hi = f(self.min), f(self.max)
         q25, q75 = f(self.q25), f(self.q75)
         if lo > hi:
@@ -121,7 +122,8 @@ def time_call(
     sync(device)
     if device.type == "cuda":
         events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(repeats)
         ]
         for start, end in events:
             start.record()
@@ -142,8 +144,8 @@ def time_kernel(
 ) -> Stat:
     """Milliseconds per call of a short GPU op via ``triton.testing.do_bench`` (flushes L2 between calls).
 
-    ``warmup``/``repeats`` are counts on CPU; on CUDA do_bench takes them as milliseconds of budget, so they are
-    scaled to at least 25 ms / 100 ms. The quantiles requested are min, q25, median, q75 and max.
+    ``warmup``/``repeats`` are counts on CPU; on CUDA do_bench takes them as milliseconds of budget, so they
+    are raised to at least 25 ms / 100 ms. The quantiles requested are min, q25, median, q75 and max.
     """
     if device.type != "cuda":
         return Stat.of([s * 1e3 for s in time_call(fn, device=device, warmup=warmup, repeats=repeats)], "ms")
@@ -165,7 +167,7 @@ def time_kernel(
 class _StorageTally(TorchDispatchMode):
     """Counts bytes of tensor storage that ops create while active, and the most that were alive at once.
 
-    Only op outputs are seen, not scratch space inside an op, so on CPU this is a lower bound of the true peak.
+    Only op outputs are seen, not scratch space inside an op, so this is a lower bound of the true peak.
     """
 
     def __init__(self) -> None:
