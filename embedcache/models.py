@@ -61,7 +61,7 @@ MODEL_TYPES = tuple(ENCODER_CONFIGS)
 
 
 def _build_sam(*, encoder: EncoderConfig) -> Sam:
-    """Assemble an (untrained) ``Sam`` with the given encoder and SAM's standard prompt encoder and decoder."""
+    """Assemble an untrained ``Sam`` from the given encoder and SAM's standard prompt encoder and decoder."""
     grid = IMAGE_SIZE // PATCH_SIZE
     return Sam(
         image_encoder=ImageEncoderViT(

@@ -33,7 +33,7 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int, kind: int) -> np.ndarr
 
 
 def make_image(rng: np.random.Generator, h: int, w: int, n_objects: int) -> tuple[np.ndarray, list]:
-    """One synthetic ``(h, w, 3)`` uint8 image and its objects as a list of ``(class_id, (h, w) bool mask)``."""
+    """One synthetic ``(h, w, 3)`` uint8 image and its objects, a list of ``(class_id, (h, w) bool mask)``."""
     base = rng.integers(90, 140)
     image = np.clip(base + rng.normal(0, 12, size=(h, w, 1)) + rng.normal(0, 6, size=(h, w, 3)), 0, 255)
     taken = np.zeros((h, w), bool)

@@ -1,0 +1,167 @@
+"""Reading a finished cache: ``open_cache(path) -> Cache`` (the API in docs/cache-api-contract.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from embedcache import masks as mk
+from embedcache.models import IMAGE_SIZE
+from embedcache.store import read_strings
+
+FRAMES = ("original", "input", "lowres")
+
+
+class CacheError(Exception):
+    """A cache that is missing, incomplete or invalid; the message names the path."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Objects:
+    """Per-object arrays, all of length M, loaded into memory when the cache is opened."""
+
+    image_index: np.ndarray
+    """(M,) int64 image of each object, sorted non-decreasing."""
+    box: np.ndarray
+    """(M, 4) float32 xyxy in original pixels; x1, y1 inclusive, x2, y2 exclusive (integer-valued)."""
+    class_id: np.ndarray
+    """(M,) int32."""
+    area: np.ndarray
+    """(M,) int64 foreground pixels in the original frame."""
+
+
+class Cache:
+    """An open, complete cache. Small arrays live in memory; embeddings are read from disk on demand."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.signature: dict = dict(group.attrs["signature"])
+        self.build_report: dict = dict(group.attrs.get("build_report", {}))
+        self.embeddings: zarr.Array = group["embeddings"]
+        self.num_images = int(self.embeddings.shape[0])
+        self.images_per_shard = int(self.embeddings.shards[0])
+        self.original_size = np.asarray(group["original_size"][...], np.int32).reshape(-1, 2)
+        self.input_size = np.asarray(group["input_size"][...], np.int32).reshape(-1, 2)
+        self.image_id = read_strings(group["image_id"])
+        self.image_path = read_strings(group["image_path"])
+        self.split = read_strings(group["split"])
+        g = group["objects"]
+        self.objects = Objects(
+            image_index=np.asarray(g["image_index"][...], np.int64),
+            box=np.asarray(g["box"][...], np.float32).reshape(-1, 4),
+            class_id=np.asarray(g["class_id"][...], np.int32),
+            area=np.asarray(g["area"][...], np.int64),
+        )
+        self.num_objects = int(self.objects.image_index.shape[0])
+        self._mask_offset = np.asarray(g["mask_offset"][...], np.int64)
+        self._mask_bits: np.ndarray | None = None  # loaded on first masks() call
+        self._object_start = np.searchsorted(self.objects.image_index, np.arange(self.num_images + 1))
+
+    def __repr__(self) -> str:
+        s = self.signature
+        return f"Cache({str(self.path)!r}, {s['model_type']}, N={self.num_images}, M={self.num_objects})"
+
+    def read_embeddings(self, idx) -> np.ndarray:
+        """``(n, 256, 64, 64)`` float16 embeddings of the image indices ``idx`` (any int sequence)."""
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        if idx.size == 0:
+            return np.zeros((0, *self.embeddings.shape[1:]), np.float16)
+        if idx.min() < 0 or idx.max() >= self.num_images:
+            raise IndexError(f"image index out of range 0..{self.num_images - 1}")
+        return self.embeddings.get_orthogonal_selection((idx,))
+
+    def image_indices(self, split: str) -> np.ndarray:
+        """``(n,)`` int64 indices of the images in ``"train"``, ``"val"`` or ``"all"``."""
+        if split == "all":
+            return np.arange(self.num_images, dtype=np.int64)
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        return np.flatnonzero(self.split == split).astype(np.int64)
+
+    def object_range(self, i: int) -> tuple[int, int]:
+        """Objects of image ``i`` are ``start..stop-1``."""
+        return int(self._object_start[i]), int(self._object_start[i + 1])
+
+    def _bits(self) -> np.ndarray:
+        if self._mask_bits is None:
+            self._mask_bits = np.asarray(self.group["objects"]["mask_bits"][...], np.uint8)
+        return self._mask_bits
+
+    def mask_crop(self, j: int) -> np.ndarray:
+        """Object ``j``'s mask inside its box: ``(y2 - y1, x2 - x1)`` bool."""
+        bits = self._bits()[self._mask_offset[j] : self._mask_offset[j + 1]]
+        return mk.unpack(bits, self.objects.box[j])
+
+    def masks(self, obj_idx, frame: str = "original"):
+        """Exact masks of the objects ``obj_idx`` in one frame (rules in ``embedcache.masks``).
+
+        Returns a list of ``(H_i, W_i)`` bool arrays for ``"original"``, an ``(n, 1024, 1024)`` bool array for
+        ``"input"`` (False outside ``input_size``) or an ``(n, 256, 256)`` bool array for ``"lowres"``.
+        """
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+        obj_idx = np.asarray(obj_idx, np.int64).reshape(-1)
+        if obj_idx.size and (obj_idx.min() < 0 or obj_idx.max() >= self.num_objects):
+            raise IndexError(f"object index out of range 0..{self.num_objects - 1}")
+        if frame == "original":
+            out = []
+            for j in obj_idx:
+                i = self.objects.image_index[j]
+                out.append(
+                    mk.crop_to_original(self.mask_crop(j), self.objects.box[j], tuple(self.original_size[i]))
+                )
+            return out
+        full = np.zeros((obj_idx.size, IMAGE_SIZE, IMAGE_SIZE), bool)
+        for n, j in enumerate(obj_idx):
+            i = self.objects.image_index[j]
+            mk.crop_to_input(
+                self.mask_crop(j),
+                self.objects.box[j],
+                tuple(self.original_size[i]),
+                tuple(self.input_size[i]),
+                out=full[n],
+            )
+        return full if frame == "input" else mk.input_to_lowres(full)
+
+
+def open_group_checked(path: str | Path) -> zarr.Group:
+    """Open ``path`` as an embedcache group (any status); ``CacheError`` when it is not one."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"{path}: no cache here (no zarr.json)")
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as e:
+        raise CacheError(f"{path}: not a readable Zarr v3 group ({type(e).__name__}: {e})") from e
+    if "signature" not in group.attrs:
+        raise CacheError(f"{path}: a Zarr group, but not an embedcache cache (no signature attribute)")
+    return group
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Open a complete cache; raises ``CacheError`` naming the path if it is missing, incomplete or
+    invalid.
+    """
+    path = Path(path)
+    group = open_group_checked(path)
+    status = group.attrs.get("status")
+    if status != "complete":
+        raise CacheError(
+            f"{path}: cache is incomplete (status {status!r}); rerun the same build command to finish it"
+        )
+    try:
+        done = np.asarray(group["shard_done"][...])
+        if not (done > 0).all():
+            missing = np.flatnonzero(done == 0).tolist()
+            raise CacheError(
+                f"{path}: shards {missing[:10]} are not finished; rerun the build to finish them"
+            )
+        return Cache(path, group)
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"{path}: invalid cache ({type(e).__name__}: {e})") from e

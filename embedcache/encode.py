@@ -1,0 +1,158 @@
+"""The encoder pass over a list of shards: prefetch threads decode and resize, the encoder runs batched, a
+writer thread writes finished shards.
+
+Overlap: a thread pool keeps ``lookahead`` images decoded and resized ahead of the encoder (PIL and numpy
+release the GIL), the encoder runs on the calling thread, and one writer thread turns finished shards into
+files, so disk and decode time hide behind the encoder. On CUDA the batch runs in bf16 autocast and its
+float16 result is copied into pinned memory without a sync; the writer waits on a CUDA event. On CPU
+everything stays float32, which is what ``SamPredictor.set_image`` computes, and the result is rounded to
+float16 once.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from tqdm import tqdm
+
+from embedcache.images import load_image
+from embedcache.preprocess import resize_longest_side, to_model_input
+
+EXIT_AFTER_SHARDS_ENV = "EMBEDCACHE_TEST_EXIT_AFTER_SHARDS"
+"""Test hook: a process that has written this many shards in this run dies with ``os._exit(75)`` at once, as a
+kill would leave it (no cleanup, no finalisation)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardJob:
+    """One shard to encode."""
+
+    shard: int
+    """Shard index."""
+    paths: list[Path]
+    """Its images, in cache order."""
+
+
+def _load(path: Path) -> np.ndarray:
+    """Prefetch work: file -> ``(h, w, 3)`` uint8, long side 1024."""
+    return resize_longest_side(load_image(path))
+
+
+class _ShardWriter:
+    """A thread that gathers each shard's batches and hands the whole shard to ``write``."""
+
+    def __init__(self, write: Callable[[int, np.ndarray, float], None]):
+        self.write = write
+        self.q: queue.Queue = queue.Queue(maxsize=2)  # bounds memory to ~2 shards in flight
+        self.error: BaseException | None = None
+        self.written = 0
+        self.exit_after = int(os.environ.get(EXIT_AFTER_SHARDS_ENV, "0") or 0)
+        self.thread = threading.Thread(target=self._run, name="embedcache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, shard: int, parts: list, seconds: float) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((shard, parts, seconds))
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure so put() never blocks forever
+            shard, parts, seconds = item
+            try:
+                arrays = []
+                for host, event in parts:
+                    if event is not None:
+                        event.synchronize()
+                    arrays.append(host.numpy())
+                self.write(shard, np.concatenate(arrays), seconds)
+                self.written += 1
+                if self.exit_after and self.written >= self.exit_after:
+                    os._exit(75)
+            except BaseException as e:  # re-raised on the encoding thread
+                self.error = e
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def encode_shards(
+    sam: Sam,
+    jobs: list[ShardJob],
+    write: Callable[[int, np.ndarray, float], None],
+    *,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    desc: str = "encode",
+) -> dict:
+    """Encode every job's images and call ``write(shard, (n, 256, 64, 64) float16, seconds)`` once per shard.
+
+    Batches never cross a shard boundary, so a shard's values do not depend on which other shards a run
+    encodes (resumed and uninterrupted builds are bit-identical). Returns ``{"images", "seconds"}``.
+    """
+    items = [p for job in jobs for p in job.paths]
+    lookahead = max(2 * batch_size, workers * 2)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=compute_dtype)
+        if compute_dtype != torch.float32
+        else nullcontext()
+    )
+    cuda = device.type == "cuda"
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(items), unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedcache-decode") as pool:
+        pending: deque = deque()
+        it = iter(items)
+
+        def refill() -> None:
+            while len(pending) < lookahead and (path := next(it, None)) is not None:
+                pending.append(pool.submit(_load, path))
+
+        refill()
+        writer = _ShardWriter(write)
+        try:
+            for job in jobs:
+                t_shard = time.perf_counter()
+                parts = []
+                for b0 in range(0, len(job.paths), batch_size):
+                    n = min(batch_size, len(job.paths) - b0)
+                    images = [pending.popleft().result() for _ in range(n)]
+                    refill()
+                    with torch.inference_mode(), autocast:
+                        x = to_model_input(images, sam, device)
+                        y = sam.image_encoder(x).to(torch.float16)
+                    if cuda:
+                        host = torch.empty(y.shape, dtype=torch.float16, pin_memory=True)
+                        host.copy_(y, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        parts.append((host, event))
+                    else:
+                        parts.append((y, None))
+                    bar.update(n)
+                writer.put(job.shard, parts, time.perf_counter() - t_shard)
+        finally:
+            for f in pending:
+                f.cancel()
+            writer.close()
+            bar.close()
+    return {"images": len(items), "seconds": time.perf_counter() - t_start}

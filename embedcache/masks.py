@@ -1,0 +1,95 @@
+"""Object masks: the stored form (box-cropped, bit-packed) and the exact rules for the three frames.
+
+Stored form: each object's mask is cropped to its box ``(x1, y1, x2, y2)`` (x1, y1 inclusive; x2, y2
+exclusive, original pixels), flattened row-major and packed 8 pixels per byte with ``np.packbits``. All
+objects' bytes are concatenated into one ragged uint8 array with an ``(M + 1,)`` offset array.
+docs/cache-format.md has the measurements that chose this over RLE and compressed label maps.
+
+Frames (exact, integer-only, so every reader derives the same bits):
+
+- ``original``: ``(H, W)``, the mask as read from the dataset.
+- ``input``: ``(1024, 1024)``. The mask is resized to the input size ``(h, w)`` (SAM's long side 1024, see
+  ``input_hw``) by centre-aligned nearest neighbour: output row ``r`` takes source row
+  ``((2 r + 1) H) // (2 h)``, columns likewise. Everything outside ``h x w`` (the bottom-right padding) is
+  False.
+- ``lowres``: ``(256, 256)``. Each pixel covers a 4x4 block of the input frame and is True when at least 8 of
+  the 16 input pixels are True (a majority, ties to True).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embedcache.models import IMAGE_SIZE
+
+LOWRES_SIZE = 256
+LOWRES_BLOCK = IMAGE_SIZE // LOWRES_SIZE  # 4: input pixels per low-res pixel, per side
+LOWRES_MIN_COUNT = 8  # of the 16 input pixels in a block
+
+
+def input_hw(h: int, w: int, long_side: int = IMAGE_SIZE) -> tuple[int, int]:
+    """``ResizeLongestSide.get_preprocess_shape``: the size after scaling the long side to ``long_side``."""
+    scale = long_side * 1.0 / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight box ``(x1, y1, x2, y2)`` of a ``(H, W)`` bool mask (x2, y2 exclusive); None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def pack(mask: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``(H, W)`` bool mask and its box -> 1-D uint8 bit-packed crop of ``ceil(h_box * w_box / 8)`` bytes."""
+    x1, y1, x2, y2 = box
+    return np.packbits(mask[y1:y2, x1:x2].ravel())
+
+
+def unpack(bits: np.ndarray, box: tuple[int, int, int, int] | np.ndarray) -> np.ndarray:
+    """Inverse of ``pack``: the ``(y2 - y1, x2 - x1)`` bool crop."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    h, w = y2 - y1, x2 - x1
+    return np.unpackbits(bits, count=h * w).reshape(h, w).view(bool)
+
+
+def nearest_index(src: int, dst: int) -> np.ndarray:
+    """``(dst,)`` int64: the source index each of ``dst`` output pixels samples (centre-aligned nearest)."""
+    return ((2 * np.arange(dst, dtype=np.int64) + 1) * src) // (2 * dst)
+
+
+def crop_to_original(crop: np.ndarray, box, hw: tuple[int, int]) -> np.ndarray:
+    """Place a box crop into a full ``(H, W)`` bool frame."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    out = np.zeros(hw, bool)
+    out[y1:y2, x1:x2] = crop
+    return out
+
+
+def crop_to_input(crop: np.ndarray, box, hw: tuple[int, int], in_hw: tuple[int, int], out=None) -> np.ndarray:
+    """The input-frame ``(1024, 1024)`` bool mask from a box crop, by the nearest rule in the module
+    docstring.
+
+    Only the output rows/columns whose source falls inside the box are touched, so the cost is the object's
+    size in the input frame, not 1024x1024 (plus zeroing ``out`` when it is freshly allocated).
+    """
+    x1, y1, x2, y2 = (int(v) for v in box)
+    src_r = nearest_index(hw[0], in_hw[0])
+    src_c = nearest_index(hw[1], in_hw[1])
+    r0, r1 = np.searchsorted(src_r, [y1, y2])  # src_* are non-decreasing
+    c0, c1 = np.searchsorted(src_c, [x1, x2])
+    if out is None:
+        out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    if r1 > r0 and c1 > c0:
+        out[r0:r1, c0:c1] = crop[np.ix_(src_r[r0:r1] - y1, src_c[c0:c1] - x1)]
+    return out
+
+
+def input_to_lowres(masks: np.ndarray) -> np.ndarray:
+    """``(n, 1024, 1024)`` bool input-frame masks -> ``(n, 256, 256)`` bool by the 4x4 majority rule."""
+    n = masks.shape[0]
+    blocks = masks.reshape(n, LOWRES_SIZE, LOWRES_BLOCK, LOWRES_SIZE, LOWRES_BLOCK)
+    counts = blocks.sum(axis=(2, 4), dtype=np.uint8)
+    return counts >= LOWRES_MIN_COUNT

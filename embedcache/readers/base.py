@@ -1,0 +1,91 @@
+"""What every dataset reader produces: image records from a scan, and per-image objects with box-cropped
+masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from scipy import ndimage
+
+from embedcache.images import BadInput
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRecord:
+    """One image found by a scan, before anything is decoded."""
+
+    image_id: str
+    """The id stored in the cache: the file stem, or the COCO image id."""
+    image_path: Path
+    """The image file."""
+    mask_path: Path | None = None
+    """The label map (folder layout); None for COCO."""
+    annotations: tuple = ()
+    """The COCO annotation dicts of this image (COCO only)."""
+    expected_hw: tuple[int, int] | None = None
+    """(H, W) the annotation says the image has (COCO only)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectMask:
+    """One object: its class, its tight box and the box-cropped mask."""
+
+    class_id: int
+    """Class id (1 for instance and binary masks)."""
+    box: tuple[int, int, int, int]
+    """(x1, y1, x2, y2) in original pixels; x1, y1 inclusive, x2, y2 exclusive."""
+    crop: np.ndarray = field(repr=False)
+    """(y2 - y1, x2 - x1) bool: the mask inside the box."""
+
+    @property
+    def area(self) -> int:
+        """Foreground pixels in the original frame."""
+        return int(self.crop.sum())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanResult:
+    """The records a scan found, the bad items it already knows of, and every file it looked at."""
+
+    records: list[ImageRecord]
+    """Usable-looking records, sorted by image id."""
+    bad: list[dict]
+    """``{"path": ..., "reason": ...}`` for items the scan itself rejected (duplicates, orphans, ...)."""
+    files: list[Path]
+    """Every input file, for the dataset fingerprint."""
+
+
+class Reader(Protocol):
+    """A dataset reader: ``scan`` lists the images, ``read_objects`` turns one record into objects."""
+
+    root: Path
+
+    def scan(self) -> ScanResult: ...
+
+    def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> list[ObjectMask]: ...
+
+    def describe(self) -> dict: ...
+
+
+def objects_from_labels(labels: np.ndarray, class_id: int = 1) -> list[ObjectMask]:
+    """``(H, W)`` int map with 0 background and 1..K consecutive object labels -> K objects in label order."""
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        crop = labels[sl] == k
+        out.append(
+            ObjectMask(class_id=class_id, box=(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), crop=crop)
+        )
+    return out
+
+
+def check_nonempty(objects: list[ObjectMask], path: Path) -> list[ObjectMask]:
+    """An image with no object at all is bad input: the annotation is probably missing."""
+    if not objects:
+        raise BadInput(path, "empty mask: no object in this image")
+    return objects

@@ -1,0 +1,78 @@
+"""The cache signature (group attributes) and the compatibility check the trainer runs before using a cache.
+
+A signature is a JSON dict::
+
+    format_version   int, bumped on any incompatible layout change
+    model_type       "vit_b" | "vit_l" | "vit_h" | "vit_tiny"
+    checkpoint       sha256 hex of the weights file, or "random-init:<seed>"
+    encoder          the encoder hyper-parameters (models.EncoderConfig.as_dict)
+    preprocessing    resize rule, long side, pixel mean/std, padding, image conversion
+    storage_dtype    "float16"
+    compute_dtype    "float32" or "bfloat16": what the encoder ran in (bf16 autocast on GPU)
+    dataset          fingerprint (sha256 over every input file), reader settings, split definition
+    layout           images_per_shard, num_images, num_objects, num_shards
+
+The build report (counts, skipped items, timings) is stored beside it under ``build_report``; it describes a
+run, so it is not part of what must match when resuming.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from embedcache.models import ENCODER_CONFIGS, checkpoint_id
+from embedcache.preprocess import PREPROCESSING
+
+FORMAT_VERSION = 1
+STORAGE_DTYPE = "float16"
+
+
+class SignatureMismatch(Exception):
+    """A cache was built for another model, weights or preprocessing than the one it is used with."""
+
+
+def expected_signature(model_type: str, checkpoint: str | Path | None, *, init_seed: int = 0) -> dict:
+    """The model-side fields a cache must carry to be used with this model and these weights."""
+    if model_type not in ENCODER_CONFIGS:
+        raise ValueError(f"unknown model type {model_type!r}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_type": model_type,
+        "checkpoint": resolve_checkpoint_id(checkpoint, init_seed=init_seed),
+        "encoder": ENCODER_CONFIGS[model_type].as_dict(),
+        "preprocessing": PREPROCESSING,
+        "storage_dtype": STORAGE_DTYPE,
+    }
+
+
+def resolve_checkpoint_id(checkpoint: str | Path | None, *, init_seed: int = 0) -> str:
+    """``None`` -> ``random-init:<init_seed>``; an id string (sha256 hex or ``random-init:N``) -> itself;
+    a path -> the file's sha256."""
+    if checkpoint is None:
+        return checkpoint_id(None, init_seed)
+    s = str(checkpoint)
+    if re.fullmatch(r"[0-9a-f]{64}", s) or re.fullmatch(r"random-init:\d+", s):
+        return s
+    if not Path(s).is_file():
+        raise FileNotFoundError(f"{s}: checkpoint file not found")
+    return checkpoint_id(s)
+
+
+def check_compatible(cache, model_type: str, checkpoint: str | Path | None, *, init_seed: int = 0) -> None:
+    """Raise ``SignatureMismatch`` naming the cache and the first differing field, else return None.
+
+    Args:
+        cache: an open ``Cache`` (anything with ``.signature`` and ``.path``).
+        model_type: the model the caller builds.
+        checkpoint: its weights: a path, a sha256 hex, ``random-init:<seed>``, or None for random init.
+        init_seed: the seed of a random init when ``checkpoint`` is None.
+    """
+    expected = expected_signature(model_type, checkpoint, init_seed=init_seed)
+    got = cache.signature
+    for field, want in expected.items():
+        have = got.get(field)
+        if have != want:
+            raise SignatureMismatch(
+                f"{cache.path}: cache signature field {field!r} is {have!r}, but the model needs {want!r}"
+            )

@@ -1,0 +1,115 @@
+"""The Zarr v3 layout of a cache: array names, chunking, sharding and the per-shard done markers.
+
+::
+
+    X.zarr/                       group; attributes: signature, status, runs, build_report
+      embeddings      (N, 256, 64, 64) float16   chunk = 1 image, shard = images_per_shard images, fill NaN
+      original_size   (N, 2) int32               (H, W)
+      input_size      (N, 2) int32               (h, w) after resizing the long side to 1024
+      image_id        (N,) str                   file stem or COCO image id
+      image_path      (N,) str                   source image, relative to the data folder
+      split           (N,) str                   "train" | "val"
+      shard_done      (S,) int32                 0 = not done, r = finished by build run r; chunk = 1 shard
+      shard_seconds   (S,) float32               encode wall time of each shard; chunk = 1 shard
+      objects/
+        image_index   (M,) int64                 sorted non-decreasing
+        box           (M, 4) float32             xyxy original pixels, x2/y2 exclusive (integers)
+        class_id      (M,) int32
+        area          (M,) int64
+        mask_offset   (M + 1,) int64             object j's bytes are mask_bits[off[j]:off[j+1]]
+        mask_bits     (B,) uint8                 box-cropped, bit-packed masks (embedcache.masks)
+
+A shard of ``embeddings`` is one file written whole by one process; ``shard_done[k]`` is set only after that
+write returns (zarr's LocalStore writes to a temporary file and renames it, so a shard file is never seen
+half-written), so a set marker is the only thing a resumed build trusts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from embedcache.models import PROMPT_EMBED_DIM
+
+EMBED_SHAPE = (PROMPT_EMBED_DIM, 64, 64)
+MASK_BITS_CHUNK = 1 << 20  # bytes per chunk of the ragged mask array: ~0.1 ms to decompress, few files
+
+
+def num_shards(n_images: int, images_per_shard: int) -> int:
+    return -(-n_images // images_per_shard)
+
+
+def shard_slice(k: int, images_per_shard: int, n_images: int) -> slice:
+    """Image indices of shard ``k``."""
+    return slice(k * images_per_shard, min((k + 1) * images_per_shard, n_images))
+
+
+def _small(group: zarr.Group, name: str, data: np.ndarray) -> None:
+    """Write a small array in one chunk (it is always read whole)."""
+    chunks = data.shape if data.size else tuple(1 for _ in data.shape)
+    arr = group.create_array(
+        name, shape=data.shape, dtype=data.dtype if data.dtype.kind != "U" else str, chunks=chunks
+    )
+    if data.size:
+        arr[...] = data
+
+
+def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> None:
+    """Create every array of the layout; fill all but ``embeddings`` (and the markers) from ``meta``.
+
+    ``meta`` holds numpy arrays under the names of the layout (``objects/...`` for the object arrays).
+    """
+    n = len(meta["image_id"])
+    for name in ("original_size", "input_size", "image_id", "image_path", "split"):
+        _small(group, name, np.asarray(meta[name]))
+    objects = group.create_group("objects")
+    for name in ("image_index", "box", "class_id", "area", "mask_offset"):
+        _small(objects, name, np.asarray(meta[f"objects/{name}"]))
+    bits = np.asarray(meta["objects/mask_bits"], np.uint8)
+    arr = objects.create_array("mask_bits", shape=bits.shape, dtype=np.uint8, chunks=(MASK_BITS_CHUNK,))
+    if bits.size:
+        arr[:] = bits
+    s = images_per_shard
+    group.create_array(
+        "embeddings",
+        shape=(n, *EMBED_SHAPE),
+        dtype=np.float16,
+        chunks=(1, *EMBED_SHAPE),  # one image per chunk: any image is readable on its own
+        shards=(s, *EMBED_SHAPE),  # one shard = one writer's unit of work = one file
+        compressors=None,  # fp16 activations barely compress; raw chunks are read with no decode cost
+        fill_value=np.float16("nan"),  # a never-written chunk reads as NaN, which verify catches
+    )
+    ns = num_shards(n, s)
+    group.create_array("shard_done", shape=(ns,), dtype=np.int32, chunks=(1,), fill_value=0)
+    group.create_array("shard_seconds", shape=(ns,), dtype=np.float32, chunks=(1,), fill_value=0.0)
+
+
+def write_shard(group: zarr.Group, k: int, embeddings: np.ndarray, *, seconds: float, run: int) -> None:
+    """Write shard ``k``'s ``(n, 256, 64, 64)`` float16 embeddings whole, then its done marker (last)."""
+    arr = group["embeddings"]
+    s = arr.shards[0]
+    sl = shard_slice(k, s, arr.shape[0])
+    if embeddings.shape != (sl.stop - sl.start, *EMBED_SHAPE):
+        raise ValueError(f"shard {k}: got embeddings of shape {embeddings.shape}")
+    arr[sl] = embeddings
+    group["shard_seconds"][k] = seconds
+    group["shard_done"][k] = run  # last: only now is the shard trusted
+
+
+def remove_partial_files(root: Path) -> int:
+    """Delete temporary files a killed writer left behind (zarr's ``*.partial``); returns how many."""
+    n = 0
+    for p in Path(root).rglob("*.partial"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def read_strings(arr: zarr.Array) -> np.ndarray:
+    """A string array as a fixed-width numpy ``str`` array (zarr returns numpy's variable-width
+    StringDType).
+    """
+    values = np.asarray(arr[...]).reshape(-1).tolist()
+    return np.array(values, dtype=str) if values else np.zeros(0, dtype=str)
