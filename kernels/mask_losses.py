@@ -121,16 +121,20 @@ def _mask_losses_fwd(
     d = p - t
     pred = up > 0
 
-    zero = tl.zeros(up.shape, tl.float32)
+    # Sums use tl.reduce with Triton's own sum combiner rather than tl.sum: tl.sum is a @triton.jit function
+    # of triton.language, fixed in compiled or interpreted form when triton is imported, which would break
+    # interpreted launches in a process that imported triton before setting TRITON_INTERPRET. The interpreter
+    # recognises this combiner and sums with numpy.
+    zero = tl.full(up.shape, 0.0, tl.float32)
     out = partial_ptr + (pid_p.to(tl.int64) * n_tiles + pid_t) * 8
-    tl.store(out + 0, tl.sum(tl.where(inside, focal, zero)))
-    tl.store(out + 1, tl.sum(tl.where(inside, ce, zero)))
-    tl.store(out + 2, tl.sum(tl.where(inside, d * d, zero)))
-    tl.store(out + 3, tl.sum(tl.where(inside, p, zero)))
-    tl.store(out + 4, tl.sum(tl.where(inside, t, zero)))
-    tl.store(out + 5, tl.sum(tl.where(inside, p * t, zero)))
-    tl.store(out + 6, tl.sum(tl.where(inside & pred & is_fg, 1.0, zero)))
-    tl.store(out + 7, tl.sum(tl.where(inside & (pred | is_fg), 1.0, zero)))
+    tl.store(out + 0, tl.reduce(tl.where(inside, focal, zero), None, tl.standard._sum_combine))
+    tl.store(out + 1, tl.reduce(tl.where(inside, ce, zero), None, tl.standard._sum_combine))
+    tl.store(out + 2, tl.reduce(tl.where(inside, d * d, zero), None, tl.standard._sum_combine))
+    tl.store(out + 3, tl.reduce(tl.where(inside, p, zero), None, tl.standard._sum_combine))
+    tl.store(out + 4, tl.reduce(tl.where(inside, t, zero), None, tl.standard._sum_combine))
+    tl.store(out + 5, tl.reduce(tl.where(inside, p * t, zero), None, tl.standard._sum_combine))
+    tl.store(out + 6, tl.reduce(tl.where(inside & pred & is_fg, 1.0, zero), None, tl.standard._sum_combine))
+    tl.store(out + 7, tl.reduce(tl.where(inside & (pred | is_fg), 1.0, zero), None, tl.standard._sum_combine))
 
 
 def _mask_losses_bwd(
@@ -219,22 +223,24 @@ def _mask_losses_bwd(
     # Adjoint of the upsample, columns first: per group, the part that goes to low-res col k-1 ("lo") and to
     # k.
     wx_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
-    col_lo = tl.sum(g * (1.0 - wx_hi_1)[None, None, None, :], axis=3)  # (BLOCK, 4, BLOCK)
-    col_hi = tl.sum(g * wx_hi_1[None, None, None, :], axis=3)
+    col_lo = tl.reduce(
+        g * (1.0 - wx_hi_1)[None, None, None, :], 3, tl.standard._sum_combine
+    )  # (BLOCK, 4, BLOCK)
+    col_hi = tl.reduce(g * wx_hi_1[None, None, None, :], 3, tl.standard._sum_combine)
     # Low-res col j = kc receives hi(k=j) + lo(k=j+1); col 0 also gets lo(0), col w-1 also hi(w) (the clamps).
     a = tl.arange(0, BLOCK)
     j3 = kc[None, None, :]
-    nxt3 = tl.minimum(a + 1, BLOCK - 1)[None, None, :] + tl.zeros((BLOCK, 4, BLOCK), tl.int32)
+    nxt3 = tl.minimum(a + 1, BLOCK - 1)[None, None, :] + tl.full((BLOCK, 4, BLOCK), 0, tl.int32)
     col_lo_next = tl.gather(col_lo, nxt3, 2)
     col_hi_next = tl.gather(col_hi, nxt3, 2)
     cols = col_hi + col_lo_next + tl.where(j3 == 0, col_lo, 0.0) + tl.where(j3 == w - 1, col_hi_next, 0.0)
 
     # Then rows, the same way.
     wy_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
-    row_lo = tl.sum(cols * (1.0 - wy_hi_1)[None, :, None], axis=1)  # (BLOCK, BLOCK)
-    row_hi = tl.sum(cols * wy_hi_1[None, :, None], axis=1)
+    row_lo = tl.reduce(cols * (1.0 - wy_hi_1)[None, :, None], 1, tl.standard._sum_combine)  # (BLOCK, BLOCK)
+    row_hi = tl.reduce(cols * wy_hi_1[None, :, None], 1, tl.standard._sum_combine)
     i2 = kr[:, None]
-    nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.zeros((BLOCK, BLOCK), tl.int32)
+    nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.full((BLOCK, BLOCK), 0, tl.int32)
     row_lo_next = tl.gather(row_lo, nxt2, 0)
     row_hi_next = tl.gather(row_hi, nxt2, 0)
     grad = row_hi + row_lo_next + tl.where(i2 == 0, row_lo, 0.0) + tl.where(i2 == h - 1, row_hi_next, 0.0)

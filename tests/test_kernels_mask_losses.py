@@ -1,0 +1,443 @@
+"""kernels.mask_losses: the torch reference against an independent float64 definition, and the Triton kernels
+(under TRITON_INTERPRET=1 on CPU, compiled on CUDA) against the reference, on outputs and every gradient.
+
+Random inputs are fresh on every run; the seed is printed and part of every failure message. Re-run a failure
+with ``SAMTUNE_TEST_SEED=<seed>``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import MaskLosses, mask_losses_reference
+from kernels.testing import assert_close
+
+ml_module = sys.modules["kernels.mask_losses"]  # the attribute `kernels.mask_losses` is the function
+
+LOSS_NAMES = ("focal", "bce", "dice", "mse")  # the differentiable ones
+FP32 = pytest.param((1e-6, 1e-4), id="atol=1e-06,rtol=1e-04")
+BF16 = pytest.param((1e-2, 1e-2), id="atol=1e-02,rtol=1e-02")
+
+
+# ---------------------------------------------------------------- fixtures and input builders
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (or ``SAMTUNE_TEST_SEED``), printed so that ``-rA``/failures show it."""
+    value = int(os.environ.get("SAMTUNE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"SAMTUNE_TEST_SEED={value}")
+    return value
+
+
+@pytest.fixture
+def interpret(monkeypatch) -> None:
+    """Run Triton kernels on CPU through Triton's interpreter for this test only.
+
+    ``kernels`` decorates its kernels at launch time for the mode in force (see ``kernels/_lazy.py``), so the
+    variable works no matter which module imported ``kernels`` first.
+    """
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels._lazy.interpreting()
+
+
+def make_valid(kind: str, p_count: int, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """``(P, 2)`` int64 valid sizes of one kind; ``mixed`` cycles through every kind, empty and oversize
+    too."""
+    if kind == "full":
+        rows = [(height, width)] * p_count
+    elif kind == "row":
+        rows = [(1, width)] * p_count
+    elif kind == "col":
+        rows = [(height, 1)] * p_count
+    elif kind == "mixed":
+        rvh = int(torch.randint(1, height + 1, (), generator=gen))
+        rvw = int(torch.randint(1, width + 1, (), generator=gen))
+        cycle = [
+            (rvh, rvw),
+            (height, width),
+            (0, width),
+            (1, width),
+            (height, 1),
+            (height + 5, width + 9),
+            (height, 0),
+        ]
+        start = int(torch.randint(len(cycle), (), generator=gen))
+        rows = [cycle[(start + i) % len(cycle)] for i in range(p_count)]
+    else:
+        raise ValueError(kind)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def make_inputs(p_count, h, w, *, seed, valid="mixed", targets="random", dtype=torch.float32, device="cpu"):
+    """Logits with a spread of confidences, blob-ish targets, and valid sizes; reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(p_count, h, w, generator=gen) * torch.rand(p_count, 1, 1, generator=gen).mul(6).add(
+        0.5
+    )
+    if targets == "random":
+        # Low-res noise upsampled and thresholded: blobs with edges, like real masks, plus pixel noise.
+        blobs = F.interpolate(torch.randn(p_count, 1, h, w, generator=gen), (4 * h, 4 * w), mode="bilinear")[
+            :, 0
+        ]
+        tgt = (blobs + 0.3 * torch.randn(p_count, 4 * h, 4 * w, generator=gen)) > 0
+    elif targets == "empty":
+        tgt = torch.zeros(p_count, 4 * h, 4 * w, dtype=torch.bool)
+    elif targets == "full":
+        tgt = torch.ones(p_count, 4 * h, 4 * w, dtype=torch.bool)
+    else:
+        raise ValueError(targets)
+    valid_hw = make_valid(valid, p_count, 4 * h, 4 * w, gen)
+    weights = torch.rand(len(LOSS_NAMES), p_count, generator=gen) + 0.5  # upstream gradient of each loss
+    return (logits.to(device=device, dtype=dtype), tgt.to(device), valid_hw.to(device), weights.to(device))
+
+
+def run(logits, targets, valid_hw, weights, *, backend, **kw) -> tuple[MaskLosses, torch.Tensor]:
+    """Losses and the gradient of ``sum_k weights[k] . loss_k`` with respect to the logits."""
+    x = logits.detach().clone().requires_grad_()
+    out = kernels.mask_losses(x, targets, valid_hw, backend=backend, **kw)
+    total = sum((getattr(out, name) * weights[k]).sum() for k, name in enumerate(LOSS_NAMES))
+    (grad,) = torch.autograd.grad(total, x)
+    return MaskLosses(*(t.detach() for t in out)), grad
+
+
+def compare(out, grad, ref_out, ref_grad, atol, rtol, context):
+    for name in MaskLosses._fields:
+        assert_close(
+            getattr(out, name), getattr(ref_out, name), atol=atol, rtol=rtol, what=f"{name} {context}"
+        )
+    # Means over N pixels make gradients O(1/N): the absolute floor is taken relative to the largest one.
+    scale = float(ref_grad.abs().max()) if ref_grad.numel() else 0.0
+    assert_close(grad, ref_grad, atol=atol * scale + 1e-12, rtol=rtol, what=f"grad {context}")
+
+
+# ---------------------------------------------------------------- the reference against the definition
+
+
+def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0) -> MaskLosses:
+    """The issue's definition, literally: upsample, crop each mask to ``[:vh, :vw]``, torchvision's focal
+    loss."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    p_count, h, w = logits.shape
+    up = F.interpolate(logits.double()[:, None], (4 * h, 4 * w), mode="bilinear", align_corners=False)[:, 0]
+    rows = {name: [] for name in MaskLosses._fields}
+    for i in range(p_count):
+        vh, vw = (min(max(int(v), 0), s) for v, s in zip(valid_hw[i], (4 * h, 4 * w)))
+        x = up[i, :vh, :vw]
+        t = (targets[i, :vh, :vw] != 0).double()
+        if x.numel() == 0:
+            zero = up[i].sum() * 0  # keeps the graph: an empty region has zero gradient
+            for name in ("focal", "bce", "dice", "mse"):
+                rows[name].append(zero)
+            rows["iou"].append(torch.ones((), dtype=torch.float64))
+            continue
+        p = torch.sigmoid(x)
+        rows["focal"].append(sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction="mean"))
+        rows["bce"].append(F.binary_cross_entropy_with_logits(x, t))
+        rows["dice"].append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
+        rows["mse"].append(F.mse_loss(p, t))
+        pred = x.detach() > 0
+        union = (pred | (t > 0)).sum()
+        inter = (pred & (t > 0)).sum()
+        rows["iou"].append(inter.double() / union if union > 0 else torch.ones((), dtype=torch.float64))
+    return MaskLosses(*(torch.stack(rows[name]).to(torch.float64) for name in MaskLosses._fields))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 3, 17), (7, 5, 4)], ids=lambda s: "P{}_h{}_w{}".format(*s))
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 1.5), (0.6, 0.0)])
+def test_reference_matches_float64_definition(shape, alpha, gamma, seed):
+    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, dtype=torch.float64)
+    context = f"shape={shape} alpha={alpha} gamma={gamma} seed={seed}"
+    ref = run(logits, targets, valid_hw, weights, backend="torch", alpha=alpha, gamma=gamma)
+
+    x = logits.clone().requires_grad_()
+    want = definition_float64(x, targets, valid_hw, alpha, gamma)
+    total = sum((getattr(want, name) * weights[k]).sum() for k, name in enumerate(LOSS_NAMES))
+    (want_grad,) = torch.autograd.grad(total, x)
+    compare(*ref, MaskLosses(*(t.detach() for t in want)), want_grad, 1e-12, 1e-10, context)
+
+    # The float32 reference is the float64 one, rounded.
+    ref32 = run(logits.float(), targets, valid_hw, weights.float(), backend="torch", alpha=alpha, gamma=gamma)
+    compare(*ref32, ref[0], ref[1], 1e-6, 1e-4, context + " float32")
+
+
+def test_reference_gradcheck(seed):
+    logits, targets, valid_hw, _ = make_inputs(3, 2, 3, seed=seed, dtype=torch.float64)
+    valid_hw = torch.tensor([[8, 12], [5, 7], [1, 12]])
+
+    def losses(x):
+        return tuple(mask_losses_reference(x, targets, valid_hw))[:4]
+
+    assert torch.autograd.gradcheck(losses, (logits.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_empty_valid_region_convention(interpret):
+    """No valid pixel: every loss 0, iou 1, zero gradient, on both backends."""
+    logits, targets, _, weights = make_inputs(2, 3, 4, seed=0, targets="full")
+    valid_hw = torch.tensor([[0, 16], [12, 0]])
+    for backend in ("torch", "triton"):
+        out, grad = run(logits, targets, valid_hw, weights, backend=backend)
+        for name in LOSS_NAMES:
+            assert torch.equal(getattr(out, name), torch.zeros(2)), (backend, name, getattr(out, name))
+        assert torch.equal(out.iou, torch.ones(2)), (backend, out.iou)
+        assert torch.equal(grad, torch.zeros_like(grad)), backend
+
+
+# ---------------------------------------------------------------- Triton (interpreted) against the reference
+
+# h, w in {1, 3, 17, 64} and P in {1, 3, 7}, chosen so every size meets every other at least once while the
+# interpreter (about 20 us per high-res pixel, forward + backward) keeps the file under a minute on 2 cores.
+SHAPES = [(1, 1, 1), (3, 1, 17), (7, 3, 3), (1, 3, 64), (3, 17, 1), (1, 64, 3), (3, 17, 17), (7, 1, 64)]
+
+
+@pytest.mark.parametrize("tol", [FP32])
+@pytest.mark.parametrize("valid", ["full", "row", "col", "mixed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "P{}_h{}_w{}".format(*s))
+def test_triton_matches_reference(shape, valid, tol, seed, interpret):
+    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, valid=valid)
+    context = f"shape={shape} valid={valid_hw.tolist()} seed={seed}"
+    got = run(logits, targets, valid_hw, weights, backend="triton")
+    want = run(logits, targets, valid_hw, weights, backend="torch")
+    compare(*got, *want, *tol, context)
+
+
+@pytest.mark.parametrize("tol", [FP32])
+@pytest.mark.parametrize(
+    "shape,block",
+    [((2, 5, 9), 2), ((3, 17, 9), 4), ((1, 33, 40), 8)],
+    ids=["P2_h5_w9-b2", "P3_h17_w9-b4", "P1_h33_w40-b8"],
+)
+def test_triton_tile_seams(shape, block, tol, seed, interpret):
+    """Small blocks put many tile seams (and the overlapping backward blocks) inside small masks."""
+    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed)
+    context = f"shape={shape} block={block} valid={valid_hw.tolist()} seed={seed}"
+    got = run(logits, targets, valid_hw, weights, backend="triton", block=block)
+    want = run(logits, targets, valid_hw, weights, backend="torch")
+    compare(*got, *want, *tol, context)
+
+
+@pytest.mark.parametrize("tol", [FP32])
+@pytest.mark.parametrize("targets", ["empty", "full"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8], ids=["bool", "uint8"])
+def test_triton_constant_targets(targets, dtype, tol, seed, interpret):
+    logits, tgt, valid_hw, weights = make_inputs(3, 3, 17, seed=seed, targets=targets)
+    if dtype == torch.uint8:
+        tgt = tgt.to(torch.uint8) * 7  # any nonzero byte is foreground
+    context = f"targets={targets} {dtype} seed={seed}"
+    compare(
+        *run(logits, tgt, valid_hw, weights, backend="triton"),
+        *run(logits, tgt, valid_hw, weights, backend="torch"),
+        *tol,
+        context,
+    )
+
+
+@pytest.mark.parametrize("tol", [FP32])
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_triton_each_gradient(loss, tol, seed, interpret):
+    """Each loss's gradient on its own, so a small term cannot hide behind a large one."""
+    logits, targets, valid_hw, _ = make_inputs(3, 3, 17, seed=seed)
+    weights = torch.zeros(len(LOSS_NAMES), 3)
+    weights[LOSS_NAMES.index(loss)] = torch.tensor([1.0, -0.5, 2.0])
+    context = f"d{loss} seed={seed}"
+    compare(
+        *run(logits, targets, valid_hw, weights, backend="triton"),
+        *run(logits, targets, valid_hw, weights, backend="torch"),
+        *tol,
+        context,
+    )
+
+
+@pytest.mark.parametrize("tol", [FP32])
+@pytest.mark.parametrize("alpha,gamma", [(-1.0, 2.0), (0.6, 0.0), (0.25, 1.5), (0.25, 3.0)])
+def test_triton_focal_parameters(alpha, gamma, tol, seed, interpret):
+    logits, targets, valid_hw, weights = make_inputs(3, 3, 5, seed=seed)
+    context = f"alpha={alpha} gamma={gamma} seed={seed}"
+    compare(
+        *run(logits, targets, valid_hw, weights, backend="triton", alpha=alpha, gamma=gamma),
+        *run(logits, targets, valid_hw, weights, backend="torch", alpha=alpha, gamma=gamma),
+        *tol,
+        context,
+    )
+
+
+@pytest.mark.parametrize("tol", [BF16])
+def test_triton_bfloat16(tol, seed, interpret):
+    """bf16 logits: both sides compute in float32 from the same bf16 values; the gradient is rounded to
+    bf16."""
+    logits, targets, valid_hw, weights = make_inputs(3, 17, 3, seed=seed, dtype=torch.bfloat16)
+    got = run(logits, targets, valid_hw, weights, backend="triton")
+    want = run(logits, targets, valid_hw, weights, backend="torch")
+    assert got[1].dtype == torch.bfloat16
+    assert got[0].focal.dtype == torch.float32
+    compare(*got, *want, *tol, f"bf16 seed={seed}")
+
+
+def test_triton_confident_logits_are_precise(interpret):
+    """|logit| up to 40: the kernel's log1p and 1 - p_t keep relative precision where 1 - sigmoid would
+    not."""
+    logits = torch.linspace(-40, 40, 3 * 5).reshape(1, 3, 5)
+    targets = torch.zeros(1, 12, 20, dtype=torch.bool)
+    targets[:, :, 10:] = True  # right half foreground: confident and right there, confident and wrong left
+    valid_hw = torch.tensor([[12, 20]])
+    weights = torch.ones(len(LOSS_NAMES), 1)
+    got = run(logits, targets, valid_hw, weights, backend="triton")
+    want = run(logits.double(), targets, valid_hw, weights.double(), backend="torch")
+    compare(*got, *want, 1e-6, 1e-4, "confident logits vs float64")
+
+
+def test_convergence_same_loss_curve(seed, interpret):
+    """Optimising the same tiny logits with the fused op and with the reference gives the same loss curve."""
+    logits, targets, valid_hw, _ = make_inputs(2, 6, 5, seed=seed)
+    valid_hw = torch.tensor([[24, 20], [17, 9]])
+    curves = {}
+    for backend in ("triton", "torch"):
+        x = logits.clone().requires_grad_()
+        opt = torch.optim.Adam([x], lr=0.2)
+        curve = []
+        for _ in range(20):
+            out = kernels.mask_losses(x, targets, valid_hw, backend=backend)
+            loss = (20 * out.focal + out.bce + out.dice + out.mse).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves[backend] = torch.tensor(curve)
+    assert_close(curves["triton"], curves["torch"], atol=1e-6, rtol=1e-4, what=f"loss curve seed={seed}")
+    assert curves["torch"][-1] < 0.5 * curves["torch"][0], curves["torch"]
+
+
+# ---------------------------------------------------------------- dispatch, validation, helpers
+
+
+def test_auto_on_cpu_is_the_reference(monkeypatch, seed):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    logits, targets, valid_hw, weights = make_inputs(3, 3, 4, seed=seed)
+    got = run(logits, targets, valid_hw, weights, backend="auto")
+    want = run(logits, targets, valid_hw, weights, backend="torch")
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.mask_losses(logits, targets, valid_hw, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        kernels.mask_losses(logits, targets, valid_hw, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["targets_shape", "targets_dtype", "valid_shape", "valid_float", "logits_rank"],
+)
+def test_input_validation(bad):
+    logits, targets, valid_hw, _ = make_inputs(2, 3, 4, seed=0)
+    if bad == "targets_shape":
+        targets = targets[:, :-1]
+    elif bad == "targets_dtype":
+        targets = targets.float()
+    elif bad == "valid_shape":
+        valid_hw = valid_hw[:, :1]
+    elif bad == "valid_float":
+        valid_hw = valid_hw.float()
+    elif bad == "logits_rank":
+        logits = logits[None]
+    with pytest.raises(ValueError):
+        kernels.mask_losses(logits, targets, valid_hw, backend="torch")
+
+
+def test_min_bytes_moved():
+    # 256x256 fp32 logits and 1024x1024 uint8 targets per mask: 44 bytes per low-res pixel forward + backward.
+    assert kernels.min_bytes_moved(256, 256, 256) == 44 * 256 * 256 * 256
+    assert kernels.min_bytes_moved(1, 256, 256, torch.bfloat16, backward=False) == 18 * 256 * 256
+
+
+def test_kernels_compile_for_sm90():
+    """The compiled (not interpreted) kernels lower to sm_90 code: catches what the interpreter lets
+    through."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    scalars = {"h": "i32", "w": "i32", "n_tiles_w": "i32", "alpha_pos": "fp32", "alpha_neg": "fp32"}
+    scalars |= {"GAMMA": "constexpr", "BLOCK": "constexpr"}
+    cases = [
+        (
+            ml_module._fwd_kernel,
+            {"logits_ptr": "*fp32", "targets_ptr": "*u8", "valid_ptr": "*i32"},
+            "partial_ptr",
+        ),
+        (ml_module._bwd_kernel, {"logits_ptr": "*bf16", "targets_ptr": "*u8", "valid_ptr": "*i32"}, None),
+    ]
+    for kernel, pointers, out_name in cases:
+        signature = dict(pointers)
+        if out_name:
+            signature[out_name] = "*fp32"
+        else:
+            signature |= {"coef_ptr": "*fp32", "grad_ptr": "*bf16"}
+        signature |= scalars
+        src = ASTSource(fn=kernel.jit(), signature=signature, constexprs={"GAMMA": 2.0, "BLOCK": 16})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        assert "atom" not in compiled.asm["ptx"], "the kernels are meant to be free of atomics"
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    return torch.device("cuda")
+
+
+def _reference_in_chunks(logits, targets, valid_hw, weights, chunk=32):
+    """The reference at P=512 x 1024^2 would need tens of GiB at once; masks are independent, so chunk
+    them."""
+    outs, grads = [], []
+    for s in range(0, logits.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        o, g = run(logits[sl].float(), targets[sl], valid_hw[sl], weights[:, sl], backend="torch")
+        outs.append(o)
+        grads.append(g)
+    return MaskLosses(*(torch.cat(parts) for parts in zip(*outs))), torch.cat(grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [
+        pytest.param(torch.float32, (1e-6, 1e-4), id="fp32-atol=1e-06,rtol=1e-04"),
+        pytest.param(torch.bfloat16, (1e-2, 1e-2), id="bf16-atol=1e-02,rtol=1e-02"),
+    ],
+)
+def test_gpu_full_size(dtype, tol, seed, cuda_device):
+    logits, targets, valid_hw, weights = make_inputs(
+        512, 256, 256, seed=seed, dtype=dtype, device=cuda_device
+    )
+    out, grad = run(logits, targets, valid_hw, weights, backend="auto")
+    assert grad.dtype == dtype
+    want, want_grad = _reference_in_chunks(logits, targets, valid_hw, weights)
+    compare(
+        out, grad.float(), want, want_grad.to(grad.dtype).float(), *tol, f"P=512 256x256 {dtype} seed={seed}"
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_small(seed, cuda_device):
+    logits, targets, valid_hw, weights = make_inputs(64, 256, 256, seed=seed, device=cuda_device)
+    peaks = {}
+    for backend in ("triton", "torch"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(logits, targets, valid_hw, weights, backend=backend)
+        torch.cuda.synchronize()
+        peaks[backend] = torch.cuda.max_memory_allocated() - base
+    # Fused: the gradient (16 MiB here) and small buffers. Reference: several (64, 1024, 1024) fp32 tensors.
+    assert peaks["triton"] * 10 < peaks["torch"], peaks
