@@ -2,9 +2,11 @@
 
 ``mask_losses`` and ``class_ce`` dispatch on the tensors: CUDA tensors go to the Triton kernels, everything
 else to the plain-torch definitions in ``kernels.reference``. ``backend="triton"`` forces Triton (on CPU only
-under ``TRITON_INTERPRET=1``), ``backend="torch"`` forces the reference.
+under ``TRITON_INTERPRET=1``), ``backend="torch"`` forces the reference. ``min_bytes_moved`` gives the bytes
+``mask_losses`` must move, for bandwidth figures.
 """
 
+from kernels.class_ce import class_ce
 from kernels.mask_losses import MaskLosses, mask_losses, min_bytes_moved
 
-__all__ = ["MaskLosses", "mask_losses", "min_bytes_moved"]
+__all__ = ["MaskLosses", "class_ce", "mask_losses", "min_bytes_moved"]
