@@ -286,7 +286,7 @@ def build_cache(cfg: BuildConfig) -> dict:
     Raises ``BadDataError`` listing bad items (unless ``skip_bad``), ``CacheExistsError`` when ``out`` holds a
     different cache (unless ``overwrite``) or something that is not a cache.
     """
-    ctx = process_context()
+    ctx = process_context(cpu=cfg.device == "cpu")
     device, compute_dtype = _resolve_device(cfg, ctx)
     from embedcache.weights import resolve_checkpoint
 
@@ -315,7 +315,7 @@ def build_cache(cfg: BuildConfig) -> dict:
             sam = build_sam(cfg.model_type, checkpoint, seed=cfg.init_seed).to(device)
 
             def write(k: int, embeddings: np.ndarray, seconds: float) -> None:
-                write_shard(group, k, embeddings, seconds=seconds, run=run)
+                write_shard(group, k, embeddings, seconds=seconds, run=run, rank=ctx.rank)
 
             encode_shards(
                 sam,

@@ -32,11 +32,19 @@ class ProcessContext:
         return self.rank == 0
 
 
-def process_context() -> ProcessContext:
+def process_context(*, cpu: bool = False) -> ProcessContext:
+    """The context of this process; ``cpu`` forces CPU processes (gloo) even where CUDA exists."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        # PartialState only forms a CPU (gloo) group when told to; `accelerate launch --cpu` says so through
+        # ACCELERATE_USE_CPU, which PartialState itself does not read.
+        cpu = (
+            cpu
+            or not torch.cuda.is_available()
+            or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        )
+        state = PartialState(cpu=cpu)
         return ProcessContext(
             rank=state.process_index,
             world_size=state.num_processes,

@@ -11,6 +11,7 @@
       split           (N,) str                   "train" | "val"
       shard_done      (S,) int32                 0 = not done, r = finished by build run r; chunk = 1 shard
       shard_seconds   (S,) float32               encode wall time of each shard; chunk = 1 shard
+      shard_rank      (S,) int32                 the process (rank) that wrote each shard; chunk = 1 shard
       objects/
         image_index   (M,) int64                 sorted non-decreasing
         box           (M, 4) float32             xyxy original pixels, x2/y2 exclusive (integers)
@@ -84,9 +85,12 @@ def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> N
     ns = num_shards(n, s)
     group.create_array("shard_done", shape=(ns,), dtype=np.int32, chunks=(1,), fill_value=0)
     group.create_array("shard_seconds", shape=(ns,), dtype=np.float32, chunks=(1,), fill_value=0.0)
+    group.create_array("shard_rank", shape=(ns,), dtype=np.int32, chunks=(1,), fill_value=-1)
 
 
-def write_shard(group: zarr.Group, k: int, embeddings: np.ndarray, *, seconds: float, run: int) -> None:
+def write_shard(
+    group: zarr.Group, k: int, embeddings: np.ndarray, *, seconds: float, run: int, rank: int
+) -> None:
     """Write shard ``k``'s ``(n, 256, 64, 64)`` float16 embeddings whole, then its done marker (last)."""
     arr = group["embeddings"]
     s = arr.shards[0]
@@ -95,6 +99,7 @@ def write_shard(group: zarr.Group, k: int, embeddings: np.ndarray, *, seconds: f
         raise ValueError(f"shard {k}: got embeddings of shape {embeddings.shape}")
     arr[sl] = embeddings
     group["shard_seconds"][k] = seconds
+    group["shard_rank"][k] = rank
     group["shard_done"][k] = run  # last: only now is the shard trusted
 
 

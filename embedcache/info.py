@@ -1,0 +1,58 @@
+"""``embedcache info``: a cache's signature, counts, size on disk and bytes per image, as text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from embedcache.cache import open_cache
+
+
+def disk_bytes(path: Path, sub: str | None = None) -> int:
+    """Bytes of all files under ``path`` (or ``path/sub``)."""
+    root = Path(path) / sub if sub else Path(path)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def info_text(path: str | Path) -> str:
+    """The text ``embedcache info`` prints."""
+    c = open_cache(path)
+    s, r = c.signature, c.build_report
+    total = disk_bytes(c.path)
+    emb = disk_bytes(c.path, "embeddings")
+    obj = disk_bytes(c.path, "objects")
+    n, m = c.num_images, c.num_objects
+    ds = s["dataset"]
+    lines = [
+        f"cache        {c.path}",
+        f"format       v{s['format_version']}, embeddings {s['storage_dtype']} (N, 256, 64, 64), "
+        f"{c.images_per_shard} images/shard",
+        f"model        {s['model_type']}  checkpoint {s['checkpoint']}  compute {s['compute_dtype']}",
+        f"encoder      {json.dumps(s['encoder'])}",
+        f"preprocess   long side {s['preprocessing']['long_side']}, mean {s['preprocessing']['pixel_mean']}, "
+        f"std {s['preprocessing']['pixel_std']}, {s['preprocessing']['padding']}",
+        f"dataset      {ds['reader']} ({ds['mask_kind']}"
+        + (f", ignore {ds['ignore_index']}" if ds.get("ignore_index") is not None else "")
+        + f"), {ds['num_files']} files, fingerprint {ds['fingerprint'][:16]}...",
+        f"split        {ds['split']['method']} val_fraction={ds['split']['val_fraction']} "
+        f"seed={ds['split']['seed']}: train {len(c.image_indices('train'))}, "
+        f"val {len(c.image_indices('val'))}",
+        f"images       {n}",
+        f"objects      {m} ({m / max(n, 1):.1f} per image)",
+        f"skipped      {r.get('num_skipped', 0)}",
+    ]
+    lines += [f"  - {b['path']}: {b['reason']}" for b in r.get("skipped", [])[:20]]
+    lines += [
+        f"size         {_mib(total)} on disk: embeddings {_mib(emb)}, objects {_mib(obj)}, "
+        f"other {_mib(total - emb - obj)}",
+        f"per image    {total / max(n, 1) / 1024:.1f} KiB total, {emb / max(n, 1) / 1024:.1f} KiB embedding",
+        f"per object   {obj / max(m, 1):.1f} bytes (box, class, area, bit-packed mask)",
+        f"build        {r.get('prepare_seconds')} s prepare, {r.get('encode_seconds_sum')} s encode "
+        f"({r.get('images_per_second')} images/s), {len(r.get('runs', []))} run(s), "
+        f"finished {r.get('finished')}",
+    ]
+    return "\n".join(lines)

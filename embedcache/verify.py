@@ -1,0 +1,131 @@
+"""``embedcache verify``: check a cache's completeness and integrity; every problem found is listed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embedcache import masks as mk
+from embedcache.cache import Cache, CacheError, open_cache
+from embedcache.split import assign_split
+from embedcache.store import EMBED_SHAPE, shard_slice
+
+
+def shard_file(path: Path, k: int) -> Path:
+    """The file holding shard ``k`` of ``embeddings`` (zarr v3 default chunk key encoding ``c/k/0/0/0``)."""
+    return Path(path) / "embeddings" / "c" / str(k) / "0" / "0" / "0"
+
+
+def _check_images(c: Cache, problems: list[str]) -> None:
+    n = c.num_images
+    emb = c.embeddings
+    if emb.dtype != np.float16 or tuple(emb.shape[1:]) != EMBED_SHAPE:
+        problems.append(f"embeddings: dtype {emb.dtype} shape {emb.shape}, expected float16 (N, 256, 64, 64)")
+    if tuple(emb.chunks) != (1, *EMBED_SHAPE):
+        problems.append(f"embeddings: chunk shape {emb.chunks}, expected one image per chunk")
+    for name in ("original_size", "input_size", "image_id", "split"):
+        if len(getattr(c, name)) != n:
+            problems.append(f"{name}: length {len(getattr(c, name))}, expected {n}")
+    if problems:
+        return
+    expected_in = np.array([mk.input_hw(int(h), int(w)) for h, w in c.original_size], np.int32).reshape(-1, 2)
+    for i in np.flatnonzero((expected_in != c.input_size).any(axis=1))[:10]:
+        problems.append(f"image {i} ({c.image_id[i]}): input_size {c.input_size[i]} != {expected_in[i]}")
+    if (c.original_size < 1).any():
+        problems.append("original_size: non-positive sizes")
+    ids, counts = np.unique(c.image_id, return_counts=True)
+    if (counts > 1).any():
+        problems.append(f"image_id: duplicates {ids[counts > 1][:10].tolist()}")
+    split_def = c.signature.get("dataset", {}).get("split", {})
+    if not set(np.unique(c.split)) <= {"train", "val"}:
+        problems.append(f"split: values {sorted(set(c.split))}, expected train/val")
+    elif split_def:
+        want = assign_split(list(c.image_id), split_def["val_fraction"], split_def["seed"])
+        if not np.array_equal(want, c.split):
+            problems.append("split: does not follow the recorded split definition")
+
+
+def _check_embeddings(c: Cache, problems: list[str]) -> None:
+    s, n = c.images_per_shard, c.num_images
+    done = np.asarray(c.group["shard_done"][...])
+    for k in range(-(-n // s)):
+        sl = shard_slice(k, s, n)
+        if done[k] <= 0:
+            problems.append(f"shard {k}: not marked done")
+        if not shard_file(c.path, k).is_file():
+            problems.append(f"shard {k} (images {sl.start}..{sl.stop - 1}): shard file missing")
+            continue
+        try:
+            block = c.embeddings[sl]
+        except Exception as e:
+            problems.append(f"shard {k}: unreadable ({type(e).__name__}: {e})")
+            continue
+        bad = ~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
+        for i in np.flatnonzero(bad):
+            problems.append(f"image {sl.start + i} ({c.image_id[sl.start + i]}): non-finite embedding values")
+        allzero = ~block.reshape(block.shape[0], -1).any(axis=1)
+        for i in np.flatnonzero(allzero):
+            problems.append(f"image {sl.start + i} ({c.image_id[sl.start + i]}): embedding is all zeros")
+
+
+def _check_objects(c: Cache, problems: list[str]) -> None:
+    o, n, m = c.objects, c.num_images, c.num_objects
+    for name in ("image_index", "box", "class_id", "area"):
+        if len(getattr(o, name)) != m:
+            problems.append(f"objects/{name}: length {len(getattr(o, name))}, expected {m}")
+    if problems:
+        return
+    if m and ((np.diff(o.image_index) < 0).any() or o.image_index.min() < 0 or o.image_index.max() >= n):
+        problems.append("objects/image_index: not sorted or out of range")
+        return
+    without = np.setdiff1d(np.arange(n), o.image_index)
+    if without.size:
+        problems.append(f"images without objects: {without[:10].tolist()}")
+    offsets = c._mask_offset
+    bits = c._bits()
+    if (
+        offsets.shape != (m + 1,)
+        or offsets[0] != 0
+        or offsets[-1] != bits.size
+        or (np.diff(offsets) < 0).any()
+    ):
+        problems.append("objects/mask_offset: inconsistent with mask_bits")
+        return
+    for j in range(m):
+        box = o.box[j]
+        h, w = c.original_size[o.image_index[j]]
+        x1, y1, x2, y2 = (int(v) for v in box)
+        where = f"object {j} (image {o.image_index[j]})"
+        if not (np.array_equal(box, np.round(box)) and 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+            problems.append(f"{where}: box {box.tolist()} invalid for image size {(int(h), int(w))}")
+            continue
+        if offsets[j + 1] - offsets[j] != -(-(x2 - x1) * (y2 - y1) // 8):
+            problems.append(f"{where}: mask byte count does not match its box")
+            continue
+        crop = c.mask_crop(j)
+        if int(crop.sum()) != o.area[j]:
+            problems.append(f"{where}: mask area {int(crop.sum())} != stored area {o.area[j]}")
+        if not (crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()):
+            problems.append(f"{where}: box is not the tight box of its mask")
+        if len(problems) > 100:
+            problems.append("... stopping after 100 problems")
+            return
+
+
+def verify(path: str | Path, *, embeddings: bool = True) -> list[str]:
+    """All problems found in the cache at ``path`` (empty when it is sound).
+
+    Args:
+        embeddings: also read every shard (checks it exists, decodes, is finite and not all zero).
+    """
+    try:
+        c = open_cache(path)
+    except CacheError as e:
+        return [str(e)]
+    problems: list[str] = []
+    _check_images(c, problems)
+    if embeddings and not problems:
+        _check_embeddings(c, problems)
+    _check_objects(c, problems)
+    return problems
