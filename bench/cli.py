@@ -9,6 +9,7 @@ then 1 and the error is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import tempfile
@@ -38,10 +39,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--work",
         type=Path,
         default=None,
-        help="scratch folder for datasets and caches (default: a fresh temporary folder, removed after); "
-        "the io bench measures the disk it lies on",
+        help="scratch folder for datasets and caches, kept so later runs reuse them (default: a temporary "
+        "folder, removed after); the io bench measures the disk it lies on",
     )
     return ap.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _scratch(work: Path | None):
+    """``work`` itself when given (kept, so caches are reused by later runs), else a temporary folder."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix="samtune-bench-") as tmp:
+        yield Path(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     names = BENCHES if args.command == "all" else (args.command,)
     env = Env.detect(device)
     failed = []
-    with tempfile.TemporaryDirectory(prefix="samtune-bench-", dir=args.work) as work:
-        ctx = Context(size=args.size, device=device, work=Path(work), out=args.out, env=env)
+    with _scratch(args.work) as work:
+        ctx = Context(size=args.size, device=device, work=work, out=args.out, env=env)
         for name in names:
             module = importlib.import_module(f"bench.{name}")
             try:
