@@ -1,0 +1,221 @@
+"""kernels.class_ce: the torch reference against a float64 definition, and the Triton kernels (interpreted on
+CPU, compiled on CUDA) against the reference, on the output and the gradient. Re-run a failure with
+``SAMTUNE_TEST_SEED=<seed>`` (printed by every test and part of every failure message)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import class_ce_reference
+from kernels.testing import assert_close
+
+ce_module = sys.modules["kernels.class_ce"]
+FP32 = pytest.param((1e-6, 1e-4), id="atol=1e-06,rtol=1e-04")
+BF16 = pytest.param((1e-2, 1e-2), id="atol=1e-02,rtol=1e-02")
+IGNORE = -100
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int(os.environ.get("SAMTUNE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"SAMTUNE_TEST_SEED={value}")
+    return value
+
+
+@pytest.fixture
+def interpret(monkeypatch) -> None:
+    """Triton's interpreter for this test only (kernels are decorated at launch, see kernels/_lazy.py)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_inputs(b, c, h, w, *, seed, valid="mixed", dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, c, h, w, generator=gen) * 3
+    labels = torch.randint(0, c, (b, 4 * h, 4 * w), generator=gen)
+    labels[torch.rand(b, 4 * h, 4 * w, generator=gen) < 0.2] = IGNORE
+    height, width = 4 * h, 4 * w
+    if valid == "full":
+        rows = [(height, width)] * b
+    elif valid == "row":
+        rows = [(1, width)] * b
+    elif valid == "col":
+        rows = [(height, 1)] * b
+    else:
+        rvh = int(torch.randint(1, height + 1, (), generator=gen))
+        rvw = int(torch.randint(1, width + 1, (), generator=gen))
+        cycle = [(rvh, rvw), (0, width), (height + 3, width + 1), (height, 1)]
+        rows = [cycle[i % len(cycle)] for i in range(b)]
+    weights = torch.rand(b, generator=gen) + 0.5
+    return (
+        logits.to(device=device, dtype=dtype),
+        labels.to(device),
+        torch.tensor(rows).to(device),
+        weights.to(device),
+    )
+
+
+def run(logits, labels, valid_hw, weights, *, backend, **kw):
+    x = logits.detach().clone().requires_grad_()
+    out = kernels.class_ce(x, labels, valid_hw, IGNORE, backend, **kw)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    return out.detach(), grad
+
+
+def compare(got, want, atol, rtol, context):
+    assert_close(got[0], want[0], atol=atol, rtol=rtol, what=f"ce {context}")
+    scale = float(want[1].abs().max()) if want[1].numel() else 0.0
+    assert_close(got[1], want[1], atol=atol * scale + 1e-12, rtol=rtol, what=f"grad {context}")
+
+
+def definition_float64(logits, labels, valid_hw):
+    """Literally: upsample, crop each image, F.cross_entropy with ignore_index (0 where nothing counts)."""
+    b, c, h, w = logits.shape
+    up = F.interpolate(logits.double(), (4 * h, 4 * w), mode="bilinear", align_corners=False)
+    rows = []
+    for i in range(b):
+        vh, vw = (min(max(int(v), 0), s) for v, s in zip(valid_hw[i], (4 * h, 4 * w)))
+        lab = labels[i, :vh, :vw]
+        if int((lab != IGNORE).sum()) == 0:
+            rows.append(up[i].sum() * 0)
+            continue
+        rows.append(F.cross_entropy(up[i, :, :vh, :vw][None], lab[None], ignore_index=IGNORE))
+    return torch.stack(rows)
+
+
+def shape_id(s):
+    return "B{}_C{}_h{}_w{}".format(*s)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 3, 5), (4, 4, 2, 3)], ids=shape_id)
+def test_reference_matches_float64_definition(shape, seed):
+    logits, labels, valid_hw, weights = make_inputs(*shape, seed=seed, dtype=torch.float64)
+    got = run(logits, labels, valid_hw, weights, backend="torch")
+    x = logits.clone().requires_grad_()
+    want = definition_float64(x, labels, valid_hw)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), x)
+    compare(got, (want.detach(), want_grad), 1e-12, 1e-10, f"shape={shape} seed={seed}")
+
+
+def test_reference_gradcheck(seed):
+    logits, labels, valid_hw, _ = make_inputs(2, 3, 2, 3, seed=seed, dtype=torch.float64)
+    valid_hw = torch.tensor([[8, 12], [5, 7]])
+    labels[:, 0, 0] = 1  # at least one counted pixel per image
+
+    def ce(x):
+        return class_ce_reference(x, labels, valid_hw, IGNORE)
+
+    assert torch.autograd.gradcheck(ce, (logits.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 3, 17), (3, 2, 17, 3), (1, 5, 17, 17), (2, 2, 1, 64)]
+
+
+@pytest.mark.parametrize("tol", [FP32])
+@pytest.mark.parametrize("valid", ["full", "row", "col", "mixed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_triton_matches_reference(shape, valid, tol, seed, interpret):
+    logits, labels, valid_hw, weights = make_inputs(*shape, seed=seed, valid=valid)
+    context = f"shape={shape} valid={valid_hw.tolist()} seed={seed}"
+    compare(
+        run(logits, labels, valid_hw, weights, backend="triton"),
+        run(logits, labels, valid_hw, weights, backend="torch"),
+        *tol,
+        context,
+    )
+
+
+@pytest.mark.parametrize("tol", [FP32])
+def test_triton_tile_seams(tol, seed, interpret):
+    logits, labels, valid_hw, weights = make_inputs(2, 3, 9, 7, seed=seed)
+    compare(
+        run(logits, labels, valid_hw, weights, backend="triton", block=4),
+        run(logits, labels, valid_hw, weights, backend="torch"),
+        *tol,
+        f"block=4 valid={valid_hw.tolist()} seed={seed}",
+    )
+
+
+@pytest.mark.parametrize("tol", [BF16])
+def test_triton_bfloat16(tol, seed, interpret):
+    logits, labels, valid_hw, weights = make_inputs(2, 3, 5, 9, seed=seed, dtype=torch.bfloat16)
+    got = run(logits, labels, valid_hw, weights, backend="triton")
+    assert got[1].dtype == torch.bfloat16
+    compare(got, run(logits, labels, valid_hw, weights, backend="torch"), *tol, f"bf16 seed={seed}")
+
+
+def test_nothing_counted_is_zero(interpret):
+    logits, labels, _, weights = make_inputs(2, 3, 2, 2, seed=0)
+    labels[0] = IGNORE  # image 0: every label ignored; image 1: empty valid region
+    valid_hw = torch.tensor([[8, 8], [0, 8]])
+    for backend in ("torch", "triton"):
+        out, grad = run(logits, labels, valid_hw, weights, backend=backend)
+        assert torch.equal(out, torch.zeros(2)), (backend, out)
+        assert torch.equal(grad, torch.zeros_like(grad)), backend
+
+
+def test_out_of_range_label(interpret):
+    """The reference raises; the kernel, which cannot raise without a sync, ignores the pixel."""
+    logits, labels, valid_hw, weights = make_inputs(1, 3, 2, 2, seed=0, valid="full")
+    bad = labels.clone()
+    bad[0, 0, 0] = 3
+    with pytest.raises(ValueError, match="outside"):
+        kernels.class_ce(logits, bad, valid_hw, IGNORE, "torch")
+    ignored = labels.clone()
+    ignored[0, 0, 0] = IGNORE
+    compare(
+        run(logits, bad, valid_hw, weights, backend="triton"),
+        run(logits, ignored, valid_hw, weights, backend="torch"),
+        1e-6,
+        1e-4,
+        "out-of-range label",
+    )
+
+
+def test_auto_on_cpu_is_the_reference(monkeypatch, seed):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    logits, labels, valid_hw, weights = make_inputs(2, 3, 3, 4, seed=seed)
+    got = run(logits, labels, valid_hw, weights, backend="auto")
+    want = run(logits, labels, valid_hw, weights, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.class_ce(logits, labels, valid_hw, IGNORE, "triton")
+
+
+def test_kernels_compile_for_sm90():
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    scalars = {"C": "i32", "h": "i32", "w": "i32", "n_tiles_w": "i32", "ignore_index": "i32"}
+    scalars["BLOCK"] = "constexpr"
+    common = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "valid_ptr": "*i32"}
+    for kernel, outs in [
+        (ce_module._fwd_kernel, {"partial_ptr": "*fp32"}),
+        (ce_module._bwd_kernel, {"coef_ptr": "*fp32", "grad_ptr": "*bf16"}),
+    ]:
+        src = ASTSource(fn=kernel.jit(), signature=common | outs | scalars, constexprs={"BLOCK": 16})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        assert "atom" not in compiled.asm["ptx"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [
+        pytest.param(torch.float32, (1e-6, 1e-4), id="fp32-atol=1e-06,rtol=1e-04"),
+        pytest.param(torch.bfloat16, (1e-2, 1e-2), id="bf16-atol=1e-02,rtol=1e-02"),
+    ],
+)
+def test_gpu_full_size(dtype, tol, seed):
+    logits, labels, valid_hw, weights = make_inputs(8, 5, 256, 256, seed=seed, dtype=dtype, device="cuda")
+    got = run(logits, labels, valid_hw, weights, backend="auto")
+    want = run(logits.float(), labels, valid_hw, weights, backend="torch")
+    compare((got[0], got[1].float()), (want[0], want[1].to(dtype).float()), *tol, f"{dtype} seed={seed}")
