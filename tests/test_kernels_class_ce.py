@@ -194,6 +194,8 @@ def test_kernels_compile_for_sm90():
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton build has no NVIDIA backend")
+    if triton.knobs.runtime.interpret:
+        pytest.skip("TRITON_INTERPRET was set process-wide: triton.language's own helpers are interpreted")
     scalars = {"C": "i32", "h": "i32", "w": "i32", "n_tiles_w": "i32", "ignore_index": "i32"}
     scalars["BLOCK"] = "constexpr"
     common = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "valid_ptr": "*i32"}

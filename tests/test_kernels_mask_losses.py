@@ -366,6 +366,8 @@ def test_kernels_compile_for_sm90():
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton build has no NVIDIA backend")
+    if triton.knobs.runtime.interpret:
+        pytest.skip("TRITON_INTERPRET was set process-wide: triton.language's own helpers are interpreted")
     scalars = {"h": "i32", "w": "i32", "n_tiles_w": "i32", "alpha_pos": "fp32", "alpha_neg": "fp32"}
     scalars |= {"GAMMA": "constexpr", "BLOCK": "constexpr"}
     cases = [
