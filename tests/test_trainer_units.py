@@ -1,0 +1,243 @@
+"""Fast trainer checks that need no cache: config, order, prompts, one-call batching, losses, LoRA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedcache.models import build_sam
+from trainer.config import Config, load_config, to_dict
+from trainer.decoder import PromptedDecoder, decode, embed_prompts, instance_head
+from trainer.lora import add_lora, merge_lora
+from trainer.order import batches, permutation
+from trainer.prompts import (
+    Prompts,
+    corrective_click,
+    farthest_interior_point,
+    initial_prompts,
+    step_generator,
+)
+from trainer.train import lr_factor
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_sam("vit_tiny", seed=0)
+
+
+def test_config_overrides_and_validation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# trainer run ...\noptim:\n  lr: 1e-3\nrun:\n  steps: 7\n")
+    cfg = load_config(path, ["data.max_objects=3", "prompts.multimask=true", "optim.lr=2e-4"])
+    assert (cfg.optim.lr, cfg.run.steps, cfg.data.max_objects, cfg.prompts.multimask) == (2e-4, 7, 3, True)
+    assert to_dict(load_config(None, [])) == to_dict(Config())
+    with pytest.raises(ValueError, match="unknown field"):
+        load_config(None, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="residency"):
+        load_config(None, ["data.residency=disk"])
+    with pytest.raises(ValueError, match="section.field=value"):
+        load_config(None, ["lr=1"])
+
+
+def test_shipped_configs_load_and_start_with_their_command():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"tutorial", "sam_interactive", "semantic"}
+    for c in configs:
+        assert c.read_text().startswith("# trainer run --cache"), c
+        load_config(c)
+
+
+def test_permutation_is_pure_disjoint_and_shard_local():
+    shard_of = np.arange(40) // 8
+    a = permutation(3, 5, 40, 4, shard_of=shard_of)
+    assert np.array_equal(a, permutation(3, 5, 40, 4, shard_of=shard_of))  # pure
+    assert not np.array_equal(a, permutation(3, 6, 40, 4, shard_of=shard_of))  # fresh each epoch
+    assert sorted(a.ravel().tolist()) == list(range(40))  # disjoint ranks, nothing missed
+    flat = a.T.ravel()  # the global order before dealing to ranks
+    assert (np.diff(shard_of[flat]) != 0).sum() == 4  # shards are visited one after another
+    assert permutation(0, 0, 10, 3).shape == (3, 3)  # the remainder is dropped, ranks stay even
+    b = batches(0, 0, 10, 2, 1, 2)
+    assert [len(x) for x in b] == [2, 2]
+
+
+def test_lr_schedule():
+    from trainer.config import OptimConfig
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg, 20) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(x >= y for x, y in zip(f[4:], f[5:])) and f[-1] > 0.1
+
+
+def test_embed_prompts_matches_sam_prompt_encoder(sam):
+    pe = sam.prompt_encoder
+    boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 5.0, 50.0, 60.0]])
+    prompts = Prompts(
+        point_coords=torch.zeros(2, 0, 2),
+        point_labels=torch.zeros(2, 0, dtype=torch.long),
+        boxes=boxes,
+        has_box=torch.ones(2, dtype=torch.bool),
+    )
+    sparse, dense = embed_prompts(pe, prompts)
+    ref_sparse, ref_dense = pe(points=None, boxes=boxes, masks=None)
+    torch.testing.assert_close(sparse, ref_sparse, rtol=0, atol=0)
+    torch.testing.assert_close(dense, ref_dense, rtol=0, atol=0)
+    # points with a padding point and no box: SAM appends one padding token, we have two box-slot pads
+    coords, labels = torch.tensor([[[30.0, 40.0]]]), torch.tensor([[1]])
+    mixed = Prompts(
+        point_coords=coords,
+        point_labels=labels,
+        boxes=torch.zeros(1, 4),
+        has_box=torch.zeros(1, dtype=torch.bool),
+    )
+    sparse, _ = embed_prompts(pe, mixed)
+    ref, _ = pe(points=(coords, labels), boxes=None, masks=None)
+    torch.testing.assert_close(sparse[:, :2], ref, rtol=0, atol=0)
+
+
+def test_one_decoder_call_with_uneven_object_counts_matches_sam_per_image(sam):
+    """3 images with 1, 4 and 2 objects: one transformer call on all 7, each equal to SAM's own decoder."""
+    torch.manual_seed(0)
+    emb = torch.randn(3, 256, 64, 64)
+    counts = [1, 4, 2]
+    index = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    xy = torch.rand(7, 2) * 600
+    boxes = torch.cat([xy, xy + 100 + torch.rand(7, 2) * 200], 1)
+    prompts = Prompts(
+        point_coords=torch.zeros(7, 0, 2),
+        point_labels=torch.zeros(7, 0, dtype=torch.long),
+        boxes=boxes,
+        has_box=torch.ones(7, dtype=torch.bool),
+    )
+    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
+    calls = []
+    hook = sam.mask_decoder.transformer.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        with torch.no_grad():
+            masks, iou = model(emb, index, prompts)
+    finally:
+        hook.remove()
+    assert calls == [7]  # ONE decoder call holding every object of every image
+    assert masks.shape == (7, 4, 256, 256) and iou.shape == (7, 4)
+    with torch.no_grad():
+        for i in range(3):
+            sel = index == i
+            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes[sel], masks=None)
+            ref_m, ref_i = sam.mask_decoder(
+                emb[i : i + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense, True
+            )
+            torch.testing.assert_close(masks[sel, 1:], ref_m, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(iou[sel, 1:], ref_i, rtol=1e-4, atol=1e-4)
+
+
+def test_tutorial_threshold_normalize_mse_has_zero_gradient():
+    """The tutorial loss MSE(normalize(threshold(x, 0, 0)), gt) cannot train; MSE on sigmoid probs can."""
+    import kernels
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, 64, 64, requires_grad=True)
+    gt = (torch.rand(1, 1, 256, 256) > 0.5).float()
+    up = F.interpolate(logits, (256, 256), mode="bilinear", align_corners=False)
+    tutorial = F.mse_loss(F.normalize(F.threshold(up, 0.0, 0.0)), gt)
+    (grad,) = torch.autograd.grad(tutorial, logits)
+    assert tutorial.item() > 0.1  # the loss is far from zero...
+    assert grad.abs().max().item() < 1e-9  # ...yet nothing flows back
+    ours = kernels.mask_losses(logits[:, 0], gt[:, 0].bool(), torch.tensor([[256, 256]])).mse.mean()
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert grad.abs().max().item() > 1e-6
+
+
+def test_lora_starts_unchanged_and_merges_exactly():
+    sam = build_sam("vit_tiny", seed=1)
+    torch.manual_seed(0)
+    q = torch.randn(2, 5, 256)
+    attn = sam.mask_decoder.transformer.layers[0].self_attn
+    before = attn(q, q, q)
+    n = add_lora(sam.mask_decoder.transformer, rank=4, alpha=8)
+    assert n == 4 * 7  # 7 attention blocks in SAM's two-way transformer, 4 projections each
+    torch.testing.assert_close(attn(q, q, q), before)
+    for name in ("q_proj", "v_proj"):
+        torch.nn.init.normal_(getattr(attn, name).lora_b)
+    adapted = attn(q, q, q)
+    assert not torch.allclose(adapted, before)
+    merge_lora(sam.mask_decoder.transformer)
+    assert isinstance(attn.q_proj, torch.nn.Linear)
+    torch.testing.assert_close(attn(q, q, q), adapted, rtol=1e-5, atol=1e-5)
+    assert set(sam.state_dict()) == set(build_sam("vit_tiny").state_dict())  # SAM's own keys after merge
+
+
+def test_prompts_from_masks_and_corrective_click():
+    masks = torch.zeros(3, 1024, 1024, dtype=torch.bool)
+    masks[0, 100:200, 100:300] = True
+    masks[1, 500:520, 600:640] = True
+    masks[2, 0:50, 0:50] = True
+    boxes = torch.tensor([[100.0, 100, 300, 200], [600, 500, 640, 520], [0, 0, 50, 50]])
+    valid = torch.tensor([[800, 1024], [800, 1024], [800, 1024]])
+    from trainer.config import PromptConfig
+
+    cfg = PromptConfig(box_fraction=0.0, pos_points=2, neg_points=1)
+    g = step_generator(0, 0, 0, torch.device("cpu"))
+    p = initial_prompts(masks, boxes, valid, cfg, g)
+    xy, lab = p.point_coords.long(), p.point_labels
+    for i in range(3):
+        for k in range(3):
+            inside = bool(masks[i, xy[i, k, 1], xy[i, k, 0]])
+            assert inside == (lab[i, k].item() == 1), (i, k)
+    again = initial_prompts(masks, boxes, valid, cfg, step_generator(0, 0, 0, torch.device("cpu")))
+    assert torch.equal(again.point_coords, p.point_coords)  # a pure function of (seed, step, rank)
+    # a prediction that misses object 0 entirely and is perfect on object 2
+    low = torch.full((3, 256, 256), -10.0)
+    low[2, :13, :13] = 10.0
+    low[1, 100:200, 100:200] = 10.0  # false positives only
+    q = corrective_click(p, low, masks, valid, g, mask_prompt=True)
+    assert q.point_labels[0, -1] == 1 and q.point_labels[1, -1] == 0
+    assert q.mask_input.shape == (3, 1, 256, 256)
+
+
+def test_farthest_interior_point():
+    m = np.zeros((50, 80), bool)
+    m[10:31, 30:51] = True  # 21 x 21 square: the centre (40, 20) is the one farthest pixel
+    assert farthest_interior_point(m) == (40.0, 20.0)
+    m = np.ones((10, 10), bool)  # touching the image border: the border counts as boundary
+    x, y = farthest_interior_point(m)
+    assert 4 <= x <= 5 and 4 <= y <= 5
+
+
+def test_instance_loss_multimask_backprops_the_min_loss_mask():
+    from trainer.config import LossConfig
+    from trainer.losses import instance_loss
+
+    target = torch.zeros(1, 1024, 1024, dtype=torch.bool)
+    target[0, :512] = True
+    logits = torch.full((1, 3, 256, 256), -5.0)
+    logits[0, 1, :128] = 5.0  # candidate 1 is right
+    logits.requires_grad_(True)
+    iou = torch.full((1, 3), 0.5, requires_grad=True)
+    loss, logged, chosen = instance_loss(logits, iou, target, torch.tensor([[1024, 1024]]), LossConfig())
+    assert chosen.tolist() == [1]
+    loss.backward()
+    per_mask = logits.grad.abs().sum((2, 3))[0]
+    assert per_mask[1] > 0 and per_mask[0] == 0 and per_mask[2] == 0
+    assert (iou.grad != 0).all()  # the IoU head learns on all three
+
+
+def test_decode_output_tokens_override(sam):
+    """The semantic head reuses decode() with its own tokens: shapes follow the token count."""
+    emb = torch.randn(2, 256, 64, 64)
+    tokens = torch.randn(5, 256)
+    sparse = torch.zeros(2, 0, 256)
+    dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(2, -1, 64, 64)
+    with torch.no_grad():
+        hs, up = decode(
+            sam.mask_decoder, emb, torch.arange(2), sam.prompt_encoder.get_dense_pe(), sparse, dense, tokens
+        )
+        assert hs.shape == (2, 5, 256) and up.shape == (2, 32, 256, 256)
+        hs, up = decode(
+            sam.mask_decoder, emb, torch.arange(2), sam.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        masks, iou = instance_head(sam.mask_decoder, hs, up)
+        assert masks.shape == (2, 4, 256, 256)

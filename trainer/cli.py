@@ -1,0 +1,105 @@
+"""The ``trainer`` command: ``run``, ``eval``, ``export``, ``demo``.
+
+trainer run --cache train.zarr --config configs/tutorial.yaml [optim.lr=3e-4 ...] --out runs/NAME [--resume]
+accelerate launch -m trainer run ...           (same command, many processes/GPUs) trainer eval --cache
+train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval] trainer export runs/NAME --out sam_tuned.pth
+[--which best] trainer demo --out demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+DESCRIPTION = "Fine-tune SAM's prompt encoder and mask decoder on cached image embeddings."
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train on a cache")
+    r.add_argument("--cache", required=True, help="the embedcache .zarr to train on")
+    r.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults when omitted")
+    r.add_argument("--out", required=True, help="run folder: checkpoints, metrics, figures, logs")
+    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    r.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.lr=3e-4 run.steps=500")
+
+    e = sub.add_parser("eval", help="validate a run's tuned model and its starting model")
+    e.add_argument("--cache", required=True)
+    e.add_argument("--run", required=True, help="a trainer run folder")
+    e.add_argument("--which", default="best", help="best (default), last, or a step number")
+    e.add_argument("--out", default=None, help="where metrics.json and overlays go (default RUN/eval)")
+
+    x = sub.add_parser("export", help="write the tuned model as a full SAM state dict")
+    x.add_argument("run", help="a trainer run folder")
+    x.add_argument("--out", required=True, help="the .pth to write")
+    x.add_argument("--which", default="best", help="best (default), last, or a step number")
+
+    d = sub.add_parser("demo", help="synthetic data -> vit_tiny cache -> train -> eval -> export, on CPU")
+    d.add_argument("--out", default="demo", help="folder for everything the demo writes")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    from embedcache.cache import CacheError
+    from embedcache.signature import SignatureMismatch
+    from trainer.train import NonFiniteLoss
+
+    try:
+        if args.command == "run":
+            from trainer.train import run_from_args
+
+            summary = run_from_args(
+                args.cache, args.config, args.overrides, args.out, args.resume, "trainer " + shlex.join(argv)
+            )
+            if "metrics" in summary:
+                _print_metrics(summary["metrics"])
+        elif args.command == "eval":
+            from trainer.eval_run import eval_run
+
+            result = eval_run(args.cache, args.run, which=args.which, out=args.out)
+            if result:
+                _print_metrics(result["metrics"])
+        elif args.command == "export":
+            from trainer.export import export
+
+            for path in export(args.run, args.out, which=args.which):
+                print(path)
+        elif args.command == "demo":
+            from trainer.demo import demo
+
+            demo(args.out, steps=args.steps)
+    except (
+        SignatureMismatch,
+        CacheError,
+        NonFiniteLoss,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
+        print(f"trainer {args.command}: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, NonFiniteLoss) else 3
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    """A small table: prompt type x (starting, tuned) mIoU."""
+    start, tuned = metrics.get("start", {}), metrics.get("tuned", {})
+    if not tuned:
+        return
+    print(
+        f"{'prompt':<10}{'start mIoU':>12}{'tuned mIoU':>12}"
+        f"{'start dice':>12}{'tuned dice':>12}{'objects':>9}"
+    )
+    for t, m in tuned.items():
+        s = start.get(t, {})
+        n = m.get("n_objects", m.get("n_images", ""))
+        print(
+            f"{t:<10}{s.get('miou', float('nan')):>12.4f}{m['miou']:>12.4f}"
+            f"{s.get('dice', float('nan')):>12.4f}{m['dice']:>12.4f}{n:>9}"
+        )

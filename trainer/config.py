@@ -1,0 +1,322 @@
+"""The run configuration: small keyword-only dataclasses, loaded from YAML with ``key=value`` overrides.
+
+A YAML file holds up to one mapping per section (``model``, ``data``, ``prompts``, ``loss``, ``optim``,
+``run``). Overrides on the command line name a section and a field: ``optim.lr=3e-4 run.steps=200``. The
+resolved config (defaults filled in, overrides applied) is written as ``config.yaml`` into the run folder and
+into every checkpoint, and it is what ``trainer export`` and ``trainer eval`` rebuild the model from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embedcache.models import MODEL_TYPES
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which SAM to start from, and which of its parts train."""
+
+    model_type: str = "vit_tiny"
+    """One of embedcache's ``MODEL_TYPES``; must match the cache's signature."""
+    checkpoint: str | None = None
+    """SAM state dict to start from; ``None`` means random init from ``init_seed`` (``vit_tiny`` demos)."""
+    init_seed: int = 0
+    """Seed of the random initialisation when ``checkpoint`` is ``None``; part of the cache signature."""
+    train_mask_decoder: bool = True
+    """Train every mask-decoder weight. Turn off to train only LoRA adapters (and/or the prompt encoder)."""
+    train_prompt_encoder: bool = False
+    """Also train the prompt encoder (point/box embeddings and the mask-prompt convs)."""
+    lora_rank: int = 0
+    """Rank of LoRA adapters on the decoder's attention projections; 0 means no LoRA."""
+    lora_alpha: float = 8.0
+    """LoRA scale numerator: the update is ``(alpha / rank) * B @ A``."""
+    task: str = "instance"
+    """``instance``: one prompted mask per object. ``semantic``: one output token per class, trained with
+    ce."""
+    num_classes: int = 0
+    """Semantic task only: number of classes including background 0 (0 means max class id in the cache +
+    1)."""
+    semantic_prompt: str = "none"
+    """Semantic task only: ``none`` (prompt-free) or ``box`` (the whole image's input box as the prompt)."""
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model.model_type={self.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.task not in ("instance", "semantic"):
+            raise ValueError(f"model.task must be 'instance' or 'semantic', got {self.task!r}")
+        if self.semantic_prompt not in ("none", "box"):
+            raise ValueError(f"model.semantic_prompt must be 'none' or 'box', got {self.semantic_prompt!r}")
+        if not (self.train_mask_decoder or self.train_prompt_encoder or self.lora_rank):
+            raise ValueError(
+                "nothing trains: set model.train_mask_decoder, train_prompt_encoder or lora_rank"
+            )
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """How images and objects are read from the cache and grouped into steps."""
+
+    images_per_batch: int = 2
+    """B: images per micro-batch on each process."""
+    max_objects: int = 8
+    """K: at most this many objects per image per step, a fresh random subset each epoch."""
+    residency: str = "auto"
+    """``stream`` (read Zarr every epoch), ``host`` (RAM after first read), ``device`` (GPU once),
+    ``auto``."""
+    readers: int = 2
+    """Background reader threads."""
+    prefetch: int = 4
+    """Micro-batches read ahead of the training loop."""
+
+    def __post_init__(self):
+        if self.images_per_batch < 1 or self.max_objects < 1:
+            raise ValueError("data.images_per_batch and data.max_objects must be >= 1")
+        if self.residency not in ("stream", "host", "device", "auto"):
+            raise ValueError(f"data.residency must be stream|host|device|auto, got {self.residency!r}")
+        if self.readers < 1 or self.prefetch < 1:
+            raise ValueError("data.readers and data.prefetch must be >= 1")
+
+
+@dataclass(kw_only=True)
+class PromptConfig:
+    """The prompt mix, drawn fresh every step from a generator seeded by (seed, step, process)."""
+
+    box_fraction: float = 1.0
+    """Fraction of objects whose first prompt is a (jittered) box; the rest get points."""
+    box_jitter: float = 0.1
+    """Box corner noise, as a fraction of the box side (standard deviation)."""
+    box_jitter_max_px: float = 20.0
+    """Cap on the box corner noise, in input-frame pixels."""
+    pos_points: int = 1
+    """Positive points sampled inside the mask, for point-prompted objects."""
+    neg_points: int = 0
+    """Negative points sampled outside the mask but inside its box (grown by 10%), for point-prompted
+    objects."""
+    box_points: int = 0
+    """Extra positive points added to box-prompted objects."""
+    corrective_rounds: int = 0
+    """SAM's iterative training: rounds of one click each from the error region of the previous prediction."""
+    mask_prompt: bool = False
+    """Feed the previous round's low-res logits back as the mask prompt in corrective rounds."""
+    multimask: bool = False
+    """Predict SAM's 3 masks and back-propagate the one with the least loss (SAM does this for ambiguous
+    prompts)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.box_fraction <= 1.0:
+            raise ValueError(f"prompts.box_fraction must be in [0, 1], got {self.box_fraction}")
+        if self.box_fraction < 1.0 and self.pos_points < 1:
+            raise ValueError("point-prompted objects need prompts.pos_points >= 1")
+        if min(self.box_jitter, self.box_jitter_max_px, self.neg_points, self.box_points) < 0:
+            raise ValueError("prompt jitter and point counts must be >= 0")
+        if self.corrective_rounds < 0:
+            raise ValueError("prompts.corrective_rounds must be >= 0")
+        if self.mask_prompt and self.corrective_rounds == 0:
+            raise ValueError(
+                "prompts.mask_prompt needs prompts.corrective_rounds >= 1 (it feeds back a prediction)"
+            )
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Weights of the named loss terms; the loss of an object is the weighted sum, averaged over objects."""
+
+    focal: float = 20.0
+    """Sigmoid focal loss (SAM: focal and dice at 20:1)."""
+    dice: float = 1.0
+    """Soft dice loss."""
+    iou_head: float = 1.0
+    """MSE between the IoU head's prediction and the mask's real IoU with the target."""
+    bce: float = 0.0
+    """Binary cross-entropy with logits."""
+    mse: float = 0.0
+    """MSE between sigmoid probabilities and the target (differentiable, unlike the tutorial's
+    thresholded form)."""
+    ce: float = 0.0
+    """Multi-class cross-entropy (semantic task)."""
+    focal_alpha: float = 0.25
+    """Focal loss alpha."""
+    focal_gamma: float = 2.0
+    """Focal loss gamma."""
+
+    def __post_init__(self):
+        weights = (self.focal, self.dice, self.iou_head, self.bce, self.mse, self.ce)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError("loss weights must be >= 0 and at least one > 0")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimiser, schedule, accumulation, clipping and precision."""
+
+    optimizer: str = "adamw"
+    """``adamw`` or ``adam`` (the classic tutorial's)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW); L2 for Adam."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    warmup_steps: int = 10
+    """Linear warm-up from 0 to ``lr`` over this many optimiser steps."""
+    schedule: str = "cosine"
+    """``cosine`` decay to ``min_lr_ratio * lr`` after warm-up, or ``constant``."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    clip_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    mixed_precision: str = "auto"
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``no``."""
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"optim.optimizer must be adamw or adam, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"optim.mixed_precision must be auto|bf16|no, got {self.mixed_precision!r}")
+        if self.lr <= 0 or self.grad_accum < 1 or self.warmup_steps < 0 or self.clip_norm < 0:
+            raise ValueError("optim: lr > 0, grad_accum >= 1, warmup_steps >= 0, clip_norm >= 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Length of the run, evaluation and checkpoint cadence."""
+
+    seed: int = 0
+    """Seeds the sample order and every prompt draw."""
+    steps: int = 200
+    """Optimiser steps in the whole run (the schedule spans these)."""
+    stop_at: int = 0
+    """Stop after this step as if interrupted (0: run to ``steps``); resume with ``--resume``."""
+    eval_every: int = 100
+    """Validate every this many steps (and at the end); 0 only at the end."""
+    save_every: int = 100
+    """Checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Step checkpoints kept besides ``best``."""
+    log_every: int = 10
+    """Tensorboard scalars every this many steps."""
+    val_max_images: int = 0
+    """Validate on at most this many validation images (0: all)."""
+    overlays: int = 4
+    """Validation images drawn to ``overlays/`` at the end."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.stop_at < 0:
+            raise ValueError("run.steps must be >= 1 and run.stop_at >= 0")
+        if min(self.eval_every, self.save_every, self.log_every, self.keep_checkpoints) < 0:
+            raise ValueError("run cadences must be >= 0")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything one training run needs besides the cache and the output folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model and what trains."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Reading and batching."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    """The prompt mix."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Length and cadence."""
+
+    def __post_init__(self):
+        if self.model.task == "semantic" and self.loss.ce == 0:
+            raise ValueError("model.task=semantic trains with ce: set loss.ce > 0")
+        if self.model.task == "instance" and self.loss.ce > 0:
+            raise ValueError("loss.ce is the semantic task's loss; set model.task=semantic")
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "prompts": PromptConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (tuples become lists), as written to ``config.yaml``."""
+
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    return {
+        name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+        for name in _SECTION_TYPES
+    }
+
+
+def from_dict(d: dict[str, Any] | None) -> Config:
+    """Build a validated ``Config`` from a nested dict; unknown sections or fields are errors."""
+    d = d or {}
+    unknown = set(d) - set(_SECTION_TYPES)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTION_TYPES)}")
+    parts = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = d.get(name) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - known
+        if bad:
+            raise ValueError(f"unknown field(s) {sorted(bad)} in section {name!r}; known: {sorted(known)}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        # YAML reads 1e-4 (no dot) as a string; a float field takes it as the number it means
+        values = {k: _as_float(v) if types[k] == "float" else v for k, v in values.items()}
+        parts[name] = cls(**values)
+    return Config(**parts)
+
+
+def _as_float(v):
+    try:
+        return float(v) if isinstance(v, str | int) and not isinstance(v, bool) else v
+    except ValueError:
+        return v
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings to a nested dict; values are parsed as YAML scalars."""
+    d = {k: dict(v or {}) for k, v in d.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"override {item!r} must look like section.field=value, e.g. optim.lr=3e-4")
+        d.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from the defaults when ``path`` is ``None``) and apply overrides."""
+    d = {}
+    if path is not None:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config is a mapping of sections, got {type(d).__name__}")
+    return from_dict(apply_overrides(d, list(overrides)))
+
+
+def save_config(cfg: Config, path: str | Path, *, header: str = "") -> None:
+    """Write the resolved config as YAML, with an optional comment header."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    Path(path).write_text((f"# {header}\n" if header else "") + text)

@@ -1,0 +1,217 @@
+"""Reading steps from the cache: residency modes, background reader threads, pinned non-blocking copies.
+
+A micro-batch is ``B`` images and up to ``K`` objects of each, all objects concatenated into one ``P``-long
+batch with ``image_index`` pointing into the ``B`` embeddings. Images with more than ``K`` objects contribute
+a fresh random ``K`` of them each epoch (a pure function of seed, epoch and image); images with fewer
+contribute all of theirs, so uneven counts are kept as they are, never truncated to the smallest.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import DataConfig
+
+EMBEDDING_BYTES = 256 * 64 * 64 * 2  # one float16 embedding
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Object tensors have ``P`` rows, image tensors ``B``."""
+
+    embeddings: torch.Tensor
+    """``(B, 256, 64, 64)`` float16 image embeddings."""
+    image_index: torch.Tensor
+    """``(P,)`` int64 image of each object, into ``embeddings``."""
+    masks: torch.Tensor
+    """``(P, 1024, 1024)`` bool target masks in the input frame."""
+    boxes: torch.Tensor
+    """``(P, 4)`` float32 tight xyxy boxes in the input frame."""
+    valid_hw: torch.Tensor
+    """``(P, 2)`` int64 input size (h, w) of each object's image."""
+    object_ids: torch.Tensor
+    """``(P,)`` int64 object indices in the cache."""
+    image_ids: torch.Tensor
+    """``(B,)`` int64 image indices in the cache."""
+    image_valid_hw: torch.Tensor
+    """``(B, 2)`` int64 input size of each image."""
+    labels: torch.Tensor | None = None
+    """``(B, 1024, 1024)`` int64 class map in the input frame (-100 in the padding); semantic task only."""
+
+    def pin(self) -> Batch:
+        """Page-locked copies, so that ``to(device, non_blocking=True)`` overlaps with compute."""
+        return Batch(**{f.name: _map(getattr(self, f.name), _pin) for f in fields(self)})
+
+    def to(self, device: torch.device) -> Batch:
+        """All tensors on ``device``, copied without blocking the host (from pinned memory)."""
+        return Batch(
+            **{
+                f.name: _map(getattr(self, f.name), lambda t: t.to(device, non_blocking=True))
+                for f in fields(self)
+            }
+        )
+
+    @property
+    def num_objects(self) -> int:
+        return int(self.image_index.shape[0])
+
+
+def _map(v, fn):
+    return None if v is None else fn(v)
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if t.device.type == "cpu" else t  # device-resident embeddings are already there
+
+
+def input_boxes(cache, obj_idx: np.ndarray) -> np.ndarray:
+    """``(n, 4)`` float32 cache boxes (original pixels) scaled to the input frame, as
+    ``ResizeLongestSide.apply_boxes`` scales them for ``SamPredictor``."""
+    img = cache.objects.image_index[obj_idx]
+    scale_h = cache.input_size[img, 0] / cache.original_size[img, 0]
+    scale_w = cache.input_size[img, 1] / cache.original_size[img, 1]
+    scale = np.stack([scale_w, scale_h, scale_w, scale_h], 1)
+    return (cache.objects.box[obj_idx].astype(np.float64) * scale).astype(np.float32)
+
+
+def image_file(cache, i: int) -> str:
+    """The source image of cache image ``i`` (for overlays), resolved against the build's data folder."""
+    path = Path(str(cache.image_path[i]))
+    if not path.is_absolute():
+        path = Path(str(cache.build_report.get("data", "."))) / path
+    return str(path)
+
+
+def pick_residency(cache, positions: np.ndarray, cfg: DataConfig, device: torch.device) -> str:
+    """Resolve ``auto``: ``device`` when the images fit in a quarter of free GPU memory, else ``host``
+    when they
+    fit in a quarter of RAM, else ``stream``. An explicit mode is kept (``device`` on CPU means ``host``)."""
+    if cfg.residency != "auto":
+        return "host" if cfg.residency == "device" and device.type != "cuda" else cfg.residency
+    need = (
+        len(positions) * EMBEDDING_BYTES
+    )  # only embeddings are kept resident; masks are packed bits already
+    if device.type == "cuda" and need < torch.cuda.mem_get_info(device)[0] // 4:
+        return "device"
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 0
+    return "host" if need < ram // 4 else "stream"
+
+
+class ImageStore:
+    """Per-image reads with a residency mode: ``stream`` reads Zarr every time, ``host`` keeps each image's
+    embedding in RAM after its first read, ``device`` keeps it on the GPU. Object masks are read from the
+    cache's packed in-memory bits either way and expanded to the input frame on the reader threads."""
+
+    def __init__(self, cache, residency: str, device: torch.device):
+        self.cache = cache
+        self.residency = residency
+        self.device = device
+        self._resident: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def embeddings(self, idx: np.ndarray) -> torch.Tensor:
+        """``(n, 256, 64, 64)`` float16 (on the GPU in ``device`` mode, else on the host)."""
+        if self.residency == "stream":
+            return torch.from_numpy(np.ascontiguousarray(self.cache.read_embeddings(idx)))
+        missing = [int(i) for i in idx if int(i) not in self._resident]
+        if missing:
+            read = torch.from_numpy(np.ascontiguousarray(self.cache.read_embeddings(np.asarray(missing))))
+            if self.residency == "device":
+                read = read.to(self.device)
+            with self._lock:
+                self._resident.update(zip(missing, read))
+        return torch.stack([self._resident[int(i)] for i in idx])
+
+
+def choose_objects(cache, images: np.ndarray, k: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Object indices per image: all of them if at most ``k``, else a random ``k``, fresh each epoch."""
+    out = []
+    for i in images:
+        start, stop = cache.object_range(int(i))
+        objs = np.arange(start, stop)
+        if len(objs) > k:
+            objs = np.sort(np.random.default_rng([seed, epoch, int(i)]).choice(objs, k, replace=False))
+        out.append(objs)
+    return out
+
+
+def read_batch(
+    store: ImageStore, images: np.ndarray, k: int, seed: int, epoch: int, *, semantic: bool = False
+) -> Batch:
+    """Read one micro-batch of the images ``images`` (cache indices); see ``Batch``."""
+    cache = store.cache
+    per_image = choose_objects(cache, images, k if not semantic else 1 << 30, seed, epoch)
+    obj = np.concatenate(per_image).astype(np.int64)
+    image_index = np.repeat(np.arange(len(images)), [len(o) for o in per_image])
+    masks = cache.masks(obj, "input") if len(obj) else np.zeros((0, 1024, 1024), bool)
+    valid = cache.input_size[images].astype(np.int64)
+    labels = None
+    if semantic:
+        lab = np.zeros((len(images), 1024, 1024), np.int64)
+        for n, (b, j) in enumerate(zip(image_index, obj)):
+            lab[b][masks[n]] = cache.objects.class_id[j]
+        for b in range(len(images)):
+            lab[b, valid[b, 0] :, :] = -100
+            lab[b, :, valid[b, 1] :] = -100
+        labels = torch.from_numpy(lab)
+    return Batch(
+        embeddings=store.embeddings(images),
+        image_index=torch.from_numpy(image_index.astype(np.int64)),
+        masks=torch.from_numpy(masks),
+        boxes=torch.from_numpy(input_boxes(cache, obj)),
+        valid_hw=torch.from_numpy(valid[image_index]),
+        object_ids=torch.from_numpy(obj),
+        image_ids=torch.from_numpy(np.asarray(images, np.int64)),
+        image_valid_hw=torch.from_numpy(valid),
+        labels=labels,
+    )
+
+
+class Prefetcher:
+    """Reads micro-batches on background threads, ``prefetch`` ahead, and yields them in order.
+
+    ``jobs`` is a list of ``(epoch, images)``; batches come back pinned when ``pin`` (CUDA runs), ready for
+    ``Batch.to(device)``'s non-blocking copy.
+    """
+
+    def __init__(self, store: ImageStore, jobs, cfg: DataConfig, *, seed: int, semantic: bool, pin: bool):
+        self.store, self.jobs, self.cfg = store, iter(jobs), cfg
+        self.seed, self.semantic, self.pin = seed, semantic, pin
+        self.pool = ThreadPoolExecutor(cfg.readers, thread_name_prefix="trainer-read")
+        self.queue: deque = deque()
+        for _ in range(cfg.prefetch):
+            self._submit()
+
+    def _read(self, epoch: int, images: np.ndarray) -> Batch:
+        batch = read_batch(self.store, images, self.cfg.max_objects, self.seed, epoch, semantic=self.semantic)
+        return batch.pin() if self.pin else batch
+
+    def _submit(self) -> None:
+        job = next(self.jobs, None)
+        if job is not None:
+            self.queue.append(self.pool.submit(self._read, *job))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if not self.queue:
+            self.close()
+            raise StopIteration
+        batch = self.queue.popleft().result()
+        self._submit()
+        return batch
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

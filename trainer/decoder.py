@@ -1,0 +1,145 @@
+"""All objects of a step through ONE prompt-encoder and ONE mask-decoder call, with an index into the images.
+
+``MaskDecoder.predict_masks`` takes one image and ``P`` prompts: it ``repeat_interleave``s the image embedding
+and the positional encoding ``P`` times and then adds the dense prompt. Here the decoder's own components
+(``transformer``, ``output_upscaling``, ``output_hypernetworks_mlps``, ``iou_prediction_head``) are called on
+``B`` images and ``P`` objects at once, with ``image_index`` saying which image each object belongs to:
+
+- the positional encoding is never copied: it is passed as ``(1, 256, 64, 64)`` and the two-way transformer
+  broadcasts it in its additions;
+- the image embedding IS copied once per object, in ``embeddings.index_select(0, image_index)`` fused with the
+  dense-prompt addition. This copy cannot be avoided: the two-way transformer updates the image tokens with
+  each object's prompt tokens (token-to-image attention writes ``keys``), so every object needs its own
+  ``(256, 64, 64)`` working copy. It is the same single allocation SAM makes for ``src``; SAM's extra
+  ``repeat_interleave`` of the embedding and of the positional encoding are gone.
+
+The results equal ``MaskDecoder.forward`` on each image separately (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder
+from torch import nn
+
+from trainer.prompts import BOX_BR, BOX_TL, PAD, Prompts
+
+
+def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse and dense prompt embeddings of ``P`` objects with mixed prompt kinds, in one batched pass.
+
+    Points come first, then the two box corners, as in ``PromptEncoder.forward``; objects without a box get
+    two padding tokens in the box slots. With boxes only (N = 0 points) the result equals
+    ``pe(points=None, boxes=..., masks=...)``.
+
+    Returns:
+        sparse ``(P, N + 2, 256)`` and dense ``(P, 256, 64, 64)`` (a broadcast view of ``no_mask_embed``
+        where there is no mask prompt).
+    """
+    p = prompts.boxes.shape[0]
+    corners = prompts.boxes.reshape(p, 2, 2)
+    corner_labels = torch.tensor([BOX_TL, BOX_BR], device=corners.device).expand(p, 2)
+    corner_labels = torch.where(prompts.has_box[:, None], corner_labels, PAD)
+    coords = torch.cat([prompts.point_coords, corners], 1) + 0.5  # SAM embeds pixel centres
+    labels = torch.cat([prompts.point_labels, corner_labels], 1)
+    sparse = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)
+    sparse = torch.where((labels == PAD)[..., None], pe.not_a_point_embed.weight, sparse)
+    for k in (
+        0,
+        1,
+        BOX_TL,
+        BOX_BR,
+    ):  # SAM's learned embedding of each label (4 adds, not a loop over objects)
+        sparse = sparse + (labels == k)[..., None] * pe.point_embeddings[k].weight
+    h, w = pe.image_embedding_size
+    if prompts.mask_input is None:
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, h, w)
+    else:
+        dense = pe._embed_masks(prompts.mask_input)
+    return sparse, dense
+
+
+def decode(
+    md: MaskDecoder,
+    embeddings: torch.Tensor,
+    image_index: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    output_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder on ``P`` objects of ``B`` images in one call.
+
+    Args:
+        md: the mask decoder whose components run.
+        embeddings: ``(B, 256, 64, 64)`` image embeddings.
+        image_index: ``(P,)`` int64, the image of each object.
+        image_pe: ``(1, 256, 64, 64)`` dense positional encoding (``PromptEncoder.get_dense_pe()``).
+        sparse: ``(P, T, 256)`` prompt tokens.
+        dense: ``(P, 256, 64, 64)`` dense prompt embeddings.
+        output_tokens: ``(K, 256)`` output tokens; default SAM's IoU token and 4 mask tokens.
+
+    Returns:
+        masks ``(P, 4, 256, 256)`` low-res logits (SAM's single-mask output is index 0, the multimask outputs
+        1..3) and iou ``(P, 4)`` predicted IoU.
+    """
+    if output_tokens is None:
+        output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], 1)
+    # the one per-object copy of the embedding (see the module docstring), fused with the dense prompt
+    src = torch.add(embeddings.index_select(0, image_index).to(dense.dtype), dense)
+    p, c, h, w = src.shape
+    hs, src = md.transformer(src, image_pe, tokens)  # image_pe broadcasts over objects: no copy
+    upscaled = md.output_upscaling(src.transpose(1, 2).reshape(p, c, h, w))
+    return hs, upscaled
+
+
+def instance_head(
+    md: MaskDecoder, hs: torch.Tensor, upscaled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's heads on the decoder outputs: ``(P, 4, 256, 256)`` mask logits and ``(P, 4)`` predicted IoU."""
+    n = md.num_mask_tokens
+    hyper = torch.stack([md.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in range(n)], 1)
+    p, c, h, w = upscaled.shape
+    masks = (hyper @ upscaled.reshape(p, c, h * w)).reshape(p, n, h, w)
+    return masks, md.iou_prediction_head(hs[:, 0])
+
+
+class PromptedDecoder(nn.Module):
+    """What trains: SAM's prompt encoder and mask decoder (and, in semantic mode, the class head).
+
+    The image encoder is not part of it: training reads its outputs from the cache and never runs it.
+    """
+
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, semantic_head=None):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.semantic_head = semantic_head
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
+        *,
+        semantic_boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Instance mode: ``(B, 256, 64, 64)`` embeddings, ``(P,)`` image index and the prompts of P
+        objects ->
+        ``(P, 4, 256, 256)`` logits and ``(P, 4)`` predicted IoU, from one decoder call.
+
+        Semantic mode (a semantic head is attached): ``(B, 4)`` input-frame boxes (used when the head is
+        box-prompted) -> ``(B, C, 256, 256)`` class logits. One ``forward`` for both, so DDP wraps either.
+        """
+        if self.semantic_head is not None:
+            return self.semantic_head(self, embeddings, semantic_boxes)
+        sparse, dense = embed_prompts(self.prompt_encoder, prompts)
+        image_pe = self.prompt_encoder.get_dense_pe()
+        hs, upscaled = decode(self.mask_decoder, embeddings, image_index, image_pe, sparse, dense)
+        return instance_head(self.mask_decoder, hs, upscaled)
+
+    def semantic(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """``(B, 256, 64, 64)`` embeddings (and optional ``(B, 4)`` box prompts) -> ``(B, C, 256, 256)``
+        logits."""
+        return self.semantic_head(self, embeddings, boxes)

@@ -1,0 +1,162 @@
+"""Validation: box and point prompts scored at the original resolution, correct on any number of processes.
+
+- **box**: the tight GT box (the cache's box, scaled to the input frame as ``SamPredictor`` scales it),
+  ``multimask_output=False``, mask = logits > 0 after ``Sam.postprocess_masks``. This is exactly
+  ``SamPredictor.predict(box=...)`` on the cached embedding.
+- **point**: one positive click at the interior point farthest from the mask boundary (scipy's Euclidean
+  distance transform), ``multimask_output=True``, keeping the mask with the highest predicted IoU.
+
+Each process scores a disjoint share of the images; ``gather_for_metrics`` collects the per-object records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.data import ImageStore, input_boxes
+from trainer.decoder import PromptedDecoder, decode, instance_head
+from trainer.prompts import farthest_interior_point
+
+PROMPT_TYPES = ("box", "point")
+
+
+def postprocess(
+    low_res: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]
+) -> torch.Tensor:
+    """``Sam.postprocess_masks``: ``(n, C, 256, 256)`` logits -> ``(n, C, H, W)`` logits at the original
+    size."""
+    x = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
+    x = x[..., : input_hw[0], : input_hw[1]]
+    return F.interpolate(x, original_hw, mode="bilinear", align_corners=False)
+
+
+def _scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    inter = float(np.logical_and(pred, gt).sum())
+    union = float(np.logical_or(pred, gt).sum())
+    total = float(pred.sum() + gt.sum())
+    return (inter / union if union else 1.0), (2 * inter / total if total else 1.0)
+
+
+@torch.no_grad()
+def predict_objects(
+    model: PromptedDecoder, store: ImageStore, image: int, prompt: str, device: torch.device, chunk: int = 32
+) -> list[np.ndarray]:
+    """The ``(H, W)`` bool masks of every object of one cache image for one prompt type, at original size.
+
+    Objects go through the decoder ``chunk`` at a time (one call each); images with hundreds of objects would
+    otherwise need gigabytes for the per-object working copies.
+    """
+    cache = store.cache
+    start, stop = cache.object_range(image)
+    ih, iw = (int(v) for v in cache.input_size[image])
+    oh, ow = (int(v) for v in cache.original_size[image])
+    emb = store.embeddings(np.array([image])).to(device).float()
+    pe = model.prompt_encoder
+    image_pe = pe.get_dense_pe()
+    out = []
+    for lo in range(start, stop, chunk):
+        obj = np.arange(lo, min(stop, lo + chunk))
+        if prompt == "box":
+            boxes = torch.from_numpy(input_boxes(cache, obj)).to(device)
+            sparse, dense = pe(points=None, boxes=boxes, masks=None)
+        else:
+            gts = cache.masks(obj, "original")
+            xy = np.array([farthest_interior_point(m) for m in gts], np.float64)
+            xy *= np.array([iw / ow, ih / oh])  # ResizeLongestSide.apply_coords
+            coords = torch.from_numpy(xy.astype(np.float32))[:, None].to(device)
+            labels = torch.ones((len(obj), 1), dtype=torch.long, device=device)
+            sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+        index = torch.zeros(len(obj), dtype=torch.long, device=device)
+        hs, up = decode(model.mask_decoder, emb, index, image_pe, sparse, dense)
+        masks, iou = instance_head(model.mask_decoder, hs, up)
+        if prompt == "box":
+            low = masks[:, :1]
+        else:
+            best = iou[:, 1:].argmax(1) + 1
+            low = masks[torch.arange(len(obj), device=device), best][:, None]
+        full = postprocess(low.float(), (ih, iw), (oh, ow))[:, 0] > 0
+        out.extend(full.cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: PromptedDecoder, store: ImageStore, images: np.ndarray, accelerator, *, chunk: int = 32
+) -> dict:
+    """Per prompt type ``{"miou", "dice", "n_objects"}`` over all objects of ``images`` (cache indices).
+
+    Runs on every process with a disjoint share of the images; every process returns the same result.
+    """
+    was_training = model.training
+    model.eval()
+    cache = store.cache
+    records = []  # (object index, prompt type, iou, dice)
+    for image in images[accelerator.process_index :: accelerator.num_processes]:
+        image = int(image)
+        start, stop = cache.object_range(image)
+        if stop == start:
+            continue
+        gts = cache.masks(np.arange(start, stop), "original")
+        for t, prompt in enumerate(PROMPT_TYPES):
+            preds = predict_objects(model, store, image, prompt, accelerator.device, chunk)
+            for j, (p, g) in enumerate(zip(preds, gts)):
+                records.append((start + j, t, *_scores(p, g)))
+    gathered = accelerator.gather_for_metrics(records, use_gather_object=True)
+    unique = {
+        (r[0], r[1]): r for r in gathered
+    }  # each object is scored once; the dict guards against repeats
+    result = {}
+    for t, prompt in enumerate(PROMPT_TYPES):
+        rows = [r for r in unique.values() if r[1] == t]
+        result[prompt] = {
+            "miou": float(np.mean([r[2] for r in rows])) if rows else float("nan"),
+            "dice": float(np.mean([r[3] for r in rows])) if rows else float("nan"),
+            "n_objects": len(rows),
+        }
+    model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def evaluate_semantic(
+    model: PromptedDecoder, store: ImageStore, images: np.ndarray, accelerator, num_classes: int
+) -> dict:
+    """Semantic mode: ``{"semantic": {"miou", "dice", "n_images", "per_class_iou"}}`` from pixel counts summed
+    over the images (classes 1..C-1; background is not averaged in)."""
+    was_training = model.training
+    model.eval()
+    cache = store.cache
+    counts = np.zeros((num_classes, 3))  # intersection, union, pred + gt
+    n = 0
+    for image in images[accelerator.process_index :: accelerator.num_processes]:
+        image = int(image)
+        ih, iw = (int(v) for v in cache.input_size[image])
+        oh, ow = (int(v) for v in cache.original_size[image])
+        emb = store.embeddings(np.array([image])).to(accelerator.device).float()
+        box = torch.tensor([[0.0, 0.0, iw, ih]], device=accelerator.device)
+        logits = model.semantic(emb, box)
+        pred = postprocess(logits.float(), (ih, iw), (oh, ow)).argmax(1)[0].cpu().numpy()
+        gt = np.zeros((oh, ow), np.int64)
+        start, stop = cache.object_range(image)
+        for j, m in zip(range(start, stop), cache.masks(np.arange(start, stop), "original")):
+            gt[m] = cache.objects.class_id[j]
+        for c in range(num_classes):
+            p, g = pred == c, gt == c
+            counts[c] += [np.logical_and(p, g).sum(), np.logical_or(p, g).sum(), p.sum() + g.sum()]
+        n += 1
+    counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").cpu().numpy()
+    n = int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum"))
+    iou = counts[:, 0] / np.maximum(counts[:, 1], 1)
+    dice = 2 * counts[:, 0] / np.maximum(counts[:, 2], 1)
+    present = counts[1:, 1] > 0
+    model.train(was_training)
+    return {
+        "semantic": {
+            "miou": float(iou[1:][present].mean()) if present.any() else float("nan"),
+            "dice": float(dice[1:][present].mean()) if present.any() else float("nan"),
+            "n_images": n,
+            "per_class_iou": [float(v) for v in iou],
+        }
+    }

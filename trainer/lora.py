@@ -1,0 +1,66 @@
+"""LoRA adapters on the mask decoder's attention projections, merged back into plain ``nn.Linear`` on export.
+
+A small module of our own rather than peft: the decoder has 21 attention projections in 7 ``Attention``
+blocks, and what we need is (1) adapters that leave SAM's module names in place, so checkpoints and the
+exported state dict keep segment_anything's keys, (2) an exact merge into ``nn.Linear`` for export, and (3)
+nothing else. peft's wrapping renames every key (``base_model.model...``) and its merge API differs across
+versions; the 40 lines here are easy to read and to test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from segment_anything.modeling.transformer import Attention
+from torch import nn
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) * x @ A.T @ B.T``; B starts at zero, so the wrapped layer starts
+    unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in_features)`` -> ``(..., out_features)``."""
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            out.weight.copy_(self.base.weight + self.scale * self.lora_b @ self.lora_a)
+            if self.base.bias is not None:
+                out.bias.copy_(self.base.bias)
+        return out.to(self.base.weight.device)
+
+
+def add_lora(module: nn.Module, rank: int, alpha: float) -> int:
+    """Wrap every attention projection under ``module`` in ``LoRALinear``; returns how many were wrapped."""
+    n = 0
+    for attn in [m for m in module.modules() if isinstance(m, Attention)]:
+        for name in PROJECTIONS:
+            setattr(attn, name, LoRALinear(getattr(attn, name), rank, alpha))
+            n += 1
+    return n
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Replace every ``LoRALinear`` under ``module`` by its merged ``nn.Linear``; returns how many."""
+    n = 0
+    for attn in [m for m in module.modules() if isinstance(m, Attention)]:
+        for name in PROJECTIONS:
+            layer = getattr(attn, name)
+            if isinstance(layer, LoRALinear):
+                setattr(attn, name, layer.merged())
+                n += 1
+    return n

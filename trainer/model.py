@@ -1,0 +1,62 @@
+"""Building what trains from a SAM: freeze, add LoRA, add the semantic head, load and merge weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import Sam
+
+from embedcache.models import build_sam
+from trainer.config import Config
+from trainer.decoder import PromptedDecoder
+from trainer.lora import add_lora, merge_lora
+from trainer.semantic import SemanticHead
+
+
+def build_start_sam(cfg: Config) -> Sam:
+    """The SAM the run starts from (the config's checkpoint, or the seeded random init)."""
+    return build_sam(cfg.model.model_type, cfg.model.checkpoint, seed=cfg.model.init_seed)
+
+
+def build_trainable(sam: Sam, cfg: Config) -> PromptedDecoder:
+    """Wrap ``sam``'s prompt encoder and mask decoder (shared, not copied) with ``requires_grad`` set per
+    config.
+
+    The image encoder stays frozen and out of the returned module. LoRA adapters (``model.lora_rank``) go on
+    every attention projection of the decoder's two-way transformer; the semantic head is added for
+    ``model.task=semantic``. Loading trained weights into the result updates ``sam`` itself.
+    """
+    m = cfg.model
+    sam.requires_grad_(False)
+    sam.mask_decoder.requires_grad_(m.train_mask_decoder)
+    sam.prompt_encoder.requires_grad_(m.train_prompt_encoder)
+    if m.lora_rank:
+        add_lora(sam.mask_decoder.transformer, m.lora_rank, m.lora_alpha)  # adapters are trainable by default
+    head = None
+    if m.task == "semantic":
+        head = SemanticHead(sam.mask_decoder, m.num_classes, m.semantic_prompt)
+        if not m.train_mask_decoder:
+            head.requires_grad_(True)
+    return PromptedDecoder(sam.prompt_encoder, sam.mask_decoder, head)
+
+
+def load_weights(model: PromptedDecoder, weights: str | Path) -> None:
+    """Load a checkpoint's ``model.safetensors`` (the ``PromptedDecoder`` state dict) strictly."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(weights)), strict=True)
+
+
+def tuned_sam(cfg: Config, weights: str | Path) -> tuple[Sam, PromptedDecoder]:
+    """The starting SAM with a checkpoint's tuned parts loaded and LoRA merged: ready to export or predict."""
+    sam = build_start_sam(cfg)
+    model = build_trainable(sam, cfg)
+    load_weights(model, weights)
+    merge_lora(sam.mask_decoder)
+    return sam.eval(), model.eval()
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the optimiser updates."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,50 @@
+"""The sample order: a pure function of (seed, epoch, n, world), shuffled shard-aware, disjoint per rank.
+
+Resuming needs only ``(epoch, batch_in_epoch)``: the order of any epoch can be recomputed from scratch, so a
+resumed run reads exactly the images an uninterrupted run would have read, in the same order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def permutation(
+    seed: int, epoch: int, n: int, world: int, *, shard_of: np.ndarray | None = None
+) -> np.ndarray:
+    """The epoch's order of ``n`` samples as a ``(world, n // world)`` int64 array; row ``r`` is rank r's
+    share.
+
+    Shard-aware: the shards are visited in a shuffled order and the samples inside each shard are shuffled, so
+    consecutive reads stay inside one shard (one Zarr shard file) instead of jumping across the whole store.
+    The samples are then dealt round-robin to ranks, so the ranks read disjoint samples and finish together;
+    the last ``n % world`` samples of the epoch are dropped (a different few every epoch).
+
+    Args:
+        seed: run seed.
+        epoch: epoch number; every epoch has its own order.
+        n: number of samples (positions ``0..n-1``).
+        world: number of processes.
+        shard_of: ``(n,)`` shard id of each position; ``None`` treats every sample as its own shard.
+    """
+    if n < world:
+        raise ValueError(f"{n} samples cannot be split over {world} processes")
+    rng = np.random.default_rng([seed, epoch])
+    if shard_of is None:
+        order = rng.permutation(n)
+    else:
+        shard_of = np.asarray(shard_of)
+        shards = np.unique(shard_of)
+        order = np.concatenate(
+            [rng.permutation(np.flatnonzero(shard_of == s)) for s in rng.permutation(shards)]
+        )
+    per_rank = n // world
+    return order[: per_rank * world].reshape(per_rank, world).T.astype(np.int64)
+
+
+def batches(
+    seed: int, epoch: int, n: int, world: int, rank: int, batch: int, *, shard_of=None
+) -> list[np.ndarray]:
+    """Rank ``rank``'s micro-batches of positions for one epoch; an incomplete last batch is dropped."""
+    mine = permutation(seed, epoch, n, world, shard_of=shard_of)[rank]
+    return [mine[i : i + batch] for i in range(0, len(mine) - batch + 1, batch)]
