@@ -7,6 +7,8 @@ in the build report. Objects keep their ``category_id`` as class id and are orde
 from __future__ import annotations
 
 import json
+import threading
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +18,19 @@ from pycocotools import mask as mask_utils
 from embedcache.images import IMAGE_SUFFIXES, BadInput
 from embedcache.masks import mask_box
 from embedcache.readers.base import ImageRecord, ObjectMask, ScanResult, check_nonempty
+
+
+_DECODE_LOCK = threading.Lock()
+
+
+def _decode_rle(rle: dict) -> np.ndarray:
+    """``pycocotools.mask.decode`` without its numpy-2 DeprecationWarning (pycocotools 2.0.11's Cython passes
+    ``copy=False`` to an ``__array__`` that predates numpy 2; harmless, but it is not ours to fix). The lock
+    keeps the temporary filter from racing with our other decode threads (catch_warnings is process-global).
+    """
+    with _DECODE_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword")
+        return mask_utils.decode(rle)
 
 
 def decode_segmentation(segmentation, h: int, w: int) -> np.ndarray:
@@ -34,7 +49,7 @@ def decode_segmentation(segmentation, h: int, w: int) -> np.ndarray:
             raise ValueError(f"RLE size {rle['size']} differs from image size {[h, w]}")
     else:
         raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)
+    return _decode_rle(rle).astype(bool)
 
 
 class CocoReader:

@@ -1,0 +1,254 @@
+"""A built cache against docs/cache-api-contract.md: arrays, masks, split, signature, refusal, info, verify."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+from test_embedcache_support import assert_same_cache, build, read_png, tiny_dataset
+
+from embedcache import CacheError, open_cache
+from embedcache import masks as mk
+from embedcache.build import BuildConfig, CacheExistsError
+from embedcache.cli import main
+from embedcache.models import build_sam
+from embedcache.signature import SignatureMismatch, check_compatible
+from embedcache.split import assign_split
+from embedcache.verify import shard_file, verify
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A 6-image synthetic dataset and its vit_tiny cache (3 shards of 2 images)."""
+    root = tmp_path_factory.mktemp("built")
+    data = tiny_dataset(root / "data")
+    report = build(data, root / "cache.zarr")
+    return data, root / "cache.zarr", report
+
+
+def test_contract_arrays(built):
+    data, path, report = built
+    c = open_cache(path)
+    assert (c.num_images, c.images_per_shard) == (6, 2) and report["num_images"] == 6
+    assert c.embeddings.dtype == np.float16 and c.embeddings.shape == (6, 256, 64, 64)
+    assert c.embeddings.chunks == (1, 256, 64, 64) and c.embeddings.shards == (2, 256, 64, 64)
+    e = c.read_embeddings(np.array([4, 1]))
+    assert e.shape == (2, 256, 64, 64) and e.dtype == np.float16 and np.isfinite(e).all()
+    assert np.array_equal(e[1], c.embeddings[1])
+    assert c.original_size.dtype == np.int32 and c.input_size.dtype == np.int32
+    for i, stem in enumerate(c.image_id):
+        h, w = read_png(data / "images" / f"{stem}.png").shape[:2]
+        assert tuple(c.original_size[i]) == (h, w) and max(c.input_size[i]) == 1024
+    assert c.image_id.tolist() == sorted(p.stem for p in (data / "images").iterdir())
+    o = c.objects
+    assert o.image_index.dtype == np.int64 and (np.diff(o.image_index) >= 0).all()
+    assert o.box.dtype == np.float32 and o.class_id.dtype == np.int32 and o.area.dtype == np.int64
+    assert c.num_objects == len(o.box) == report["num_objects"]
+    starts = [c.object_range(i) for i in range(c.num_images)]
+    assert starts[0][0] == 0 and starts[-1][1] == c.num_objects
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(starts, starts[1:]))
+
+
+def test_masks_in_three_frames(built):
+    data, path, _ = built
+    c = open_cache(path)
+    for i in (0, 3):
+        labels = read_png(data / "masks" / f"{c.image_id[i]}.png")
+        a, b = c.object_range(i)
+        js = np.arange(a, b)
+        original = c.masks(js, "original")
+        values = [v for v in np.unique(labels) if v]
+        assert len(original) == len(values)
+        for m, v, j in zip(original, values, js):
+            assert np.array_equal(m, labels == v)
+            assert m.sum() == c.objects.area[j]
+            x1, y1, x2, y2 = c.objects.box[j].astype(int)
+            assert m[y1:y2, x1:x2].sum() == m.sum() and m[y1].any() and m[y2 - 1].any()
+        inp = c.masks(js, "input")
+        h, w = c.input_size[i]
+        assert inp.shape == (len(js), 1024, 1024) and inp.dtype == bool
+        assert not inp[:, h:].any() and not inp[:, :, w:].any()
+        rows, cols = mk.nearest_index(labels.shape[0], h), mk.nearest_index(labels.shape[1], w)
+        for m, full in zip(original, inp):
+            assert np.array_equal(full[:h, :w], m[np.ix_(rows, cols)])
+        low = c.masks(js, "lowres")
+        assert low.shape == (len(js), 256, 256) and np.array_equal(low, mk.input_to_lowres(inp))
+    with pytest.raises(ValueError):
+        c.masks([0], "full")
+
+
+def test_split_is_deterministic_and_recorded(built):
+    _, path, _ = built
+    c = open_cache(path)
+    assert set(c.split) <= {"train", "val"}
+    train, val = c.image_indices("train"), c.image_indices("val")
+    assert len(val) == round(0.2 * 6) and sorted(np.r_[train, val].tolist()) == list(range(6))
+    assert np.array_equal(c.image_indices("all"), np.arange(6))
+    ids = list(c.image_id)
+    again = assign_split(ids[::-1], 0.2, 0)[::-1]  # independent of listing order
+    assert np.array_equal(again, c.split)
+    assert not np.array_equal(
+        assign_split([f"x{i}" for i in range(50)], 0.2, 0), assign_split([f"x{i}" for i in range(50)], 0.2, 1)
+    )
+    assert c.signature["dataset"]["split"] == {"method": "sha256-rank", "val_fraction": 0.2, "seed": 0}
+
+
+def test_signature(built):
+    _, path, _ = built
+    s = open_cache(path).signature
+    assert s["format_version"] == 1 and s["model_type"] == "vit_tiny" and s["checkpoint"] == "random-init:0"
+    assert (
+        s["encoder"]["embed_dim"] == 64
+        and s["storage_dtype"] == "float16"
+        and s["compute_dtype"] == "float32"
+    )
+    assert s["preprocessing"]["long_side"] == 1024 and s["preprocessing"]["pixel_mean"] == [
+        123.675,
+        116.28,
+        103.53,
+    ]
+    assert len(s["dataset"]["fingerprint"]) == 64 and s["dataset"]["mask_kind"] == "instance"
+    report = open_cache(path).build_report
+    assert report["num_skipped"] == 0 and report["runs"][0]["shards_encoded"] == 3
+
+
+def test_check_compatible(built, tmp_path):
+    _, path, _ = built
+    c = open_cache(path)
+    check_compatible(c, "vit_tiny", None)
+    check_compatible(c, "vit_tiny", "random-init:0")
+    with pytest.raises(SignatureMismatch, match="model_type"):
+        check_compatible(c, "vit_b", None)
+    with pytest.raises(SignatureMismatch, match="checkpoint"):
+        check_compatible(c, "vit_tiny", None, init_seed=1)
+    ckpt = tmp_path / "w.pth"
+    torch.save(build_sam("vit_tiny").state_dict(), ckpt)
+    with pytest.raises(SignatureMismatch, match=r"cache\.zarr.*checkpoint"):
+        check_compatible(c, "vit_tiny", ckpt)  # same weights, but the cache records random-init:0, not a file
+
+
+def test_rerun_of_a_complete_cache_encodes_nothing(built):
+    data, path, _ = built
+    before = {k: shard_file(path, k).stat().st_mtime_ns for k in range(3)}
+    report = build(data, path)
+    assert len(report["runs"]) == 1
+    assert {k: shard_file(path, k).stat().st_mtime_ns for k in range(3)} == before
+
+
+def test_different_model_or_data_is_refused_unless_overwrite(built, tmp_path):
+    data, path, _ = built
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(path, tmp_path / "c.zarr")
+    with pytest.raises(CacheExistsError, match=r"checkpoint.*--overwrite"):
+        build(tmp_path / "data", tmp_path / "c.zarr", init_seed=1)
+    labels = read_png(tmp_path / "data" / "masks" / "img000.png")
+    labels[0, 0] = labels.max()  # an edited mask: same files, new fingerprint
+    Image.fromarray(labels).save(tmp_path / "data" / "masks" / "img000.png")
+    with pytest.raises(CacheExistsError, match="fingerprint"):
+        build(tmp_path / "data", tmp_path / "c.zarr")
+    argv = [
+        "build",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "c.zarr"),
+        "--model",
+        "vit_tiny",
+    ]
+    assert main([*argv, "--images-per-shard", "2", "--no-progress"]) == 2
+    report = build(tmp_path / "data", tmp_path / "c.zarr", overwrite=True)
+    assert report["runs"][0]["shards_encoded"] == 3
+    assert open_cache(tmp_path / "c.zarr").objects.area.sum() != open_cache(path).objects.area.sum()
+
+
+def test_a_folder_that_is_not_a_cache_is_never_replaced(built, tmp_path):
+    data, _, _ = built
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(CacheExistsError, match="not an embedcache cache"):
+            build(data, tmp_path / "precious", overwrite=overwrite)
+    assert (tmp_path / "precious" / "thesis.tex").exists()
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="model_type"):
+        BuildConfig(data=tmp_path, out=tmp_path / "x", model_type="vit_x")
+    with pytest.raises(ValueError, match="val_fraction"):
+        BuildConfig(data=tmp_path, out=tmp_path / "x", model_type="vit_tiny", val_fraction=1.0)
+    with pytest.raises(ValueError, match="ignore_index"):
+        BuildConfig(data=tmp_path, out=tmp_path / "x", model_type="vit_tiny", ignore_index=255)
+
+
+def test_info_and_verify_ok(built, capsys):
+    _, path, _ = built
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    for needle in ("vit_tiny", "random-init:0", "images       6", "on disk", "KiB total", "train 5, val 1"):
+        assert needle in out
+    assert main(["verify", str(path)]) == 0
+    assert verify(path) == []
+
+
+def _corrupt_copy(path, tmp_path, how):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(path, bad)
+    g = zarr.open_group(bad, mode="r+")
+    if how == "missing shard":
+        shard_file(bad, 1).unlink()
+    elif how == "nan embedding":
+        e = g["embeddings"]
+        block = e[2:4]
+        block[1, 5, 6, 7] = np.nan
+        e[2:4] = block
+    elif how == "area":
+        a = g["objects"]["area"][...]
+        a[0] += 1
+        g["objects"]["area"][...] = a
+    elif how == "box":
+        b = g["objects"]["box"][...]
+        b[1, 2] += 3
+        g["objects"]["box"][...] = b
+    elif how == "marker":
+        g["shard_done"][2] = 0
+    elif how == "truncated shard":
+        f = shard_file(bad, 0)
+        f.write_bytes(f.read_bytes()[:1000])
+    elif how == "input_size":
+        s = g["input_size"][...]
+        s[0, 0] -= 1
+        g["input_size"][...] = s
+    return bad
+
+
+@pytest.mark.parametrize(
+    "how", ["missing shard", "nan embedding", "area", "box", "marker", "truncated shard", "input_size"]
+)
+def test_verify_fails_on_a_corrupted_cache(built, tmp_path, how, capsys):
+    _, path, _ = built
+    bad = _corrupt_copy(path, tmp_path, how)
+    assert verify(bad), how
+    assert main(["verify", str(bad)]) == 1
+    assert "PROBLEM" in capsys.readouterr().out
+
+
+def test_open_cache_refuses_incomplete_or_missing(built, tmp_path):
+    _, path, _ = built
+    with pytest.raises(CacheError, match="nothere"):
+        open_cache(tmp_path / "nothere.zarr")
+    bad = _corrupt_copy(path, tmp_path, "marker")
+    with pytest.raises(CacheError, match=r"bad\.zarr.*not finished"):
+        open_cache(bad)
+    zarr.open_group(bad, mode="r+").attrs.update(status="prepared")
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(bad)
+
+
+def test_rebuild_is_reproducible(built, tmp_path):
+    data, path, _ = built
+    build(data, tmp_path / "again.zarr")
+    assert_same_cache(path, tmp_path / "again.zarr")

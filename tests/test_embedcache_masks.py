@@ -1,0 +1,58 @@
+"""The stored mask form and the exact frame rules (original, 1024 input, 256 low-res)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from embedcache import masks as mk
+
+
+def _random_mask(rng, h, w):
+    m = rng.random((h, w)) < 0.3
+    m[rng.integers(h), :] = True  # some structure as well as noise
+    return m
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (37, 53), (600, 900), (1348, 1070)], ids=str)
+def test_input_hw_matches_segment_anything(hw):
+    assert mk.input_hw(*hw) == ResizeLongestSide.get_preprocess_shape(*hw, 1024)
+
+
+def test_pack_roundtrip():
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 1), (3, 7), (17, 31)]:
+        m = _random_mask(rng, h, w)
+        box = mk.mask_box(m)
+        crop = mk.unpack(mk.pack(m, box), box)
+        assert np.array_equal(mk.crop_to_original(crop, box, (h, w)), m)
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (160, 97), (700, 1100), (1348, 1070)], ids=str)
+def test_input_frame_is_the_centre_nearest_rule(hw):
+    rng = np.random.default_rng(1)
+    h, w = hw
+    full = np.zeros(hw, bool)
+    full[h // 5 : h // 2, w // 3 : w - 2] = _random_mask(rng, h // 2 - h // 5, w - 2 - w // 3)
+    box = mk.mask_box(full)
+    in_hw = mk.input_hw(h, w)
+    got = mk.crop_to_input(full[box[1] : box[3], box[0] : box[2]], box, hw, in_hw)
+    # the rule written out the slow way: every output pixel samples ((2r+1)H)//(2h)
+    rows = [((2 * r + 1) * h) // (2 * in_hw[0]) for r in range(in_hw[0])]
+    cols = [((2 * c + 1) * w) // (2 * in_hw[1]) for c in range(in_hw[1])]
+    want = np.zeros((1024, 1024), bool)
+    want[: in_hw[0], : in_hw[1]] = full[np.ix_(rows, cols)]
+    assert np.array_equal(got, want)
+
+
+def test_lowres_is_the_4x4_majority():
+    rng = np.random.default_rng(2)
+    m = rng.random((2, 1024, 1024)) < 0.5
+    got = mk.input_to_lowres(m)
+    i, j = 17, 200
+    assert got.shape == (2, 256, 256)
+    for n in range(2):
+        assert got[n, i, j] == (m[n, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].sum() >= 8)
+    want = m.reshape(2, 256, 4, 256, 4).sum(axis=(2, 4)) >= 8
+    assert np.array_equal(got, want)

@@ -1,0 +1,82 @@
+"""Helpers shared by the embedcache tests (no tests here): tiny datasets, builds and cache comparison."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from embedcache.build import BuildConfig, build_cache
+from embedcache.synthetic import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_ONLY = ("shard_done", "shard_seconds", "shard_rank")  # describe a run, not the content
+
+
+def tiny_dataset(root: Path, n_images: int = 6, **kw) -> Path:
+    """A small synthetic folder-layout dataset (images 96..160 px: decode is cheap, encode cost is fixed)."""
+    return make_dataset(root, n_images=n_images, min_side=96, max_side=160, max_objects=4, **kw)
+
+
+def build(data: Path, out: Path, **kw) -> dict:
+    """An in-process vit_tiny CPU build with test-friendly defaults (3 shards for 6 images)."""
+    opts = dict(
+        model_type="vit_tiny", images_per_shard=2, batch_size=2, workers=2, device="cpu", progress=False
+    )
+    opts.update(kw)
+    return build_cache(BuildConfig(data=data, out=out, **opts))
+
+
+def cli_build(data: Path, out: Path, *extra: str, env: dict | None = None, check: bool = True):
+    """``python -m embedcache build`` in a subprocess (what a user would kill)."""
+    cmd = [sys.executable, "-m", "embedcache", "build", "--data", str(data), "--out", str(out)]
+    cmd += ["--model", "vit_tiny", "--images-per-shard", "2", "--batch-size", "2", "--workers", "2"]
+    cmd += ["--device", "cpu", "--no-progress", *extra]
+    full_env = {**os.environ, **(env or {})}
+    r = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"build failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a cache by path name, run-describing ones left out."""
+    out = {}
+
+    def walk(g: zarr.Group, prefix: str) -> None:
+        for name, member in g.members():
+            if isinstance(member, zarr.Group):
+                walk(member, f"{prefix}{name}/")
+            elif name not in RUN_ONLY:
+                out[prefix + name] = np.asarray(member[...])
+
+    walk(zarr.open_group(path, mode="r"), "")
+    return out
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Bit-identical content (every array, NaN-aware) and identical signatures."""
+    xa, xb = arrays(a), arrays(b)
+    assert sorted(xa) == sorted(xb)
+    for name in xa:
+        va, vb = xa[name], xb[name]
+        assert va.dtype == vb.dtype and va.shape == vb.shape, name
+        if va.dtype.kind == "f":
+            assert np.array_equal(va.view(f"u{va.itemsize}"), vb.view(f"u{vb.itemsize}")), name
+        else:
+            assert np.array_equal(va, vb), name
+    sa = zarr.open_group(a, mode="r").attrs["signature"]
+    sb = zarr.open_group(b, mode="r").attrs["signature"]
+    assert sa == sb
+
+
+def read_png(path: Path) -> np.ndarray:
+    """A PNG as an array, with the file closed (filterwarnings=error turns a leak into a failure)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im)
