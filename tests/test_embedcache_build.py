@@ -1,4 +1,4 @@
-"""A built cache against docs/cache-api-contract.md: arrays, masks, split, signature, refusal, info, verify."""
+"""A built cache against docs/cache-api-contract.md: arrays, masks, split, signature, refusal, verify."""
 
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ from embedcache.images import IMAGE_SUFFIXES, BadInput
 from embedcache.masks import mask_box
 from embedcache.readers.base import ImageRecord, ObjectMask, ScanResult, check_nonempty
 
-
 _DECODE_LOCK = threading.Lock()
 
 
