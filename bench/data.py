@@ -12,21 +12,25 @@ from pathlib import Path
 
 from bench.context import Context
 
+CACHES = {"tiny": (4, 4), "small": (32, 8), "full": (512, 16)}
+"""Per size: (images, most objects per image) of the cache that the io and train benches share."""
 
-def synthetic_cache(
-    ctx: Context, *, n_images: int, max_objects: int = 6, side: tuple[int, int] = (160, 320)
-) -> Path:
-    """A complete ``vit_tiny`` cache of ``n_images`` synthetic images in ``ctx.work``, built if absent."""
+
+def synthetic_cache(ctx: Context) -> tuple[Path, Path]:
+    """``(cache, data folder)``: a complete ``vit_tiny`` cache of synthetic images in ``ctx.work``.
+
+    Images are 160-320 px a side; their masks are expanded to the 1024 input frame either way, so the size of
+    the source images changes nothing downstream of the cache.
+    """
     from embedcache.build import BuildConfig, build_cache
     from embedcache.synthetic import make_dataset
 
-    name = f"synth_n{n_images}_o{max_objects}_s{side[0]}-{side[1]}"
+    n_images, max_objects = CACHES[ctx.size]
+    name = f"synth_n{n_images}_o{max_objects}"
     data = ctx.work / name
     out = ctx.work / f"{name}.zarr"
     if not (data / "images").is_dir():
-        make_dataset(
-            data, n_images=n_images, seed=2, min_side=side[0], max_side=side[1], max_objects=max_objects
-        )
+        make_dataset(data, n_images=n_images, seed=2, min_side=160, max_side=320, max_objects=max_objects)
     build_cache(
         BuildConfig(
             data=data,
@@ -38,4 +42,4 @@ def synthetic_cache(
             progress=False,
         )
     )
-    return out
+    return out, data
