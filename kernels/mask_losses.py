@@ -41,9 +41,18 @@ __all__ = ["mask_losses", "min_bytes_moved", "MaskLosses"]
 _S_FOCAL, _S_CE, _S_MSE, _S_P, _S_T, _S_PT, _S_INTER, _S_UNION = range(8)
 _N_SUMS = 8
 
-# 16 x 16 groups = 64 x 64 high-res pixels per program: 4096 elements, 16 per thread at 8 warps. Not tuned on
-# a GPU yet (none was available when this was written); the launchers take `block=` so a bench can sweep it.
-DEFAULT_BLOCK = 16
+# (BLOCK, num_warps) per kernel. Not timed on a GPU (none was available); chosen from `ptxas -v` for sm_90 on
+# the compiled kernels: forward BLOCK=16 at 4 warps spills (255 registers, 52 B spill stores), BLOCK=16 at 8
+# warps needs 150 registers, BLOCK=8 at 4 warps 60 registers and no spills. The forward has no overlap between
+# blocks, so the smaller block costs only a larger partial-sum buffer (35 KiB per 256x256 mask). The backward
+# recomputes one group in BLOCK of each side, so it keeps BLOCK=16 (14% recompute, vs 31% at 8): 118
+# registers at 8 warps, no spills. `block=` on the public function overrides both, for tests and sweeps.
+FWD_CONFIG = (8, 4)
+BWD_CONFIG = (16, 8)
+
+
+def _warps_for(block: int) -> int:
+    return 8 if block >= 16 else 4
 
 
 def _mask_losses_fwd(
@@ -263,6 +272,7 @@ def _alpha_weights(alpha: float) -> tuple[float, float]:
 def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block):
     """``(P, h, w)`` logits -> ``(P, 8)`` float32 per-mask sums (see ``_S_*``)."""
     p_count, h, w = logits.shape
+    block, warps = FWD_CONFIG if block is None else (block, _warps_for(block))
     n_tiles_h = triton.cdiv(h + 1, block)
     n_tiles_w = triton.cdiv(w + 1, block)
     partial = torch.empty(
@@ -272,7 +282,18 @@ def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block):
         return partial.sum(1)
     a_pos, a_neg = _alpha_weights(alpha)
     _fwd_kernel[(p_count, n_tiles_h * n_tiles_w)](
-        logits, targets_u8, valid_i32, partial, h, w, n_tiles_w, a_pos, a_neg, GAMMA=float(gamma), BLOCK=block
+        logits,
+        targets_u8,
+        valid_i32,
+        partial,
+        h,
+        w,
+        n_tiles_w,
+        a_pos,
+        a_neg,
+        GAMMA=float(gamma),
+        BLOCK=block,
+        num_warps=warps,
     )
     return partial.sum(1)
 
@@ -283,6 +304,7 @@ def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
     grad = torch.empty_like(logits)
     if p_count == 0:
         return grad
+    block, warps = BWD_CONFIG if block is None else (block, _warps_for(block))
     step = block - 1
     n_tiles_h = triton.cdiv(h, step)
     n_tiles_w = triton.cdiv(w, step)
@@ -300,6 +322,7 @@ def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
         a_neg,
         GAMMA=float(gamma),
         BLOCK=block,
+        num_warps=warps,
     )
     return grad
 
@@ -353,7 +376,7 @@ def _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block):
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton backend takes float32/bfloat16/float16 logits, got {logits.dtype}")
-    if block < 2 or block & (block - 1):
+    if block is not None and (block < 2 or block & (block - 1)):
         raise ValueError(f"block must be a power of two >= 2, got {block}")
     targets_u8 = targets.contiguous()
     if targets_u8.dtype == torch.bool:
@@ -373,7 +396,7 @@ def mask_losses(
     alpha: float = 0.25,
     gamma: float = 2.0,
     backend: str = "auto",
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
 ) -> MaskLosses:
     """Per-mask focal, BCE, dice, MSE and hard IoU of the 4x-upsampled logits against full-resolution targets.
 
@@ -393,7 +416,8 @@ def mask_losses(
         backend: ``"auto"`` sends CUDA tensors to Triton and everything else to the torch reference;
             ``"triton"`` forces Triton (on CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the
             reference.
-        block: groups of 4x4 high-res pixels per program side (power of two >= 2); ``16`` means 64x64 pixels.
+        block: groups of 4x4 high-res pixels per program side (power of two >= 2; ``16`` means 64x64
+            pixels) for both kernels; ``None`` takes ``FWD_CONFIG`` and ``BWD_CONFIG``.
 
     Returns:
         ``MaskLosses(focal, bce, dice, mse, iou)``, each a ``(P,)`` float32 tensor.
