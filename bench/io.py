@@ -51,9 +51,9 @@ class IoSize:
 
 SIZES = {
     # the cache's size is bench.data.CACHES[size]: 4, 32 and 512 images (2 MiB of float16 each)
-    "tiny": IoSize(batch=2, codec_images=1, warmup=1, repeats=2),
+    "tiny": IoSize(batch=2, codec_images=1, warmup=0, repeats=2),
     "small": IoSize(batch=8, codec_images=8, warmup=1, repeats=5),
-    "full": IoSize(batch=32, codec_images=64, warmup=1, repeats=5),
+    "full": IoSize(batch=32, codec_images=64, warmup=1, repeats=3),
 }
 
 
@@ -83,7 +83,7 @@ def read_raw(files: list[Path]) -> int:
     return n
 
 
-def _epochs(fn, *, files: list[Path], cold: bool, warmup: int, repeats: int, budget_s: float = 60.0):
+def _epochs(fn, *, files: list[Path], cold: bool, warmup: int, repeats: int, budget_s: float = 15.0):
     """Seconds per call of ``fn``, dropping the files' cached pages before each call when ``cold``.
 
     Stops after ``repeats`` timed calls, or after two once ``budget_s`` of timed calls have passed, so a slow
