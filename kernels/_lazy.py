@@ -28,7 +28,12 @@ def interpreting() -> bool:
 
 
 def require_launchable(*tensors: torch.Tensor) -> None:
-    """Raise a clear error when a Triton kernel is asked to run on CPU tensors outside the interpreter."""
+    """Raise a clear error when the tensors are on different devices, or on CPU outside the interpreter."""
+    devices = {tensor.device for tensor in tensors}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the Triton backend needs all inputs on one device, got {sorted(map(str, devices))}"
+        )
     if interpreting():
         return
     for tensor in tensors:

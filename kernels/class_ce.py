@@ -296,7 +296,7 @@ def class_ce(
         return class_ce_reference(logits, labels, valid_hw, ignore_index)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    require_launchable(logits, labels, valid_hw)
+    require_launchable(logits, labels)  # valid_hw is small and moved to the logits' device below
     if logits.dim() != 4:
         raise ValueError(f"logits must be (B, C, h, w), got {tuple(logits.shape)}")
     b, c, h, w = logits.shape

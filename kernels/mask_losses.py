@@ -371,7 +371,7 @@ class _MaskLossesFunction(torch.autograd.Function):
 
 
 def _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block):
-    require_launchable(logits, targets, valid_hw)
+    require_launchable(logits, targets)  # valid_hw is small and moved to the logits' device below
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):

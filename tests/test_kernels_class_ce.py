@@ -35,10 +35,11 @@ def interpret(monkeypatch) -> None:
 
 
 def make_inputs(b, c, h, w, *, seed, valid="mixed", dtype=torch.float32, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, c, h, w, generator=gen) * 3
-    labels = torch.randint(0, c, (b, 4 * h, 4 * w), generator=gen)
-    labels[torch.rand(b, 4 * h, 4 * w, generator=gen) < 0.2] = IGNORE
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn on the device, as in the mask_losses tests
+    kw = {"generator": gen, "device": device}
+    logits = torch.randn(b, c, h, w, **kw) * 3
+    labels = torch.randint(0, c, (b, 4 * h, 4 * w), **kw)
+    labels[torch.rand(b, 4 * h, 4 * w, **kw) < 0.2] = IGNORE
     height, width = 4 * h, 4 * w
     if valid == "full":
         rows = [(height, width)] * b
@@ -47,17 +48,12 @@ def make_inputs(b, c, h, w, *, seed, valid="mixed", dtype=torch.float32, device=
     elif valid == "col":
         rows = [(height, 1)] * b
     else:
-        rvh = int(torch.randint(1, height + 1, (), generator=gen))
-        rvw = int(torch.randint(1, width + 1, (), generator=gen))
+        rvh = int(torch.randint(1, height + 1, (), **kw))
+        rvw = int(torch.randint(1, width + 1, (), **kw))
         cycle = [(rvh, rvw), (0, width), (height + 3, width + 1), (height, 1)]
         rows = [cycle[i % len(cycle)] for i in range(b)]
-    weights = torch.rand(b, generator=gen) + 0.5
-    return (
-        logits.to(device=device, dtype=dtype),
-        labels.to(device),
-        torch.tensor(rows).to(device),
-        weights.to(device),
-    )
+    weights = torch.rand(b, **kw) + 0.5
+    return logits.to(dtype), labels, torch.tensor(rows, device=device), weights
 
 
 def run(logits, labels, valid_hw, weights, *, backend, **kw):

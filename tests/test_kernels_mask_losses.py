@@ -72,30 +72,29 @@ def make_valid(kind: str, p_count: int, height: int, width: int, gen: torch.Gene
         rows = [cycle[(start + i) % len(cycle)] for i in range(p_count)]
     else:
         raise ValueError(kind)
-    return torch.tensor(rows, dtype=torch.int64)
+    return torch.tensor(rows, dtype=torch.int64).reshape(p_count, 2)
 
 
 def make_inputs(p_count, h, w, *, seed, valid="mixed", targets="random", dtype=torch.float32, device="cpu"):
     """Logits with a spread of confidences, blob-ish targets, and valid sizes; reproducible from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(p_count, h, w, generator=gen) * torch.rand(p_count, 1, 1, generator=gen).mul(6).add(
-        0.5
-    )
+    # Drawn on the target device (P=512 x 1024^2 targets would take a while on the CPU); the same seed gives
+    # different draws on CPU and CUDA, which is fine: the seed reproduces a failure on the device it ran on.
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = {"generator": gen, "device": device}
+    logits = torch.randn(p_count, h, w, **kw) * torch.rand(p_count, 1, 1, **kw).mul(6).add(0.5)
     if targets == "random":
         # Low-res noise upsampled and thresholded: blobs with edges, like real masks, plus pixel noise.
-        blobs = F.interpolate(torch.randn(p_count, 1, h, w, generator=gen), (4 * h, 4 * w), mode="bilinear")[
-            :, 0
-        ]
-        tgt = (blobs + 0.3 * torch.randn(p_count, 4 * h, 4 * w, generator=gen)) > 0
+        blobs = F.interpolate(torch.randn(p_count, 1, h, w, **kw), (4 * h, 4 * w), mode="bilinear")[:, 0]
+        tgt = (blobs + 0.3 * torch.randn(p_count, 4 * h, 4 * w, **kw)) > 0
     elif targets == "empty":
-        tgt = torch.zeros(p_count, 4 * h, 4 * w, dtype=torch.bool)
+        tgt = torch.zeros(p_count, 4 * h, 4 * w, dtype=torch.bool, device=device)
     elif targets == "full":
-        tgt = torch.ones(p_count, 4 * h, 4 * w, dtype=torch.bool)
+        tgt = torch.ones(p_count, 4 * h, 4 * w, dtype=torch.bool, device=device)
     else:
         raise ValueError(targets)
-    valid_hw = make_valid(valid, p_count, 4 * h, 4 * w, gen)
-    weights = torch.rand(len(LOSS_NAMES), p_count, generator=gen) + 0.5  # upstream gradient of each loss
-    return (logits.to(device=device, dtype=dtype), tgt.to(device), valid_hw.to(device), weights.to(device))
+    valid_hw = make_valid(valid, p_count, 4 * h, 4 * w, torch.Generator().manual_seed(seed))
+    weights = torch.rand(len(LOSS_NAMES), p_count, **kw) + 0.5  # upstream gradient of each loss
+    return logits.to(dtype), tgt, valid_hw.to(device), weights
 
 
 def run(logits, targets, valid_hw, weights, *, backend, **kw) -> tuple[MaskLosses, torch.Tensor]:
@@ -357,6 +356,19 @@ def test_input_validation(bad):
         logits = logits[None]
     with pytest.raises(ValueError):
         kernels.mask_losses(logits, targets, valid_hw, backend="torch")
+
+
+def test_no_masks(interpret):
+    logits, targets, valid_hw, weights = make_inputs(0, 3, 4, seed=0)
+    for backend in ("torch", "triton"):
+        out, grad = run(logits, targets, valid_hw, weights, backend=backend)
+        assert all(t.shape == (0,) for t in out) and grad.shape == (0, 3, 4)
+
+
+def test_devices_must_match():
+    logits, targets, valid_hw, _ = make_inputs(1, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="one device"):
+        kernels.mask_losses(logits, targets.to("meta"), valid_hw, backend="triton")
 
 
 def test_min_bytes_moved():
