@@ -229,13 +229,12 @@ def _mask_losses_bwd(
     g = c_focal * d_focal + c_bce * d + (2.0 * c_mse * d + c_dice_t * t + c_dice_1) * dp
     g = tl.where(inside, g, 0.0)
 
-    # Adjoint of the upsample, columns first: per group, the part that goes to low-res col k-1 ("lo") and to
-    # k.
-    wx_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
-    col_lo = tl.reduce(
-        g * (1.0 - wx_hi_1)[None, None, None, :], 3, tl.standard._sum_combine
-    )  # (BLOCK, 4, BLOCK)
-    col_hi = tl.reduce(g * wx_hi_1[None, None, None, :], 3, tl.standard._sum_combine)
+    # Adjoint of the upsample, columns first: each group's 4 columns split into the part that goes to low-res
+    # col k - 1 ("lo", weights (7 - 2r) / 8) and the part that goes to col k ("hi", weights (2r + 1) / 8).
+    w_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
+    w_lo_1 = 1.0 - w_hi_1
+    col_lo = tl.reduce(g * w_lo_1[None, None, None, :], 3, tl.standard._sum_combine)  # (BLOCK, 4, BLOCK)
+    col_hi = tl.reduce(g * w_hi_1[None, None, None, :], 3, tl.standard._sum_combine)
     # Low-res col j = kc receives hi(k=j) + lo(k=j+1); col 0 also gets lo(0), col w-1 also hi(w) (the clamps).
     a = tl.arange(0, BLOCK)
     j3 = kc[None, None, :]
@@ -245,9 +244,8 @@ def _mask_losses_bwd(
     cols = col_hi + col_lo_next + tl.where(j3 == 0, col_lo, 0.0) + tl.where(j3 == w - 1, col_hi_next, 0.0)
 
     # Then rows, the same way.
-    wy_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
-    row_lo = tl.reduce(cols * (1.0 - wy_hi_1)[None, :, None], 1, tl.standard._sum_combine)  # (BLOCK, BLOCK)
-    row_hi = tl.reduce(cols * wy_hi_1[None, :, None], 1, tl.standard._sum_combine)
+    row_lo = tl.reduce(cols * w_lo_1[None, :, None], 1, tl.standard._sum_combine)  # (BLOCK, BLOCK)
+    row_hi = tl.reduce(cols * w_hi_1[None, :, None], 1, tl.standard._sum_combine)
     i2 = kr[:, None]
     nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.full((BLOCK, BLOCK), 0, tl.int32)
     row_lo_next = tl.gather(row_lo, nxt2, 0)
