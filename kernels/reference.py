@@ -105,6 +105,7 @@ def mask_losses_reference(
     """
     _check_mask_inputs(logits, targets, valid_hw)
     p_count, h, w = logits.shape
+    valid_hw = valid_hw.to(logits.device)  # callers often keep the sizes on the host
     x = upsample4(logits.to(_compute_dtype(logits.dtype))[:, None])[:, 0]  # (P, 4h, 4w)
     t = (targets != 0).to(x.dtype)
     valid = valid_mask(valid_hw, 4 * h, 4 * w).to(x.dtype)
@@ -160,7 +161,7 @@ def class_ce_reference(
     if valid_hw.shape != (b, 2):
         raise ValueError(f"valid_hw must be {(b, 2)}, got {tuple(valid_hw.shape)}")
     labels = labels.long()
-    counted = valid_mask(valid_hw, 4 * h, 4 * w) & (labels != ignore_index)
+    counted = valid_mask(valid_hw.to(labels.device), 4 * h, 4 * w) & (labels != ignore_index)
     bad = counted & ((labels < 0) | (labels >= c))
     if bool(bad.any()):
         raise ValueError(f"labels outside [0, {c}) other than ignore_index={ignore_index}")
