@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 import tempfile
 import traceback
@@ -64,21 +65,27 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     names = BENCHES if args.command == "all" else (args.command,)
     env = Env.detect(device)
-    failed = []
+    failed, written = [], None
     with _scratch(args.work) as work:
         ctx = Context(size=args.size, device=device, work=work, out=args.out, env=env)
         for name in names:
             module = importlib.import_module(f"bench.{name}")
+            load0 = os.getloadavg()[0]
             try:
                 sec = module.run(ctx)
+                load1 = os.getloadavg()[0]
+                sec.notes.append(
+                    f"Host load (1-min average) {load0:.1f} at the start and {load1:.1f} at the end, on "
+                    f"{os.cpu_count()} CPUs: other work competing for the CPU widens the spread of every "
+                    "figure and biases ratios between figures measured at different moments."
+                )
+                print_section(sec)
+                written = write_report(args.out, env, [sec])
             except Exception:  # keep the other benches' figures; report the failure and exit non-zero
                 traceback.print_exc()
                 failed.append(name)
-                continue
-            print_section(sec)
-            jpath, mpath = write_report(args.out, env, [sec])
-        if len(failed) < len(names):
-            print(f"\nreport: {mpath} (and {jpath.name})")
+    if written is not None:
+        print(f"\nreport: {written[1]} (and {written[0].name})")
     if failed:
         print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
