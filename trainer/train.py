@@ -187,6 +187,12 @@ def run(
             f"{world} processes; lower data.images_per_batch"
         )
 
+    if main:
+        print(
+            f"trainer: {world} process(es) on {device}, residency {residency}, {len(train_images)} train / "
+            f"{len(val_images)} val images, {per_epoch} micro-batches per epoch per process",
+            flush=True,
+        )
     state = TrainState()
     if resume and found is not None:
         _check_resume_config(json.loads((found / "config.json").read_text()), to_dict(cfg), found)
