@@ -31,6 +31,8 @@ class Objects:
     """(M,) int32."""
     area: np.ndarray
     """(M,) int64 foreground pixels in the original frame."""
+    input_area: np.ndarray
+    """(M,) int64 foreground pixels in the 1024 input frame (0 when a tiny object vanishes in resizing)."""
 
 
 class Cache:
@@ -55,10 +57,13 @@ class Cache:
             box=np.asarray(g["box"][...], np.float32).reshape(-1, 4),
             class_id=np.asarray(g["class_id"][...], np.int32),
             area=np.asarray(g["area"][...], np.int64),
+            input_area=np.asarray(g["input_area"][...], np.int64),
         )
+        self._input_box = np.asarray(g["input_box"][...], np.int64).reshape(-1, 4)
+        self._input_offset = np.asarray(g["input_mask_offset"][...], np.int64)
         self.num_objects = int(self.objects.image_index.shape[0])
         self._mask_offset = np.asarray(g["mask_offset"][...], np.int64)
-        self._mask_bits: np.ndarray | None = None  # loaded on first masks() call
+        self._loaded: dict[str, np.ndarray] = {}  # ragged mask bits, loaded on first use
         self._object_start = np.searchsorted(self.objects.image_index, np.arange(self.num_images + 1))
 
     def __repr__(self) -> str:
@@ -86,10 +91,17 @@ class Cache:
         """Objects of image ``i`` are ``start..stop-1``."""
         return int(self._object_start[i]), int(self._object_start[i + 1])
 
-    def _bits(self) -> np.ndarray:
-        if self._mask_bits is None:
-            self._mask_bits = np.asarray(self.group["objects"]["mask_bits"][...], np.uint8)
-        return self._mask_bits
+    def _bits(self, name: str = "mask_bits") -> np.ndarray:
+        """The whole ragged bit array, read once (isbi2012: 0.5 MB for 3,332 objects)."""
+        if name not in self._loaded:
+            self._loaded[name] = np.asarray(self.group["objects"][name][...], np.uint8)
+        return self._loaded[name]
+
+    def input_mask_crop(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Object ``j`` in the input frame: its xyxy box there ``(4,)`` int64 and the bool mask inside it."""
+        box = self._input_box[j]
+        bits = self._bits("input_mask_bits")[self._input_offset[j] : self._input_offset[j + 1]]
+        return box, mk.unpack(bits, box)
 
     def mask_crop(self, j: int) -> np.ndarray:
         """Object ``j``'s mask inside its box: ``(y2 - y1, x2 - x1)`` bool."""
@@ -115,17 +127,15 @@ class Cache:
                     mk.crop_to_original(self.mask_crop(j), self.objects.box[j], tuple(self.original_size[i]))
                 )
             return out
-        full = np.zeros((obj_idx.size, IMAGE_SIZE, IMAGE_SIZE), bool)
+        side = IMAGE_SIZE if frame == "input" else mk.LOWRES_SIZE
+        out = np.zeros((obj_idx.size, side, side), bool)  # calloc'd: untouched pages cost nothing
         for n, j in enumerate(obj_idx):
-            i = self.objects.image_index[j]
-            mk.crop_to_input(
-                self.mask_crop(j),
-                self.objects.box[j],
-                tuple(self.original_size[i]),
-                tuple(self.input_size[i]),
-                out=full[n],
-            )
-        return full if frame == "input" else mk.input_to_lowres(full)
+            (x1, y1, x2, y2), crop = self.input_mask_crop(j)
+            if frame == "input":
+                out[n, y1:y2, x1:x2] = crop
+            else:
+                mk.input_crop_to_lowres((y1, y2, x1, x2), crop, out=out[n])
+        return out
 
 
 def open_group_checked(path: str | Path) -> zarr.Group:

@@ -18,6 +18,8 @@ Frames (exact, integer-only, so every reader derives the same bits):
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from embedcache.models import IMAGE_SIZE
@@ -55,9 +57,15 @@ def unpack(bits: np.ndarray, box: tuple[int, int, int, int] | np.ndarray) -> np.
     return np.unpackbits(bits, count=h * w).reshape(h, w).view(bool)
 
 
+@lru_cache(maxsize=4096)
 def nearest_index(src: int, dst: int) -> np.ndarray:
-    """``(dst,)`` int64: the source index each of ``dst`` output pixels samples (centre-aligned nearest)."""
-    return ((2 * np.arange(dst, dtype=np.int64) + 1) * src) // (2 * dst)
+    """``(dst,)`` int64: the source index each of ``dst`` output pixels samples (centre-aligned nearest).
+
+    Cached (a dataset has few distinct sizes) and read-only, since callers share it.
+    """
+    idx = ((2 * np.arange(dst, dtype=np.int64) + 1) * src) // (2 * dst)
+    idx.setflags(write=False)
+    return idx
 
 
 def crop_to_original(crop: np.ndarray, box, hw: tuple[int, int]) -> np.ndarray:
@@ -75,15 +83,43 @@ def crop_to_input(crop: np.ndarray, box, hw: tuple[int, int], in_hw: tuple[int, 
     Only the output rows/columns whose source falls inside the box are touched, so the cost is the object's
     size in the input frame, not 1024x1024 (plus zeroing ``out`` when it is freshly allocated).
     """
-    x1, y1, x2, y2 = (int(v) for v in box)
-    src_r = nearest_index(hw[0], in_hw[0])
-    src_c = nearest_index(hw[1], in_hw[1])
-    r0, r1 = np.searchsorted(src_r, [y1, y2])  # src_* are non-decreasing
-    c0, c1 = np.searchsorted(src_c, [x1, x2])
+    (r0, r1, c0, c1), small = input_crop(crop, box, hw, in_hw)
     if out is None:
         out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-    if r1 > r0 and c1 > c0:
-        out[r0:r1, c0:c1] = crop[np.ix_(src_r[r0:r1] - y1, src_c[c0:c1] - x1)]
+    out[r0:r1, c0:c1] = small
+    return out
+
+
+def input_crop(crop: np.ndarray, box, hw: tuple[int, int], in_hw: tuple[int, int]):
+    """The part of the input-frame mask that can be non-zero: ``((r0, r1, c0, c1), (r1 - r0, c1 - c0) bool)``.
+
+    Rows ``r0..r1-1`` and columns ``c0..c1-1`` of the input frame are those whose source pixel is in the box.
+    """
+    x1, y1, x2, y2 = (int(v) for v in box)
+    src_r = nearest_index(int(hw[0]), int(in_hw[0]))
+    src_c = nearest_index(int(hw[1]), int(in_hw[1]))
+    r0, r1 = (int(v) for v in np.searchsorted(src_r, [y1, y2]))  # src_* are non-decreasing
+    c0, c1 = (int(v) for v in np.searchsorted(src_c, [x1, x2]))
+    # two 1-D gathers: ~8x faster than crop[np.ix_(rows, cols)] on a 500x600 crop (0.10 vs 0.78 ms)
+    small = crop[src_r[r0:r1] - y1][:, src_c[c0:c1] - x1]
+    return (r0, r1, c0, c1), small
+
+
+def input_crop_to_lowres(region: tuple[int, int, int, int], small: np.ndarray, out=None) -> np.ndarray:
+    """The ``(256, 256)`` low-res mask from an ``input_crop`` result; equal to ``input_to_lowres`` of the full
+    input frame, but only the 4x4 blocks the crop touches are counted."""
+    r0, r1, c0, c1 = region
+    if out is None:
+        out = np.zeros((LOWRES_SIZE, LOWRES_SIZE), bool)
+    if r1 <= r0 or c1 <= c0:
+        return out
+    b = LOWRES_BLOCK
+    br0, bc0 = r0 // b, c0 // b
+    br1, bc1 = -(-r1 // b), -(-c1 // b)
+    padded = np.zeros(((br1 - br0) * b, (bc1 - bc0) * b), bool)  # block-aligned, zeros outside the crop
+    padded[r0 - br0 * b : r1 - br0 * b, c0 - bc0 * b : c1 - bc0 * b] = small
+    counts = padded.reshape(br1 - br0, b, bc1 - bc0, b).sum(axis=(1, 3), dtype=np.uint8)
+    out[br0:br1, bc0:bc1] = counts >= LOWRES_MIN_COUNT
     return out
 
 

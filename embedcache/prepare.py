@@ -44,6 +44,17 @@ def _examine(reader: Reader, record: ImageRecord):
         return {"path": e.path, "reason": e.reason}
 
 
+def input_frame_form(crop: np.ndarray, box, hw, in_hw) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """An object's input-frame mask in stored form: its tight input-frame box (xyxy; all zero when the object
+    vanishes under the nearest rule) and the bit-packed crop inside it."""
+    (r0, _, c0, _), small = mk.input_crop(crop, box, hw, in_hw)
+    tight = mk.mask_box(small)
+    if tight is None:
+        return (0, 0, 0, 0), np.zeros(0, np.uint8)
+    x1, y1, x2, y2 = tight
+    return (x1 + c0, y1 + r0, x2 + c0, y2 + r0), mk.pack(small, tight)
+
+
 def collect_metadata(
     reader: Reader,
     records: list[ImageRecord],
@@ -70,6 +81,7 @@ def collect_metadata(
     root = Path(reader.root).resolve()
     image_id, image_path, original, inputs = [], [], [], []
     obj_image, obj_box, obj_class, obj_area, bits, offsets = [], [], [], [], [], [0]
+    in_box, in_area, in_bits, in_offsets = [], [], [], [0]
     for i, (record, hw, objects) in enumerate(good):
         image_id.append(record.image_id)
         p = record.image_path.resolve()
@@ -84,6 +96,13 @@ def collect_metadata(
             obj_area.append(o.area)
             bits.append(packed)
             offsets.append(offsets[-1] + packed.size)
+            # the input-frame copy: derivable, but stored because the trainer reads it every step
+            # (docs/cache-format.md: 3-7x faster reads for ~1% more disk)
+            box_in, packed_in = input_frame_form(o.crop, o.box, hw, inputs[-1])
+            in_box.append(box_in)
+            in_area.append(int(np.unpackbits(packed_in).sum()))
+            in_bits.append(packed_in)
+            in_offsets.append(in_offsets[-1] + packed_in.size)
     meta = {
         "image_id": np.array(image_id, dtype=str),
         "image_path": np.array(image_path, dtype=str),
@@ -96,5 +115,9 @@ def collect_metadata(
         "objects/area": np.array(obj_area, np.int64),
         "objects/mask_offset": np.array(offsets, np.int64),
         "objects/mask_bits": np.concatenate(bits) if bits else np.zeros(0, np.uint8),
+        "objects/input_box": np.array(in_box, np.int32).reshape(-1, 4),
+        "objects/input_area": np.array(in_area, np.int64),
+        "objects/input_mask_offset": np.array(in_offsets, np.int64),
+        "objects/input_mask_bits": np.concatenate(in_bits) if in_bits else np.zeros(0, np.uint8),
     }
     return meta, bad

@@ -19,6 +19,10 @@
         area          (M,) int64
         mask_offset   (M + 1,) int64             object j's bytes are mask_bits[off[j]:off[j+1]]
         mask_bits     (B,) uint8                 box-cropped, bit-packed masks (embedcache.masks)
+        input_box     (M, 4) int32               tight xyxy box in the 1024 input frame (0s if empty)
+        input_area    (M,) int64                 foreground pixels in the input frame
+        input_mask_offset (M + 1,) int64         as mask_offset, for the input-frame copy
+        input_mask_bits   (B',) uint8            the input-frame masks, box-cropped and bit-packed
 
 A shard of ``embeddings`` is one file written whole by one process; ``shard_done[k]`` is set only after that
 write returns (zarr's LocalStore writes to a temporary file and renames it, so a shard file is never seen
@@ -66,12 +70,14 @@ def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> N
     for name in ("original_size", "input_size", "image_id", "image_path", "split"):
         _small(group, name, np.asarray(meta[name]))
     objects = group.create_group("objects")
-    for name in ("image_index", "box", "class_id", "area", "mask_offset"):
+    for name in ("image_index", "box", "class_id", "area", "mask_offset", "input_box", "input_area"):
         _small(objects, name, np.asarray(meta[f"objects/{name}"]))
-    bits = np.asarray(meta["objects/mask_bits"], np.uint8)
-    arr = objects.create_array("mask_bits", shape=bits.shape, dtype=np.uint8, chunks=(MASK_BITS_CHUNK,))
-    if bits.size:
-        arr[:] = bits
+    _small(objects, "input_mask_offset", np.asarray(meta["objects/input_mask_offset"]))
+    for name in ("mask_bits", "input_mask_bits"):
+        bits = np.asarray(meta[f"objects/{name}"], np.uint8)
+        arr = objects.create_array(name, shape=bits.shape, dtype=np.uint8, chunks=(MASK_BITS_CHUNK,))
+        if bits.size:
+            arr[:] = bits
     s = images_per_shard
     group.create_array(
         "embeddings",

@@ -8,6 +8,7 @@ import numpy as np
 
 from embedcache import masks as mk
 from embedcache.cache import Cache, CacheError, open_cache
+from embedcache.prepare import input_frame_form
 from embedcache.split import assign_split
 from embedcache.store import EMBED_SHAPE, shard_slice
 
@@ -71,7 +72,7 @@ def _check_embeddings(c: Cache, problems: list[str]) -> None:
 
 def _check_objects(c: Cache, problems: list[str]) -> None:
     o, n, m = c.objects, c.num_images, c.num_objects
-    for name in ("image_index", "box", "class_id", "area"):
+    for name in ("image_index", "box", "class_id", "area", "input_area"):
         if len(getattr(o, name)) != m:
             problems.append(f"objects/{name}: length {len(getattr(o, name))}, expected {m}")
     if problems:
@@ -82,16 +83,19 @@ def _check_objects(c: Cache, problems: list[str]) -> None:
     without = np.setdiff1d(np.arange(n), o.image_index)
     if without.size:
         problems.append(f"images without objects: {without[:10].tolist()}")
-    offsets = c._mask_offset
-    bits = c._bits()
-    if (
-        offsets.shape != (m + 1,)
-        or offsets[0] != 0
-        or offsets[-1] != bits.size
-        or (np.diff(offsets) < 0).any()
+    for name, offsets, bits in (
+        ("mask", c._mask_offset, c._bits()),
+        ("input_mask", c._input_offset, c._bits("input_mask_bits")),
     ):
-        problems.append("objects/mask_offset: inconsistent with mask_bits")
-        return
+        if (
+            offsets.shape != (m + 1,)
+            or offsets[0] != 0
+            or offsets[-1] != bits.size
+            or (np.diff(offsets) < 0).any()
+        ):
+            problems.append(f"objects/{name}_offset: inconsistent with {name}_bits")
+            return
+    offsets = c._mask_offset
     for j in range(m):
         box = o.box[j]
         h, w = c.original_size[o.image_index[j]]
@@ -104,6 +108,14 @@ def _check_objects(c: Cache, problems: list[str]) -> None:
             problems.append(f"{where}: mask byte count does not match its box")
             continue
         crop = c.mask_crop(j)
+        i = o.image_index[j]
+        want_box, want_bits = input_frame_form(crop, box, c.original_size[i], c.input_size[i])
+        in_box, in_crop = c.input_mask_crop(j)
+        got_bits = np.packbits(in_crop.ravel())
+        if tuple(int(v) for v in in_box) != want_box or not np.array_equal(got_bits, want_bits):
+            problems.append(f"{where}: stored input-frame mask differs from the rule applied to the original")
+        elif int(in_crop.sum()) != o.input_area[j]:
+            problems.append(f"{where}: input_area {o.input_area[j]} != {int(in_crop.sum())}")
         if int(crop.sum()) != o.area[j]:
             problems.append(f"{where}: mask area {int(crop.sum())} != stored area {o.area[j]}")
         if not (crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()):

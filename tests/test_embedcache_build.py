@@ -213,6 +213,10 @@ def _corrupt_copy(path, tmp_path, how):
         b = g["objects"]["box"][...]
         b[1, 2] += 3
         g["objects"]["box"][...] = b
+    elif how == "input mask":
+        bits = g["objects"]["input_mask_bits"][...]
+        bits[len(bits) // 2] ^= 0x10
+        g["objects"]["input_mask_bits"][...] = bits
     elif how == "marker":
         g["shard_done"][2] = 0
     elif how == "truncated shard":
@@ -226,7 +230,17 @@ def _corrupt_copy(path, tmp_path, how):
 
 
 @pytest.mark.parametrize(
-    "how", ["missing shard", "nan embedding", "area", "box", "marker", "truncated shard", "input_size"]
+    "how",
+    [
+        "missing shard",
+        "nan embedding",
+        "area",
+        "box",
+        "input mask",
+        "marker",
+        "truncated shard",
+        "input_size",
+    ],
 )
 def test_verify_fails_on_a_corrupted_cache(built, tmp_path, how, capsys):
     _, path, _ = built

@@ -56,3 +56,12 @@ def test_lowres_is_the_4x4_majority():
         assert got[n, i, j] == (m[n, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].sum() >= 8)
     want = m.reshape(2, 256, 4, 256, 4).sum(axis=(2, 4)) >= 8
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("region", [(0, 5, 0, 7), (3, 11, 5, 6), (1021, 1024, 2, 1023)], ids=str)
+def test_lowres_from_a_crop_equals_lowres_of_the_full_frame(region):
+    r0, r1, c0, c1 = region
+    small = np.random.default_rng(3).random((r1 - r0, c1 - c0)) < 0.6
+    full = np.zeros((1, 1024, 1024), bool)
+    full[0, r0:r1, c0:c1] = small
+    assert np.array_equal(mk.input_crop_to_lowres(region, small), mk.input_to_lowres(full)[0])
