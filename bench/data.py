@@ -22,6 +22,7 @@ def synthetic_cache(ctx: Context) -> tuple[Path, Path]:
     Images are 160-320 px a side; their masks are expanded to the 1024 input frame either way, so the size of
     the source images changes nothing downstream of the cache.
     """
+    from embedcache import open_cache
     from embedcache.build import BuildConfig, build_cache
     from embedcache.synthetic import make_dataset
 
@@ -31,15 +32,24 @@ def synthetic_cache(ctx: Context) -> tuple[Path, Path]:
     out = ctx.work / f"{name}.zarr"
     if not (data / "images").is_dir():
         make_dataset(data, n_images=n_images, seed=2, min_side=160, max_side=320, max_objects=max_objects)
-    build_cache(
-        BuildConfig(
-            data=data,
-            out=out,
-            model_type="vit_tiny",
-            device=str(ctx.device),
-            batch_size=8,
-            val_fraction=0.0,
-            progress=False,
+
+    def build(overwrite: bool) -> None:
+        build_cache(
+            BuildConfig(
+                data=data,
+                out=out,
+                model_type="vit_tiny",
+                device=str(ctx.device),
+                batch_size=8,
+                val_fraction=0.0,
+                progress=False,
+                overwrite=overwrite,
+            )
         )
-    )
+
+    try:
+        build(overwrite=False)  # reuses a complete cache left in --work by an earlier run
+        open_cache(out)
+    except Exception:  # a cache of an older format or a broken one: this is scratch, so rebuild it
+        build(overwrite=True)
     return out, data

@@ -130,8 +130,7 @@ def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Rati
     from embedcache.preprocess import resize_longest_side, to_model_input
 
     flops = encoder_flops(model_type)
-    with torch.device(ctx.device):  # random init on the device itself: vit_h on CPU takes long
-        sam = build_sam(model_type).to(ctx.device)
+    sam = build_sam(model_type).to(ctx.device)  # random init on CPU, as embedcache does
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     base = {"model": model_type, "dtype": "bf16" if ctx.cuda else "fp32"}
 

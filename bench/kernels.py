@@ -49,8 +49,8 @@ def make_inputs(p: int, h: int, device: torch.device, seed: int = 0):
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     logits = (3 * torch.randn(p, h, h, generator=g)).to(device).requires_grad_(True)
-    coarse = torch.randn(p, 1, max(h // 8, 2), max(h // 8, 2), generator=g)
-    targets = (F.interpolate(coarse, (4 * h, 4 * h), mode="bilinear") > 0.3)[:, 0].to(torch.uint8).to(device)
+    coarse = torch.randn(p, 1, max(h // 8, 2), max(h // 8, 2), generator=g).to(device)
+    targets = (F.interpolate(coarse, (4 * h, 4 * h), mode="bilinear") > 0.3)[:, 0].to(torch.uint8)
     vh = torch.randint(int(0.6 * 4 * h), 4 * h + 1, (p,), generator=g)
     vw = torch.randint(int(0.6 * 4 * h), 4 * h + 1, (p,), generator=g)
     valid = torch.stack([vh, vw], 1).to(device)

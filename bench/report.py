@@ -250,7 +250,11 @@ def render_markdown(doc: dict) -> str:
             lines += ["Hardware limits measured in the same run:", ""]
             lines += [f"- {k}: {_fmt_stat(v)}" for k, v in sec["limits"].items()]
             lines.append("")
-        lines += _rows_table(sec["rows"])
+        cases: list[str] = []
+        for r in sec["rows"]:
+            cases += [r["case"]] if r["case"] not in cases else []
+        for case in cases:  # one table per case, so each has only its own columns
+            lines += _rows_table([r for r in sec["rows"] if r["case"] == case]) + [""]
         if sec["ratios"]:
             lines += [
                 "",

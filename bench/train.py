@@ -187,6 +187,7 @@ def time_trainer(ctx: Context, cache_path, cfg, *, warmup: int, steps: int) -> S
         peak, ops, flops = profile_step(one_step, device)
     finally:
         loader.close()
+        accelerator.free_memory()  # drop the accelerator's references to this provider's model
     return StepTimes(
         step_s=step_s,
         wait_s=wait_s,
@@ -298,8 +299,7 @@ def _naive(ctx: Context, size: TrainSize, cache_path, data, sec: Section) -> Sta
 
     cache = open_cache(cache_path)
     images = [int(i) for i in cache.image_indices("train") if np.subtract(*cache.object_range(int(i))[::-1])]
-    with torch.device(ctx.device):
-        sam = build_sam(size.naive_model)
+    sam = build_sam(size.naive_model)
     loop = NaiveLoop(sam, cache, images[: size.naive_images], ctx.device, data=data)
     t = Stat.of(
         time_call(loop.epoch, device=ctx.device, warmup=size.naive_warmup, repeats=size.naive_repeats), "s"
