@@ -77,7 +77,17 @@ class Cache:
             return np.zeros((0, *self.embeddings.shape[1:]), np.float16)
         if idx.min() < 0 or idx.max() >= self.num_images:
             raise IndexError(f"image index out of range 0..{self.num_images - 1}")
-        return self.embeddings.get_orthogonal_selection((idx,))
+        # Contiguous runs as basic slices: zarr 3.1's orthogonal (fancy) selection on a sharded array measured
+        # ~25x slower (109 ms vs 4.5 ms per image on isbi2012, docs/cache-format.md).
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        out = np.empty((idx.size, *self.embeddings.shape[1:]), np.float16)
+        breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+        for run in np.split(np.arange(idx.size), breaks):
+            a, b = int(sorted_idx[run[0]]), int(sorted_idx[run[-1]]) + 1
+            block = self.embeddings[a:b]
+            out[order[run]] = block[sorted_idx[run] - a]
+        return out
 
     def image_indices(self, split: str) -> np.ndarray:
         """``(n,)`` int64 indices of the images in ``"train"``, ``"val"`` or ``"all"``."""

