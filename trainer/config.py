@@ -146,11 +146,15 @@ class LossConfig:
     """Focal loss alpha."""
     focal_gamma: float = 2.0
     """Focal loss gamma."""
+    backend: str = "auto"
+    """``kernels`` backend: ``auto`` (Triton on CUDA, torch reference elsewhere), ``torch``, ``triton``."""
 
     def __post_init__(self):
         weights = (self.focal, self.dice, self.iou_head, self.bce, self.mse, self.ce)
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("loss weights must be >= 0 and at least one > 0")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"loss.backend must be auto|torch|triton, got {self.backend!r}")
 
 
 @dataclass(kw_only=True)

@@ -21,7 +21,7 @@ DEMO_OVERRIDES = [
     "data.images_per_batch=2",
     "data.max_objects=2",
     "data.residency=host",
-    "prompts.box_fraction=0.75",
+    "prompts.box_fraction=1.0",
     "loss.focal=0",
     "loss.bce=1",
     "loss.dice=1",
@@ -29,8 +29,8 @@ DEMO_OVERRIDES = [
     "optim.lr=1e-3",
     "optim.warmup_steps=5",
     "run.steps=60",
-    "run.eval_every=20",
-    "run.save_every=20",
+    "run.eval_every=30",
+    "run.save_every=30",
     "run.overlays=3",
 ]
 

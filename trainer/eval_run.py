@@ -14,7 +14,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.data import ImageStore, image_file
 from trainer.evaluate import evaluate, evaluate_semantic, predict_objects
-from trainer.model import build_start_sam, build_trainable, tuned_sam
+from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
 from trainer.plots import overlay
 
 
@@ -35,7 +35,7 @@ def eval_run(
     weights = ckpt.resolve_weights(run, which)
     cfg = load_config(weights.parent / "config.yaml")
     cache = open_cache(cache_path)
-    check_compatible(cache, cfg.model.model_type, cfg.model.checkpoint, init_seed=cfg.model.init_seed)
+    check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     _, tuned = tuned_sam(cfg, weights)

@@ -56,6 +56,7 @@ def instance_loss(
         valid_hw.repeat_interleave(m, 0) if m > 1 else valid_hw,
         alpha=cfg.focal_alpha,
         gamma=cfg.focal_gamma,
+        backend=cfg.backend,
     )
     per_mask = sum(getattr(cfg, k) * getattr(terms, k).reshape(p, m) for k in ("focal", "dice", "bce", "mse"))
     chosen = per_mask.detach().argmin(1)
@@ -83,7 +84,7 @@ def semantic_loss(
         valid_hw: ``(B, 2)`` int input size.
     """
     b, c, h, w = logits.shape
-    ce = kernels.class_ce(logits, labels, valid_hw, ignore_index=-100)
+    ce = kernels.class_ce(logits, labels, valid_hw, ignore_index=-100, backend=cfg.backend)
     loss = cfg.ce * ce.mean()
     logged = {"ce": ce.detach().mean()}
     if cfg.dice > 0:
@@ -92,6 +93,7 @@ def semantic_loss(
             logits.reshape(b * c, h, w),
             onehot.reshape(b * c, *labels.shape[1:]),
             valid_hw.repeat_interleave(c, 0),
+            backend=cfg.backend,
         )
         loss = loss + cfg.dice * terms.dice.mean()
         logged["dice"] = terms.dice.detach().mean()

@@ -14,9 +14,17 @@ from trainer.lora import add_lora, merge_lora
 from trainer.semantic import SemanticHead
 
 
+def start_checkpoint(cfg: Config) -> Path | None:
+    """The local file of ``model.checkpoint`` (an official name is fetched by embedcache), or ``None``."""
+    from embedcache.weights import resolve_checkpoint
+
+    return resolve_checkpoint(cfg.model.checkpoint)
+
+
 def build_start_sam(cfg: Config) -> Sam:
-    """The SAM the run starts from (the config's checkpoint, or the seeded random init)."""
-    return build_sam(cfg.model.model_type, cfg.model.checkpoint, seed=cfg.model.init_seed)
+    """The SAM the run starts from: the config's checkpoint (a path, or an official name such as ``vit_b``
+    that embedcache fetches), or the seeded random init."""
+    return build_sam(cfg.model.model_type, start_checkpoint(cfg), seed=cfg.model.init_seed)
 
 
 def build_trainable(sam: Sam, cfg: Config) -> PromptedDecoder:

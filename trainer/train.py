@@ -28,7 +28,7 @@ from trainer.config import Config, OptimConfig, load_config, save_config, to_dic
 from trainer.data import Batch, ImageStore, Prefetcher, image_file, pick_residency
 from trainer.evaluate import evaluate, evaluate_semantic, predict_objects
 from trainer.losses import instance_loss, semantic_loss
-from trainer.model import build_start_sam, build_trainable, trainable_parameters
+from trainer.model import build_start_sam, build_trainable, start_checkpoint, trainable_parameters
 from trainer.order import batches
 from trainer.plots import loss_curve, overlay
 from trainer.prompts import corrective_click, initial_prompts, step_generator
@@ -130,7 +130,7 @@ def run(
     cache = open_cache(cache_path)
     # refuse a cache made by another model before anything is built: its embeddings mean nothing to this
     # decoder
-    check_compatible(cache, cfg.model.model_type, cfg.model.checkpoint, init_seed=cfg.model.init_seed)
+    check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
     if cfg.model.task == "semantic" and cfg.model.num_classes == 0:
         cfg.model.num_classes = int(cache.objects.class_id.max(initial=0)) + 1
     cuda = torch.cuda.is_available()
@@ -383,6 +383,8 @@ def finish(out: Path, cache, store, cfg: Config, state: TrainState, start_model,
     rows = [json.loads(ln) for ln in (out / "losses.jsonl").read_text().splitlines()]
     if rows:
         evals = {int(s): _score(m) for s, m in state.evals.items()}
+        if state.start_metrics:
+            evals[0] = _score(state.start_metrics)
         files.append(
             loss_curve(
                 [r["step"] for r in rows], [r["loss"] for r in rows], out / "loss_curve.png", evals=evals
