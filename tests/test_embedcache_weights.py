@@ -1,0 +1,53 @@
+"""Official checkpoints by name: sha256-checked download, and a clear message offline."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.request
+
+import pytest
+
+from embedcache import weights
+
+
+def test_official_table():
+    assert set(weights.ALIASES.values()) == set(weights.OFFICIAL)
+    for name, ck in weights.OFFICIAL.items():
+        assert ck.url == f"https://dl.fbaipublicfiles.com/segment_anything/{name}.pth"
+        assert len(ck.sha256) == 64 and weights.ALIASES[ck.model_type] == name
+        assert ck.model_type == "_".join(name.split("_")[1:3])
+
+
+def test_offline_says_what_to_download_and_where(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError) as e:
+        weights.fetch("vit_b", folder=tmp_path)
+    msg = str(e.value)
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in msg
+    assert str(tmp_path / "sam_vit_b_01ec64.pth") in msg
+    assert weights.OFFICIAL["sam_vit_b_01ec64"].sha256 in msg
+    assert not list(tmp_path.iterdir())  # no partial file left behind
+
+
+def test_download_is_sha256_checked(tmp_path, monkeypatch):
+    src = tmp_path / "src.pth"
+    src.write_bytes(b"weights")
+    good = hashlib.sha256(b"weights").hexdigest()
+    ck = weights.OfficialCheckpoint(model_type="vit_b", url=src.as_uri(), sha256=good)
+    monkeypatch.setitem(weights.OFFICIAL, "sam_vit_b_01ec64", ck)
+    path = weights.fetch("vit_b", folder=tmp_path / "w")
+    assert path.read_bytes() == b"weights" and path.name == "src.pth"
+    assert weights.resolve_checkpoint(path) == path and weights.resolve_checkpoint(None) is None
+    with pytest.raises(FileNotFoundError, match="official names"):
+        weights.resolve_checkpoint(tmp_path / "nope.pth")
+    path.write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        weights.fetch("vit_b", folder=tmp_path / "w")
+    bad = weights.OfficialCheckpoint(model_type="vit_b", url=src.as_uri(), sha256="0" * 64)
+    monkeypatch.setitem(weights.OFFICIAL, "sam_vit_b_01ec64", bad)
+    with pytest.raises(ValueError, match="expected"):
+        weights.fetch("vit_b", folder=tmp_path / "w2")
+    assert not (tmp_path / "w2" / "src.pth").exists()
