@@ -219,7 +219,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
 
 def test_refuses_a_cache_from_another_model(cache_path, tmp_path, capsys):
     out = tmp_path / "wrong"
-    assert main(["run", "--cache", str(cache_path), "--out", str(out), "model.init_seed=1", *FAST]) == 2
+    assert (
+        main(
+            ["run", "--cache", str(cache_path), "--out", str(out), "model.init_seed=1", *FAST, "run.steps=1"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "checkpoint" in err and str(cache_path) in err
     assert not (out / "checkpoints").exists()
