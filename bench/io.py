@@ -279,8 +279,8 @@ def _notes(ctx: Context, mbs: dict, file_bytes: int, emb_bytes: int) -> list[str
                 f"{0.7 / frac:.2f}x less time per image to reach 70%. Not bounded by bytes: the same batches "
                 f"read by basic slicing of the array reach {frac_slice:.0%}, so "
                 + (
-                    "most of the gap is Cache.read_embeddings' selection path (get_orthogonal_selection), "
-                    "per-call work rather than per-byte."
+                    "most of the gap is in Cache.read_embeddings' own selection path, per-call work "
+                    "rather than per-byte."
                     if frac_slice > 2 * frac
                     else "the gap is per-chunk work inside zarr (shard index, async dispatch, copies)."
                 )

@@ -9,8 +9,8 @@ mask output), trainer's default loss weights:
   ``kernels``), ``accelerator.backward``, gradient clipping, AdamW step, and one host read of the loss per
   step (the trainer checks it is finite). The loop itself is the bench's: ``trainer.train.run`` has no
   per-step hook (see docs/benchmarks.md);
-- ``trainer device, reference loss``: the same with ``kernels.mask_losses(backend="torch")`` (GPU only; on
-  CPU the trainer already runs the reference);
+- ``trainer device, reference loss``: the same with the trainer's ``loss.backend=torch``, i.e.
+  ``kernels.mask_losses(backend="torch")`` (GPU only; on CPU the trainer already runs the reference);
 - ``naive loop`` (:mod:`bench.naive`): the tutorial's loop, re-encoding each image and stepping once per
   object.
 
@@ -22,10 +22,7 @@ at the measured per-op latency, or data.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
-import types
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -75,34 +72,18 @@ SIZES = {
 }  # fmt: skip
 
 
-def bench_config(size: TrainSize, mode: str):
-    """The trainer config every trainer provider runs: vit_tiny cache, decoder-only box prompts."""
-    from trainer.config import Config, DataConfig, PromptConfig
+def bench_config(size: TrainSize, mode: str, *, backend: str = "auto"):
+    """The trainer config every trainer provider runs: vit_tiny cache, decoder-only box prompts.
+
+    ``backend`` is the trainer's ``loss.backend``: ``auto`` (fused Triton on CUDA) or ``torch`` (reference).
+    """
+    from trainer.config import Config, DataConfig, LossConfig, PromptConfig
 
     return Config(
         data=DataConfig(images_per_batch=size.images_per_batch, max_objects=size.max_objects, residency=mode),
         prompts=PromptConfig(box_fraction=1.0, corrective_rounds=0, multimask=False),
+        loss=LossConfig(backend=backend),
     )
-
-
-@contextlib.contextmanager
-def reference_loss():
-    """Make the trainer's loss call ``kernels.mask_losses(..., backend="torch")`` inside the block.
-
-    Scoped to the bench and undone on exit; the trainer has no config switch for it yet (see
-    docs/benchmarks.md).
-    """
-    import trainer.losses as losses
-
-    real = losses.kernels
-    losses.kernels = types.SimpleNamespace(
-        mask_losses=functools.partial(real.mask_losses, backend="torch"),
-        class_ce=functools.partial(real.class_ce, backend="torch"),
-    )
-    try:
-        yield
-    finally:
-        losses.kernels = real
 
 
 @dataclass(kw_only=True)
@@ -248,10 +229,8 @@ def run(ctx: Context) -> Section:
                 Row(case="train step", provider=name, config=cfg_row, status="unavailable", note=why)
             )
             continue
-        with reference_loss() if reference else contextlib.nullcontext():
-            st = time_trainer(
-                ctx, cache_path, bench_config(size, mode), warmup=size.warmup_steps, steps=size.steps
-            )
+        cfg = bench_config(size, mode, backend="torch" if reference else "auto")
+        st = time_trainer(ctx, cache_path, cfg, warmup=size.warmup_steps, steps=size.steps)
         results[name] = st
         step = Stat.of(st.step_s, "s")
         rate = Stat.of([p / s for p, s in zip(st.prompts, st.step_s)], "prompts/s")
