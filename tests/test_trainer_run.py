@@ -350,3 +350,26 @@ def test_semantic_mode_trains_and_exports(tmp_path):
     image = np.asarray(Image.open(sorted((data / "images").glob("*.png"))[0]).convert("RGB"))
     labels = seg.predict(image)
     assert labels.shape == image.shape[:2] and labels.max() < 4
+
+
+def test_lora_only_run_exports_merged_sam(cache_path, tmp_path):
+    out = tmp_path / "lora"
+    cfg = _cfg(
+        "model.lora_rank=4",
+        "model.train_mask_decoder=false",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "data.images_per_batch=1",
+        "data.max_objects=1",
+        "run.steps=2",
+        "run.val_max_images=1",
+    )
+    run(cache_path, cfg, out, progress=False)
+    weights = load_file(ckpt.resolve_weights(out, "last"))
+    assert any("lora_a" in k for k in weights)
+    exported = tmp_path / "lora.pth"
+    assert main(["export", str(out), "--out", str(exported), "--which", "last"]) == 0
+    tuned, start = build_sam("vit_tiny", exported).state_dict(), build_sam("vit_tiny").state_dict()
+    assert set(tuned) == set(start)  # merged: SAM's own keys, nothing else
+    changed = {k for k in start if not torch.equal(tuned[k], start[k])}
+    assert changed and all(k.startswith("mask_decoder.transformer.") and "_proj.weight" in k for k in changed)

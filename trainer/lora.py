@@ -1,6 +1,6 @@
 """LoRA adapters on the mask decoder's attention projections, merged back into plain ``nn.Linear`` on export.
 
-A small module of our own rather than peft: the decoder has 21 attention projections in 7 ``Attention``
+A small module of our own rather than peft: the decoder has 28 attention projections in 7 ``Attention``
 blocks, and what we need is (1) adapters that leave SAM's module names in place, so checkpoints and the
 exported state dict keep segment_anything's keys, (2) an exact merge into ``nn.Linear`` for export, and (3)
 nothing else. peft's wrapping renames every key (``base_model.model...``) and its merge API differs across
