@@ -110,7 +110,11 @@ def _check_objects(c: Cache, problems: list[str]) -> None:
         crop = c.mask_crop(j)
         i = o.image_index[j]
         want_box, want_bits = input_frame_form(crop, box, c.original_size[i], c.input_size[i])
-        in_box, in_crop = c.input_mask_crop(j)
+        try:
+            in_box, in_crop = c.input_mask_crop(j)
+        except ValueError as e:  # box and byte count disagree
+            problems.append(f"{where}: input-frame mask undecodable ({e})")
+            continue
         got_bits = np.packbits(in_crop.ravel())
         if tuple(int(v) for v in in_box) != want_box or not np.array_equal(got_bits, want_bits):
             problems.append(f"{where}: stored input-frame mask differs from the rule applied to the original")

@@ -217,6 +217,10 @@ def _corrupt_copy(path, tmp_path, how):
         bits = g["objects"]["input_mask_bits"][...]
         bits[len(bits) // 2] ^= 0x10
         g["objects"]["input_mask_bits"][...] = bits
+    elif how == "input box shifted":  # same bits and area one pixel to the right: only the rule check sees it
+        b = g["objects"]["input_box"][...]
+        b[0, [0, 2]] += 1
+        g["objects"]["input_box"][...] = b
     elif how == "marker":
         g["shard_done"][2] = 0
     elif how == "truncated shard":
@@ -237,6 +241,7 @@ def _corrupt_copy(path, tmp_path, how):
         "area",
         "box",
         "input mask",
+        "input box shifted",
         "marker",
         "truncated shard",
         "input_size",
