@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                     progress=not args.no_progress,
                 )
             )
-            print(
-                f"{args.out}: {report['num_images']} images, {report['num_objects']} objects, "
-                f"{report['num_skipped']} skipped; run {len(report['runs'])} encoded "
-                f"{report['runs'][-1].get('shards_encoded', 0)} shard(s)"
-            )
+            if os.environ.get("RANK", "0") == "0":  # one summary per multi-process build, not one per rank
+                print(
+                    f"{args.out}: {report['num_images']} images, {report['num_objects']} objects, "
+                    f"{report['num_skipped']} skipped; run {len(report['runs'])} encoded "
+                    f"{report['runs'][-1].get('shards_encoded', 0)} shard(s)"
+                )
         elif args.command == "info":
             if args.json:
                 from embedcache.cache import open_cache
