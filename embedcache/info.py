@@ -50,7 +50,7 @@ def info_text(path: str | Path) -> str:
         f"size         {_mib(total)} on disk: embeddings {_mib(emb)}, objects {_mib(obj)}, "
         f"other {_mib(total - emb - obj)}",
         f"per image    {total / max(n, 1) / 1024:.1f} KiB total, {emb / max(n, 1) / 1024:.1f} KiB embedding",
-        f"per object   {obj / max(m, 1):.1f} bytes (box, class, areas, bit-packed masks in the original and input frames)",
+        f"per object   {obj / max(m, 1):.1f} bytes (box, class, areas, masks in original + input frame)",
         f"build        {r.get('prepare_seconds')} s prepare, {r.get('encode_seconds_sum')} s encode "
         f"({r.get('images_per_second')} images/s), {len(r.get('runs', []))} run(s), "
         f"finished {r.get('finished')}",
