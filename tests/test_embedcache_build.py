@@ -271,3 +271,15 @@ def test_rebuild_is_reproducible(built, tmp_path):
     data, path, _ = built
     build(data, tmp_path / "again.zarr")
     assert_same_cache(path, tmp_path / "again.zarr")
+
+
+def test_a_build_killed_while_preparing_starts_again(tmp_path):
+    data = tiny_dataset(tmp_path / "data", n_images=2)
+    build(data, tmp_path / "ref.zarr")
+    build(data, tmp_path / "c.zarr")
+    g = zarr.open_group(tmp_path / "c.zarr", mode="r+")
+    g.attrs.update(status="preparing")  # as a kill during the metadata pass leaves it
+    del g["objects"]
+    report = build(data, tmp_path / "c.zarr")
+    assert len(report["runs"]) == 1 and report["runs"][0]["shards_encoded"] == 1
+    assert_same_cache(tmp_path / "ref.zarr", tmp_path / "c.zarr")

@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from test_embedcache_support import build, read_png, tiny_dataset
 
+from embedcache import open_cache
 from embedcache.prepare import BadDataError, collect_metadata
 from embedcache.readers import CocoReader, FolderReader
 from embedcache.readers.coco import _decode_rle
@@ -252,3 +253,16 @@ def test_skip_bad_build_lists_skips_in_the_report(tmp_path):
     report = build(root, tmp_path / "c2.zarr", skip_bad=True, images_per_shard=1)
     assert report["num_images"] == 1 and report["num_skipped"] == 2
     assert sorted(s["path"].rsplit("/", 1)[-1] for s in report["skipped"]) == ["empty.png", "lonely.png"]
+
+
+def test_coco_end_to_end_build(tmp_path):
+    anns = [
+        {"id": 1, "image_id": 5, "category_id": 3, "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]},
+        {"id": 2, "image_id": 5, "category_id": 7, "segmentation": [[20, 20, 30, 20, 30, 28]]},
+    ]
+    reader = _coco(tmp_path, anns)
+    report = build(tmp_path, tmp_path / "c.zarr", coco=reader.json_path, val_fraction=0.0)
+    c = open_cache(tmp_path / "c.zarr")
+    assert report["num_objects"] == 2 and c.image_id.tolist() == ["5"]
+    assert c.objects.class_id.tolist() == [3, 7] and c.signature["dataset"]["reader"] == "coco"
+    assert c.masks([0, 1], "input").shape == (2, 1024, 1024)
