@@ -314,4 +314,22 @@ def _notes(ctx: Context, size: EmbedSize, sec: Section) -> list[str]:
                 "non-matmul work (softmax over 4096x4096 global attention, layer norms, rel-pos) and kernel "
                 "efficiency."
             )
+        if r.goal is not None and r.value < r.goal and "set_image loop" in r.name:
+            model = r.config["model"]
+            mfu = next(
+                (q.value for q in sec.ratios if q.name == f"{model} MFU of batched path (fraction)"), None
+            )
+            if mfu:
+                loop_mfu = mfu / r.value  # both passes do the same FLOPs per image
+                need = r.goal * loop_mfu
+                notes.append(
+                    f"{r.name} = {r.value:.1f}x < goal {r.goal:g}x. Both passes are FLOP-bound: the loop "
+                    f"runs at {loop_mfu:.1%} MFU and the batched path at {mfu:.1%}, so {r.goal:g}x needs the "
+                    f"batched path at {need:.0%} MFU"
+                    + (
+                        " (above 100%: out of reach against this loop)."
+                        if need > 1
+                        else f", {need / mfu:.2f}x faster."
+                    )
+                )
     return notes
