@@ -128,8 +128,7 @@ def run(
     """Train on a cache into the run folder ``out``; returns a summary (final metrics and files written)."""
     out = Path(out)
     cache = open_cache(cache_path)
-    # refuse a cache made by another model before anything is built: its embeddings mean nothing to this
-    # decoder
+    # refuse a cache made by another model before anything is built: its embeddings mean nothing here
     check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
     if cfg.model.task == "semantic" and cfg.model.num_classes == 0:
         cfg.model.num_classes = int(cache.objects.class_id.max(initial=0)) + 1
