@@ -85,16 +85,7 @@ def run(ctx: Context) -> Section:
         try:
             best = _bench_model(ctx, size, sec, model_type, paths, matmul, series)
         except torch.OutOfMemoryError:
-            _free(ctx)
-            sec.rows.append(
-                Row(
-                    case="encoder pass",
-                    provider="batched",
-                    config={"model": model_type},
-                    status="unavailable",
-                    note="out of device memory",
-                )
-            )
+            _out_of_memory(ctx, sec, {"model": model_type}, "out of device memory")
             continue
         _free(ctx)
         sec.ratios += best
@@ -119,6 +110,14 @@ def run(ctx: Context) -> Section:
 def _free(ctx: Context) -> None:
     if ctx.cuda:
         torch.cuda.empty_cache()
+
+
+def _out_of_memory(ctx: Context, sec: Section, config: dict, note: str) -> None:
+    """Free the device cache and record the batched encoder pass at ``config`` as unavailable."""
+    _free(ctx)
+    sec.rows.append(
+        Row(case="encoder pass", provider="batched", config=config, status="unavailable", note=note)
+    )
 
 
 def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Ratio]:
@@ -164,16 +163,7 @@ def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Rati
         try:
             t = Stat.of(time_call(one_pass, device=ctx.device, warmup=size.warmup, repeats=size.repeats), "s")
         except torch.OutOfMemoryError:
-            _free(ctx)
-            sec.rows.append(
-                Row(
-                    case="encoder pass",
-                    provider="batched",
-                    config=cfg,
-                    status="unavailable",
-                    note="out of memory",
-                )
-            )
+            _out_of_memory(ctx, sec, cfg, "out of memory")
             continue
         ips, mfu = per_image(t, len(paths))
         batched[bs] = ips

@@ -16,6 +16,16 @@ def _pyplot():
     return plt
 
 
+def _save(ctx: Context, plt, fig, name: str) -> str:
+    """Lay out, write ``<report stem>_<name>.png`` into ``ctx.out`` and close the figure; return its name."""
+    fig.tight_layout()
+    fname = f"{report_stem(ctx.env)}_{name}.png"
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(ctx.out / fname)
+    plt.close(fig)
+    return fname
+
+
 def line_plot(
     ctx: Context,
     name: str,
@@ -41,12 +51,7 @@ def line_plot(
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fname = f"{report_stem(ctx.env)}_{name}.png"
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(ctx.out / fname)
-    plt.close(fig)
-    return fname
+    return _save(ctx, plt, fig, name)
 
 
 def bar_plot(
@@ -65,9 +70,4 @@ def bar_plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    fname = f"{report_stem(ctx.env)}_{name}.png"
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(ctx.out / fname)
-    plt.close(fig)
-    return fname
+    return _save(ctx, plt, fig, name)

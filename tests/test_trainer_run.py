@@ -125,23 +125,18 @@ def test_export_round_trip_matches_sam_predictor(trained, cache_path, data_dir, 
         assert agree > 0.98, (j, agree)
 
 
-def test_eval_command_writes_start_and_tuned_metrics(trained, cache_path, tmp_path):
+def _eval_last(cache_path: Path, run_dir: Path, out: Path) -> None:
+    """``trainer eval`` of ``run_dir``'s last checkpoint into ``out``; it must exit 0."""
     assert (
         main(
-            [
-                "eval",
-                "--cache",
-                str(cache_path),
-                "--run",
-                str(trained),
-                "--which",
-                "last",
-                "--out",
-                str(tmp_path),
-            ]
+            ["eval", "--cache", str(cache_path), "--run", str(run_dir), "--which", "last", "--out", str(out)]
         )
         == 0
     )
+
+
+def test_eval_command_writes_start_and_tuned_metrics(trained, cache_path, tmp_path):
+    _eval_last(cache_path, trained, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     final = json.loads((trained / "metrics.json").read_text())
     assert metrics["tuned"] == final["tuned"]  # the same numbers as the run's own last evaluation
@@ -280,22 +275,7 @@ def test_two_processes_with_accelerate_launch(cache_path, tmp_path):
     n_val = sum(np.subtract(*cache.object_range(int(i))[::-1]) for i in cache.image_indices("val"))
     assert metrics["tuned"]["box"]["n_objects"] == n_val  # gathered from both ranks, no object twice
     # one process re-evaluating the same weights gets the same numbers
-    assert (
-        main(
-            [
-                "eval",
-                "--cache",
-                str(cache_path),
-                "--run",
-                str(out),
-                "--which",
-                "last",
-                "--out",
-                str(tmp_path / "e"),
-            ]
-        )
-        == 0
-    )
+    _eval_last(cache_path, out, tmp_path / "e")
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["tuned"] == metrics["tuned"]
 
 
