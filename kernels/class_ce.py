@@ -1,9 +1,8 @@
 """Fused 4x bilinear upsample + per-image mean cross-entropy over C class logits, forward and backward.
 
 ``kernels.reference.class_ce_reference`` defines the op. The tiling, the group layout of the 4x upsample and
-the gather-based adjoint are the ones of ``kernels/mask_losses.py`` (read its module docstring first); here
-each
-program also loops over the C classes:
+the gather-based adjoint are the ones of ``kernels/mask_losses.py`` (read its module docstring first), and the
+device code for them is shared (``kernels/_upsample.py``); here each program also loops over the C classes:
 
 - Forward: one program per (image, block of groups). A loop over classes keeps an online log-sum-exp per
   high-res pixel and picks the labelled class's logit; the program writes ``(sum of CE, count)`` for its tile.
@@ -19,10 +18,11 @@ count as ignored here (the torch reference raises on them instead: a kernel cann
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from kernels._lazy import LazyKernel, require_launchable
+from kernels._launch import check_triton_args, launch_config, resolve_backend, tile_grid
+from kernels._lazy import LazyHelper, LazyKernel, require_launchable
+from kernels._upsample import group_block, store_adjoint, tile_layout, upsample_tile, valid_size
 from kernels.reference import class_ce_reference
 
 __all__ = ["class_ce"]
@@ -36,6 +36,33 @@ BWD_CONFIG = (16, 8)
 
 def _warps_for(block: int) -> int:
     return 8 if block >= 8 else 4
+
+
+@LazyHelper
+def _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index):
+    """The tile's labels (``ignore_index`` outside the valid region) and which pixels count: valid, not
+    ignored, and in ``[0, C)``."""
+    H = 4 * h
+    W = 4 * w
+    label = tl.load(labels_ptr + pid_b.to(tl.int64) * H * W + y * W + x, mask=inside, other=ignore_index)
+    counted = inside & (label != ignore_index) & (label >= 0) & (label < C)
+    return label, counted
+
+
+@LazyHelper
+def _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label):
+    """Online log-sum-exp over the C upsampled class logits of every pixel of the tile, and the labelled
+    class's logit (0 where the label is not a class)."""
+    run_max = tl.full(label.shape, float("-inf"), tl.float32)
+    run_sum = tl.full(label.shape, 0.0, tl.float32)
+    picked = tl.full(label.shape, 0.0, tl.float32)
+    for c in range(0, C):
+        up = upsample_tile(logits_ptr + (pid_b.to(tl.int64) * C + c) * h * w, stencil)
+        new_max = tl.maximum(run_max, up)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(up - new_max)
+        run_max = new_max
+        picked = tl.where(label == c, up, picked)
+    return run_max + tl.log(run_sum), picked
 
 
 def _class_ce_fwd(
@@ -53,49 +80,12 @@ def _class_ce_fwd(
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
     n_tiles = tl.num_programs(1)
-    H = 4 * h
-    W = 4 * w
-    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_b), 0), H)
-    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_b + 1), 0), W)
-
-    kr = (pid_t // n_tiles_w) * BLOCK + tl.arange(0, BLOCK)
-    kc = (pid_t % n_tiles_w) * BLOCK + tl.arange(0, BLOCK)
-    r = tl.arange(0, 4)
-    kr4 = kr[:, None, None, None]
-    kc4 = kc[None, None, :, None]
-    ry = r[None, :, None, None]
-    rx = r[None, None, None, :]
-    y = 4 * kr4 - 2 + ry
-    x = 4 * kc4 - 2 + rx
-    inside = (y >= 0) & (y < vh) & (x >= 0) & (x < vw)
-    label = tl.load(labels_ptr + pid_b.to(tl.int64) * H * W + y * W + x, mask=inside, other=ignore_index)
-    counted = inside & (label != ignore_index) & (label >= 0) & (label < C)
-
-    r_lo = tl.minimum(tl.maximum(kr4 - 1, 0), h - 1)
-    r_hi = tl.minimum(kr4, h - 1)
-    c_lo = tl.minimum(tl.maximum(kc4 - 1, 0), w - 1)
-    c_hi = tl.minimum(kc4, w - 1)
-    group_ok = (4 * kr4 - 2 < vh) & (4 * kc4 - 2 < vw)
-    wy_hi = (2 * ry + 1).to(tl.float32) * 0.125
-    wy_lo = 1.0 - wy_hi
-    wx_hi = (2 * rx + 1).to(tl.float32) * 0.125
-    wx_lo = 1.0 - wx_hi
-
-    run_max = tl.full(inside.shape, float("-inf"), tl.float32)
-    run_sum = tl.full(inside.shape, 0.0, tl.float32)
-    picked = tl.full(inside.shape, 0.0, tl.float32)
-    for c in range(0, C):
-        base = logits_ptr + (pid_b.to(tl.int64) * C + c) * h * w
-        l00 = tl.load(base + r_lo * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-        l01 = tl.load(base + r_lo * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-        l10 = tl.load(base + r_hi * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-        l11 = tl.load(base + r_hi * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-        up = wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
-        new_max = tl.maximum(run_max, up)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(up - new_max)
-        run_max = new_max
-        picked = tl.where(label == c, up, picked)
-    ce = run_max + tl.log(run_sum) - picked
+    vh, vw = valid_size(valid_ptr, pid_b, h, w)
+    kr, kc = group_block(pid_t, n_tiles_w, BLOCK, BLOCK)
+    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
+    label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index)
+    lse, picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label)
+    ce = lse - picked
     zero = tl.full(inside.shape, 0.0, tl.float32)
     out = partial_ptr + (pid_b.to(tl.int64) * n_tiles + pid_t) * 2
     # tl.reduce with Triton's sum combiner, not tl.sum: see the comment in mask_losses.py.
@@ -118,91 +108,26 @@ def _class_ce_bwd(
 ):
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
-    H = 4 * h
-    W = 4 * w
-    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_b), 0), H)
-    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_b + 1), 0), W)
+    vh, vw = valid_size(valid_ptr, pid_b, h, w)
     coef = tl.load(coef_ptr + pid_b)
 
     # Overlapping blocks, as in mask_losses: BLOCK groups produce BLOCK - 1 low-res rows/cols.
-    kr = (pid_t // n_tiles_w) * (BLOCK - 1) + tl.arange(0, BLOCK)
-    kc = (pid_t % n_tiles_w) * (BLOCK - 1) + tl.arange(0, BLOCK)
-    r = tl.arange(0, 4)
-    kr4 = kr[:, None, None, None]
-    kc4 = kc[None, None, :, None]
-    ry = r[None, :, None, None]
-    rx = r[None, None, None, :]
-    y = 4 * kr4 - 2 + ry
-    x = 4 * kc4 - 2 + rx
-    inside = (y >= 0) & (y < vh) & (x >= 0) & (x < vw)
-    label = tl.load(labels_ptr + pid_b.to(tl.int64) * H * W + y * W + x, mask=inside, other=ignore_index)
-    counted = inside & (label != ignore_index) & (label >= 0) & (label < C)
+    kr, kc = group_block(pid_t, n_tiles_w, BLOCK - 1, BLOCK)
+    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
+    label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index)
+    lse, _picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label)
 
-    r_lo = tl.minimum(tl.maximum(kr4 - 1, 0), h - 1)
-    r_hi = tl.minimum(kr4, h - 1)
-    c_lo = tl.minimum(tl.maximum(kc4 - 1, 0), w - 1)
-    c_hi = tl.minimum(kc4, w - 1)
-    group_ok = (4 * kr4 - 2 < vh) & (4 * kc4 - 2 < vw)
-    wy_hi = (2 * ry + 1).to(tl.float32) * 0.125
-    wy_lo = 1.0 - wy_hi
-    wx_hi = (2 * rx + 1).to(tl.float32) * 0.125
-    wx_lo = 1.0 - wx_hi
-
-    run_max = tl.full(inside.shape, float("-inf"), tl.float32)
-    run_sum = tl.full(inside.shape, 0.0, tl.float32)
     for c in range(0, C):
-        base = logits_ptr + (pid_b.to(tl.int64) * C + c) * h * w
-        l00 = tl.load(base + r_lo * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-        l01 = tl.load(base + r_lo * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-        l10 = tl.load(base + r_hi * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-        l11 = tl.load(base + r_hi * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-        up = wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
-        new_max = tl.maximum(run_max, up)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(up - new_max)
-        run_max = new_max
-    lse = run_max + tl.log(run_sum)
-
-    a = tl.arange(0, BLOCK)
-    w_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
-    w_lo_1 = 1.0 - w_hi_1
-    j3 = kc[None, None, :]
-    nxt3 = tl.minimum(a + 1, BLOCK - 1)[None, None, :] + tl.full((BLOCK, 4, BLOCK), 0, tl.int32)
-    i2 = kr[:, None]
-    j2 = kc[None, :]
-    nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.full((BLOCK, BLOCK), 0, tl.int32)
-    keep = (a[:, None] < BLOCK - 1) & (a[None, :] < BLOCK - 1) & (i2 < h) & (j2 < w)
-    for c in range(0, C):
-        base = logits_ptr + (pid_b.to(tl.int64) * C + c) * h * w
-        l00 = tl.load(base + r_lo * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-        l01 = tl.load(base + r_lo * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-        l10 = tl.load(base + r_hi * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-        l11 = tl.load(base + r_hi * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-        up = wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
+        plane = (pid_b.to(tl.int64) * C + c) * h * w
+        up = upsample_tile(logits_ptr + plane, stencil)
         g = coef * (tl.exp(up - lse) - (label == c).to(tl.float32))
         g = tl.where(counted, g, 0.0)
-        # Adjoint of the upsample (see mask_losses.py): columns, then rows, each combining group k with k + 1.
-        col_lo = tl.reduce(g * w_lo_1[None, None, None, :], 3, tl.standard._sum_combine)
-        col_hi = tl.reduce(g * w_hi_1[None, None, None, :], 3, tl.standard._sum_combine)
-        col_lo_next = tl.gather(col_lo, nxt3, 2)
-        col_hi_next = tl.gather(col_hi, nxt3, 2)
-        cols = col_hi + col_lo_next + tl.where(j3 == 0, col_lo, 0.0) + tl.where(j3 == w - 1, col_hi_next, 0.0)
-        row_lo = tl.reduce(cols * w_lo_1[None, :, None], 1, tl.standard._sum_combine)
-        row_hi = tl.reduce(cols * w_hi_1[None, :, None], 1, tl.standard._sum_combine)
-        row_lo_next = tl.gather(row_lo, nxt2, 0)
-        row_hi_next = tl.gather(row_hi, nxt2, 0)
-        grad = row_hi + row_lo_next + tl.where(i2 == 0, row_lo, 0.0) + tl.where(i2 == h - 1, row_hi_next, 0.0)
-        out = grad_ptr + (pid_b.to(tl.int64) * C + c) * h * w + i2 * w + j2
-        tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=keep)
+        # Adjoint of the upsample (kernels/_upsample.py): columns, then rows, combining group k with k + 1.
+        store_adjoint(grad_ptr + plane, g, kr, kc, h, w, BLOCK)
 
 
 _fwd_kernel = LazyKernel(_class_ce_fwd)
 _bwd_kernel = LazyKernel(_class_ce_bwd)
-
-
-def _valid_count(valid_i32: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    vh = valid_i32[:, 0].clamp(0, 4 * h)
-    vw = valid_i32[:, 1].clamp(0, 4 * w)
-    return (vh * vw).to(torch.float32)
 
 
 class _ClassCEFunction(torch.autograd.Function):
@@ -212,9 +137,8 @@ class _ClassCEFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, valid_i32, ignore_index, block):
         b, c, h, w = logits.shape
         ctx.ignore_index, ctx.block = ignore_index, block
-        block, warps = FWD_CONFIG if block is None else (block, _warps_for(block))
-        n_tiles_w = triton.cdiv(w + 1, block)
-        n_tiles = triton.cdiv(h + 1, block) * n_tiles_w
+        block, warps = launch_config(FWD_CONFIG, block, _warps_for)
+        n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=False)
         partial = torch.empty((b, n_tiles, 2), device=logits.device, dtype=torch.float32)
         if b > 0:
             _fwd_kernel[(b, n_tiles)](
@@ -240,11 +164,10 @@ class _ClassCEFunction(torch.autograd.Function):
     def backward(ctx, g_out):
         logits, labels, valid_i32, inv_count = ctx.saved_tensors
         b, c, h, w = logits.shape
-        block, warps = BWD_CONFIG if ctx.block is None else (ctx.block, _warps_for(ctx.block))
+        block, warps = launch_config(BWD_CONFIG, ctx.block, _warps_for)
         grad = torch.empty_like(logits)
         coef = (g_out * inv_count).to(torch.float32).contiguous()
-        n_tiles_w = triton.cdiv(w, block - 1)
-        n_tiles = triton.cdiv(h, block - 1) * n_tiles_w
+        n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=True)
         if b > 0:
             _bwd_kernel[(b, n_tiles)](
                 logits,
@@ -290,12 +213,8 @@ def class_ce(
     Returns:
         ``(B,)`` float32 mean cross-entropy per image.
     """
-    if backend == "auto":
-        backend = "triton" if logits.is_cuda else "torch"
-    if backend == "torch":
+    if resolve_backend(backend, logits) == "torch":
         return class_ce_reference(logits, labels, valid_hw, ignore_index)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     require_launchable(logits, labels)  # valid_hw is small and moved to the logits' device below
     if logits.dim() != 4:
         raise ValueError(f"logits must be (B, C, h, w), got {tuple(logits.shape)}")
@@ -305,10 +224,7 @@ def class_ce(
         raise ValueError(f"labels must be integer {want}, got {labels.dtype} {tuple(labels.shape)}")
     if valid_hw.shape != (b, 2):
         raise ValueError(f"valid_hw must be {(b, 2)}, got {tuple(valid_hw.shape)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"the Triton backend takes float32/bfloat16/float16 logits, got {logits.dtype}")
-    if block is not None and (block < 2 or block & (block - 1)):
-        raise ValueError(f"block must be a power of two >= 2, got {block}")
+    check_triton_args(logits, block)
     valid_i32 = valid_hw.to(device=logits.device, dtype=torch.int32).contiguous()
     return _ClassCEFunction.apply(
         logits.contiguous(), labels.contiguous(), valid_i32, int(ignore_index), block

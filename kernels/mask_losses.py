@@ -29,10 +29,11 @@ Targets are read as one byte per pixel (bool is viewed as uint8, no copy); they 
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from kernels._lazy import LazyKernel, require_launchable
+from kernels._launch import check_triton_args, launch_config, resolve_backend, tile_grid, valid_count
+from kernels._lazy import LazyHelper, LazyKernel, require_launchable
+from kernels._upsample import group_block, store_adjoint, tile_layout, upsample_tile, valid_size
 from kernels.reference import MaskLosses, _check_mask_inputs, mask_losses_reference
 
 __all__ = ["mask_losses", "min_bytes_moved", "MaskLosses"]
@@ -55,60 +56,24 @@ def _warps_for(block: int) -> int:
     return 8 if block >= 16 else 4
 
 
-def _mask_losses_fwd(
-    logits_ptr,  # (P, h, w) float32 / bfloat16
-    targets_ptr,  # (P, 4h, 4w) uint8
-    valid_ptr,  # (P, 2) int32
-    partial_ptr,  # (P, n_tiles, 8) float32 out
-    h,
-    w,
-    n_tiles_w,
-    alpha_pos,
-    alpha_neg,
-    GAMMA: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid_p = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    n_tiles = tl.num_programs(1)
+@LazyHelper
+def _load_targets(targets_ptr, pid_p, y, x, inside, h, w):
+    """Foreground flags and the float32 target of the tile's pixels, from one byte per pixel."""
     H = 4 * h
     W = 4 * w
-    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p), 0), H)
-    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p + 1), 0), W)
-
-    # Group indices of this block and the position inside a group, as broadcastable 4-D pieces.
-    kr = (pid_t // n_tiles_w) * BLOCK + tl.arange(0, BLOCK)
-    kc = (pid_t % n_tiles_w) * BLOCK + tl.arange(0, BLOCK)
-    r = tl.arange(0, 4)
-    kr4 = kr[:, None, None, None]
-    kc4 = kc[None, None, :, None]
-    ry = r[None, :, None, None]
-    rx = r[None, None, None, :]
-    y = 4 * kr4 - 2 + ry
-    x = 4 * kc4 - 2 + rx
-    inside = (y >= 0) & (y < vh) & (x >= 0) & (x < vw)
-
-    # The 4 low-res corners of every group (clamped like PyTorch's edge handling) and the fixed weights.
-    r_lo = tl.minimum(tl.maximum(kr4 - 1, 0), h - 1)
-    r_hi = tl.minimum(kr4, h - 1)
-    c_lo = tl.minimum(tl.maximum(kc4 - 1, 0), w - 1)
-    c_hi = tl.minimum(kc4, w - 1)
-    group_ok = (4 * kr4 - 2 < vh) & (4 * kc4 - 2 < vw)
-    base = logits_ptr + pid_p.to(tl.int64) * h * w
-    l00 = tl.load(base + r_lo * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-    l01 = tl.load(base + r_lo * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-    l10 = tl.load(base + r_hi * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-    l11 = tl.load(base + r_hi * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-    wy_hi = (2 * ry + 1).to(tl.float32) * 0.125
-    wy_lo = 1.0 - wy_hi
-    wx_hi = (2 * rx + 1).to(tl.float32) * 0.125
-    wx_lo = 1.0 - wx_hi
-    up = wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
-
     t_raw = tl.load(targets_ptr + pid_p.to(tl.int64) * H * W + y * W + x, mask=inside, other=0)
     is_fg = t_raw != 0
-    t = is_fg.to(tl.float32)
+    return is_fg, is_fg.to(tl.float32)
 
+
+@LazyHelper
+def _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA: tl.constexpr):
+    """Per-pixel pieces of the losses, in float32, shared by the forward and the backward.
+
+    Returns ``(e, inv, p, z, q, ce, q_gamma, a_t)``: ``e = exp(-|up|)``, ``inv = 1 / (1 + e)``,
+    ``p = sigmoid(up)``, ``z`` the logit of the true class, ``q = 1 - p_t``, ``ce`` the BCE with logits,
+    ``q ** GAMMA`` and the focal class weight.
+    """
     # Stable sigmoid pieces from one exp: e = exp(-|x|) in (0, 1].
     e = tl.exp(-tl.abs(up))
     inv = 1.0 / (1.0 + e)
@@ -126,6 +91,32 @@ def _mask_losses_fwd(
     else:
         q_gamma = tl.where(q > 0, tl.exp2(GAMMA * tl.log2(tl.maximum(q, 1e-38))), 0.0)
     a_t = tl.where(is_fg, alpha_pos, alpha_neg)
+    return e, inv, p, z, q, ce, q_gamma, a_t
+
+
+def _mask_losses_fwd(
+    logits_ptr,  # (P, h, w) float32 / bfloat16
+    targets_ptr,  # (P, 4h, 4w) uint8
+    valid_ptr,  # (P, 2) int32
+    partial_ptr,  # (P, n_tiles, 8) float32 out
+    h,
+    w,
+    n_tiles_w,
+    alpha_pos,
+    alpha_neg,
+    GAMMA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    n_tiles = tl.num_programs(1)
+    vh, vw = valid_size(valid_ptr, pid_p, h, w)
+    # This block's groups, its pixels and the upsampled logits there (kernels/_upsample.py).
+    kr, kc = group_block(pid_t, n_tiles_w, BLOCK, BLOCK)
+    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
+    up = upsample_tile(logits_ptr + pid_p.to(tl.int64) * h * w, stencil)
+    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w)
+    _e, _inv, p, _z, _q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA)
     focal = a_t * q_gamma * ce
     d = p - t
     pred = up > 0
@@ -162,10 +153,7 @@ def _mask_losses_bwd(
 ):
     pid_p = tl.program_id(0)
     pid_t = tl.program_id(1)
-    H = 4 * h
-    W = 4 * w
-    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p), 0), H)
-    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * pid_p + 1), 0), W)
+    vh, vw = valid_size(valid_ptr, pid_p, h, w)
     c_focal = tl.load(coef_ptr + 5 * pid_p + 0)
     c_bce = tl.load(coef_ptr + 5 * pid_p + 1)
     c_mse = tl.load(coef_ptr + 5 * pid_p + 2)
@@ -173,54 +161,13 @@ def _mask_losses_bwd(
     c_dice_1 = tl.load(coef_ptr + 5 * pid_p + 4)
 
     # Blocks step by BLOCK - 1 groups: the last group of a block only completes the next block's first row.
-    kr = (pid_t // n_tiles_w) * (BLOCK - 1) + tl.arange(0, BLOCK)
-    kc = (pid_t % n_tiles_w) * (BLOCK - 1) + tl.arange(0, BLOCK)
-    r = tl.arange(0, 4)
-    kr4 = kr[:, None, None, None]
-    kc4 = kc[None, None, :, None]
-    ry = r[None, :, None, None]
-    rx = r[None, None, None, :]
-    y = 4 * kr4 - 2 + ry
-    x = 4 * kc4 - 2 + rx
-    inside = (y >= 0) & (y < vh) & (x >= 0) & (x < vw)
-
-    # Recompute the upsampled tile exactly as the forward does.
-    r_lo = tl.minimum(tl.maximum(kr4 - 1, 0), h - 1)
-    r_hi = tl.minimum(kr4, h - 1)
-    c_lo = tl.minimum(tl.maximum(kc4 - 1, 0), w - 1)
-    c_hi = tl.minimum(kc4, w - 1)
-    group_ok = (4 * kr4 - 2 < vh) & (4 * kc4 - 2 < vw)
-    base = logits_ptr + pid_p.to(tl.int64) * h * w
-    l00 = tl.load(base + r_lo * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-    l01 = tl.load(base + r_lo * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-    l10 = tl.load(base + r_hi * w + c_lo, mask=group_ok, other=0.0).to(tl.float32)
-    l11 = tl.load(base + r_hi * w + c_hi, mask=group_ok, other=0.0).to(tl.float32)
-    wy_hi = (2 * ry + 1).to(tl.float32) * 0.125
-    wy_lo = 1.0 - wy_hi
-    wx_hi = (2 * rx + 1).to(tl.float32) * 0.125
-    wx_lo = 1.0 - wx_hi
-    up = wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
-
-    t_raw = tl.load(targets_ptr + pid_p.to(tl.int64) * H * W + y * W + x, mask=inside, other=0)
-    is_fg = t_raw != 0
-    t = is_fg.to(tl.float32)
-
-    e = tl.exp(-tl.abs(up))
-    inv = 1.0 / (1.0 + e)
-    p = tl.where(up >= 0, inv, e * inv)
-    z = tl.where(is_fg, up, -up)
-    q = tl.where(z >= 0, e * inv, inv)  # 1 - p_t
+    # The upsampled tile and the per-pixel terms are recomputed exactly as the forward computes them.
+    kr, kc = group_block(pid_t, n_tiles_w, BLOCK - 1, BLOCK)
+    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
+    up = upsample_tile(logits_ptr + pid_p.to(tl.int64) * h * w, stencil)
+    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w)
+    e, inv, p, z, q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA)
     p_t = tl.where(z >= 0, inv, e * inv)
-    one_e = 1.0 + e
-    log1p_e = tl.where(one_e == 1.0, e, tl.log(one_e) * e / tl.where(one_e == 1.0, 1.0, one_e - 1.0))
-    ce = tl.maximum(-z, 0.0) + log1p_e
-    if GAMMA == 2.0:
-        q_gamma = q * q
-    elif GAMMA == 0.0:
-        q_gamma = tl.full(q.shape, 1.0, tl.float32)
-    else:
-        q_gamma = tl.where(q > 0, tl.exp2(GAMMA * tl.log2(tl.maximum(q, 1e-38))), 0.0)
-    a_t = tl.where(is_fg, alpha_pos, alpha_neg)
     # d focal / dz = -a_t q^gamma (gamma p_t ce + q), and dz/dx = +1 for foreground, -1 for background.
     d_focal_dz = -a_t * q_gamma * (GAMMA * p_t * ce + q)
     d_focal = tl.where(is_fg, d_focal_dz, -d_focal_dz)
@@ -229,33 +176,8 @@ def _mask_losses_bwd(
     g = c_focal * d_focal + c_bce * d + (2.0 * c_mse * d + c_dice_t * t + c_dice_1) * dp
     g = tl.where(inside, g, 0.0)
 
-    # Adjoint of the upsample, columns first: each group's 4 columns split into the part that goes to low-res
-    # col k - 1 ("lo", weights (7 - 2r) / 8) and the part that goes to col k ("hi", weights (2r + 1) / 8).
-    w_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
-    w_lo_1 = 1.0 - w_hi_1
-    col_lo = tl.reduce(g * w_lo_1[None, None, None, :], 3, tl.standard._sum_combine)  # (BLOCK, 4, BLOCK)
-    col_hi = tl.reduce(g * w_hi_1[None, None, None, :], 3, tl.standard._sum_combine)
-    # Low-res col j = kc receives hi(k=j) + lo(k=j+1); col 0 also gets lo(0), col w-1 also hi(w) (the clamps).
-    a = tl.arange(0, BLOCK)
-    j3 = kc[None, None, :]
-    nxt3 = tl.minimum(a + 1, BLOCK - 1)[None, None, :] + tl.full((BLOCK, 4, BLOCK), 0, tl.int32)
-    col_lo_next = tl.gather(col_lo, nxt3, 2)
-    col_hi_next = tl.gather(col_hi, nxt3, 2)
-    cols = col_hi + col_lo_next + tl.where(j3 == 0, col_lo, 0.0) + tl.where(j3 == w - 1, col_hi_next, 0.0)
-
-    # Then rows, the same way.
-    row_lo = tl.reduce(cols * w_lo_1[None, :, None], 1, tl.standard._sum_combine)  # (BLOCK, BLOCK)
-    row_hi = tl.reduce(cols * w_hi_1[None, :, None], 1, tl.standard._sum_combine)
-    i2 = kr[:, None]
-    nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.full((BLOCK, BLOCK), 0, tl.int32)
-    row_lo_next = tl.gather(row_lo, nxt2, 0)
-    row_hi_next = tl.gather(row_hi, nxt2, 0)
-    grad = row_hi + row_lo_next + tl.where(i2 == 0, row_lo, 0.0) + tl.where(i2 == h - 1, row_hi_next, 0.0)
-
-    j2 = kc[None, :]
-    keep = (a[:, None] < BLOCK - 1) & (a[None, :] < BLOCK - 1) & (i2 < h) & (j2 < w)
-    out = grad_ptr + pid_p.to(tl.int64) * h * w + i2 * w + j2
-    tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=keep)
+    # Adjoint of the upsample, gathered per block in registers (kernels/_upsample.py).
+    store_adjoint(grad_ptr + pid_p.to(tl.int64) * h * w, g, kr, kc, h, w, BLOCK)
 
 
 _fwd_kernel = LazyKernel(_mask_losses_fwd)
@@ -270,16 +192,13 @@ def _alpha_weights(alpha: float) -> tuple[float, float]:
 def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block):
     """``(P, h, w)`` logits -> ``(P, 8)`` float32 per-mask sums (see ``_S_*``)."""
     p_count, h, w = logits.shape
-    block, warps = FWD_CONFIG if block is None else (block, _warps_for(block))
-    n_tiles_h = triton.cdiv(h + 1, block)
-    n_tiles_w = triton.cdiv(w + 1, block)
-    partial = torch.empty(
-        (p_count, n_tiles_h * n_tiles_w, _N_SUMS), device=logits.device, dtype=torch.float32
-    )
+    block, warps = launch_config(FWD_CONFIG, block, _warps_for)
+    n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=False)
+    partial = torch.empty((p_count, n_tiles, _N_SUMS), device=logits.device, dtype=torch.float32)
     if p_count == 0:
         return partial.sum(1)
     a_pos, a_neg = _alpha_weights(alpha)
-    _fwd_kernel[(p_count, n_tiles_h * n_tiles_w)](
+    _fwd_kernel[(p_count, n_tiles)](
         logits,
         targets_u8,
         valid_i32,
@@ -302,12 +221,10 @@ def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
     grad = torch.empty_like(logits)
     if p_count == 0:
         return grad
-    block, warps = BWD_CONFIG if block is None else (block, _warps_for(block))
-    step = block - 1
-    n_tiles_h = triton.cdiv(h, step)
-    n_tiles_w = triton.cdiv(w, step)
+    block, warps = launch_config(BWD_CONFIG, block, _warps_for)
+    n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=True)
     a_pos, a_neg = _alpha_weights(alpha)
-    _bwd_kernel[(p_count, n_tiles_h * n_tiles_w)](
+    _bwd_kernel[(p_count, n_tiles)](
         logits,
         targets_u8,
         valid_i32,
@@ -325,13 +242,6 @@ def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
     return grad
 
 
-def _valid_count(valid_i32: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``(P,)`` float32 number of valid high-res pixels per mask."""
-    vh = valid_i32[:, 0].clamp(0, 4 * h)
-    vw = valid_i32[:, 1].clamp(0, 4 * w)
-    return (vh * vw).to(torch.float32)
-
-
 class _MaskLossesFunction(torch.autograd.Function):
     """Fused forward/backward; saves only the inputs and ``(P, 8)`` sums, never a high-res tensor."""
 
@@ -339,7 +249,7 @@ class _MaskLossesFunction(torch.autograd.Function):
     def forward(ctx, logits, targets_u8, valid_i32, alpha, gamma, block):
         _, h, w = logits.shape
         sums = _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block)
-        n = _valid_count(valid_i32, h, w)
+        n = valid_count(valid_i32, h, w)
         inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1.0), torch.zeros_like(n))
         focal = sums[:, _S_FOCAL] * inv_n
         bce = sums[:, _S_CE] * inv_n
@@ -372,10 +282,7 @@ def _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block):
     require_launchable(logits, targets)  # valid_hw is small and moved to the logits' device below
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"the Triton backend takes float32/bfloat16/float16 logits, got {logits.dtype}")
-    if block is not None and (block < 2 or block & (block - 1)):
-        raise ValueError(f"block must be a power of two >= 2, got {block}")
+    check_triton_args(logits, block)
     targets_u8 = targets.contiguous()
     if targets_u8.dtype == torch.bool:
         targets_u8 = targets_u8.view(torch.uint8)  # same bytes, no copy
@@ -421,13 +328,9 @@ def mask_losses(
         ``MaskLosses(focal, bce, dice, mse, iou)``, each a ``(P,)`` float32 tensor.
     """
     _check_mask_inputs(logits, targets, valid_hw)
-    if backend == "auto":
-        backend = "triton" if logits.is_cuda else "torch"
-    if backend == "torch":
+    if resolve_backend(backend, logits) == "torch":
         return mask_losses_reference(logits, targets, valid_hw, alpha=alpha, gamma=gamma)
-    if backend == "triton":
-        return _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block)
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block)
 
 
 def min_bytes_moved(

@@ -4,7 +4,6 @@ CPU, compiled on CUDA) against the reference, on the output and the gradient. Re
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -13,25 +12,30 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.reference import class_ce_reference
-from kernels.testing import assert_close
+from kernels.testing import (
+    BF16,
+    FP32,
+    GPU_DTYPES,
+    assert_close,
+    assert_grad_close,
+    fresh_seed,
+    use_interpreter,
+    valid_rows,
+)
 
 ce_module = sys.modules["kernels.class_ce"]
-FP32 = pytest.param((1e-6, 1e-4), id="atol=1e-06,rtol=1e-04")
-BF16 = pytest.param((1e-2, 1e-2), id="atol=1e-02,rtol=1e-02")
 IGNORE = -100
 
 
 @pytest.fixture
 def seed() -> int:
-    value = int(os.environ.get("SAMTUNE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"SAMTUNE_TEST_SEED={value}")
-    return value
+    return fresh_seed()
 
 
 @pytest.fixture
 def interpret(monkeypatch) -> None:
     """Triton's interpreter for this test only (kernels are decorated at launch, see kernels/_lazy.py)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter(monkeypatch)
 
 
 def make_inputs(b, c, h, w, *, seed, valid="mixed", dtype=torch.float32, device="cpu"):
@@ -41,17 +45,13 @@ def make_inputs(b, c, h, w, *, seed, valid="mixed", dtype=torch.float32, device=
     labels = torch.randint(0, c, (b, 4 * h, 4 * w), **kw)
     labels[torch.rand(b, 4 * h, 4 * w, **kw) < 0.2] = IGNORE
     height, width = 4 * h, 4 * w
-    if valid == "full":
-        rows = [(height, width)] * b
-    elif valid == "row":
-        rows = [(1, width)] * b
-    elif valid == "col":
-        rows = [(height, 1)] * b
-    else:
+
+    def mixed():
         rvh = int(torch.randint(1, height + 1, (), **kw))
         rvw = int(torch.randint(1, width + 1, (), **kw))
-        cycle = [(rvh, rvw), (0, width), (height + 3, width + 1), (height, 1)]
-        rows = [cycle[i % len(cycle)] for i in range(b)]
+        return [(rvh, rvw), (0, width), (height + 3, width + 1), (height, 1)], 0
+
+    rows = valid_rows(valid, b, height, width, mixed)
     weights = torch.rand(b, **kw) + 0.5
     return logits.to(dtype), labels, torch.tensor(rows, device=device), weights
 
@@ -65,8 +65,7 @@ def run(logits, labels, valid_hw, weights, *, backend, **kw):
 
 def compare(got, want, atol, rtol, context):
     assert_close(got[0], want[0], atol=atol, rtol=rtol, what=f"ce {context}")
-    scale = float(want[1].abs().max()) if want[1].numel() else 0.0
-    assert_close(got[1], want[1], atol=atol * scale + 1e-12, rtol=rtol, what=f"grad {context}")
+    assert_grad_close(got[1], want[1], atol=atol, rtol=rtol, what=f"grad {context}")
 
 
 def definition_float64(logits, labels, valid_hw):
@@ -205,13 +204,7 @@ def test_kernels_compile_for_sm90():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "dtype,tol",
-    [
-        pytest.param(torch.float32, (1e-6, 1e-4), id="fp32-atol=1e-06,rtol=1e-04"),
-        pytest.param(torch.bfloat16, (1e-2, 1e-2), id="bf16-atol=1e-02,rtol=1e-02"),
-    ],
-)
+@pytest.mark.parametrize("dtype,tol", GPU_DTYPES)
 def test_gpu_full_size(dtype, tol, seed):
     logits, labels, valid_hw, weights = make_inputs(8, 5, 256, 256, seed=seed, dtype=dtype, device="cuda")
     got = run(logits, labels, valid_hw, weights, backend="auto")

@@ -7,7 +7,6 @@ with ``SAMTUNE_TEST_SEED=<seed>``.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -16,13 +15,20 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.reference import MaskLosses, mask_losses_reference
-from kernels.testing import assert_close
+from kernels.testing import (
+    BF16,
+    FP32,
+    GPU_DTYPES,
+    assert_close,
+    assert_grad_close,
+    fresh_seed,
+    use_interpreter,
+    valid_rows,
+)
 
 ml_module = sys.modules["kernels.mask_losses"]  # the attribute `kernels.mask_losses` is the function
 
 LOSS_NAMES = ("focal", "bce", "dice", "mse")  # the differentiable ones
-FP32 = pytest.param((1e-6, 1e-4), id="atol=1e-06,rtol=1e-04")
-BF16 = pytest.param((1e-2, 1e-2), id="atol=1e-02,rtol=1e-02")
 
 
 # ---------------------------------------------------------------- fixtures and input builders
@@ -31,32 +37,20 @@ BF16 = pytest.param((1e-2, 1e-2), id="atol=1e-02,rtol=1e-02")
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test (or ``SAMTUNE_TEST_SEED``), printed so that ``-rA``/failures show it."""
-    value = int(os.environ.get("SAMTUNE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"SAMTUNE_TEST_SEED={value}")
-    return value
+    return fresh_seed()
 
 
 @pytest.fixture
 def interpret(monkeypatch) -> None:
-    """Run Triton kernels on CPU through Triton's interpreter for this test only.
-
-    ``kernels`` decorates its kernels at launch time for the mode in force (see ``kernels/_lazy.py``), so the
-    variable works no matter which module imported ``kernels`` first.
-    """
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels._lazy.interpreting()
+    """Run Triton kernels on CPU through Triton's interpreter for this test only."""
+    use_interpreter(monkeypatch)
 
 
 def make_valid(kind: str, p_count: int, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
     """``(P, 2)`` int64 valid sizes of one kind; ``mixed`` cycles through every kind, empty and oversize
     too."""
-    if kind == "full":
-        rows = [(height, width)] * p_count
-    elif kind == "row":
-        rows = [(1, width)] * p_count
-    elif kind == "col":
-        rows = [(height, 1)] * p_count
-    elif kind == "mixed":
+
+    def mixed():
         rvh = int(torch.randint(1, height + 1, (), generator=gen))
         rvw = int(torch.randint(1, width + 1, (), generator=gen))
         cycle = [
@@ -68,10 +62,9 @@ def make_valid(kind: str, p_count: int, height: int, width: int, gen: torch.Gene
             (height + 5, width + 9),
             (height, 0),
         ]
-        start = int(torch.randint(len(cycle), (), generator=gen))
-        rows = [cycle[(start + i) % len(cycle)] for i in range(p_count)]
-    else:
-        raise ValueError(kind)
+        return cycle, int(torch.randint(len(cycle), (), generator=gen))
+
+    rows = valid_rows(kind, p_count, height, width, mixed)
     return torch.tensor(rows, dtype=torch.int64).reshape(p_count, 2)
 
 
@@ -112,8 +105,7 @@ def compare(out, grad, ref_out, ref_grad, atol, rtol, context):
             getattr(out, name), getattr(ref_out, name), atol=atol, rtol=rtol, what=f"{name} {context}"
         )
     # Means over N pixels make gradients O(1/N): the absolute floor is taken relative to the largest one.
-    scale = float(ref_grad.abs().max()) if ref_grad.numel() else 0.0
-    assert_close(grad, ref_grad, atol=atol * scale + 1e-12, rtol=rtol, what=f"grad {context}")
+    assert_grad_close(grad, ref_grad, atol=atol, rtol=rtol, what=f"grad {context}")
 
 
 # ---------------------------------------------------------------- the reference against the definition
@@ -431,13 +423,7 @@ def _reference_in_chunks(logits, targets, valid_hw, weights, chunk=32):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "dtype,tol",
-    [
-        pytest.param(torch.float32, (1e-6, 1e-4), id="fp32-atol=1e-06,rtol=1e-04"),
-        pytest.param(torch.bfloat16, (1e-2, 1e-2), id="bf16-atol=1e-02,rtol=1e-02"),
-    ],
-)
+@pytest.mark.parametrize("dtype,tol", GPU_DTYPES)
 def test_gpu_full_size(dtype, tol, seed, cuda_device):
     logits, targets, valid_hw, weights = make_inputs(
         512, 256, 256, seed=seed, dtype=dtype, device=cuda_device

@@ -1,0 +1,115 @@
+"""Triton device helpers for the 4x bilinear upsample tile that ``mask_losses`` and ``class_ce`` share.
+
+The layout (high-res row ``y = 4k - 2 + r``, groups of 4 rows/cols, ``(BLOCK, 4, BLOCK, 4)`` tiles, the
+overlapping backward blocks and the gather-based adjoint) is described in ``kernels/mask_losses.py``'s module
+docstring and in ``docs/kernels.md``. These are plain functions wrapped in ``LazyHelper`` (see
+``kernels/_lazy.py``): they are decorated with the kernels that call them, for the mode in force at launch.
+Compiled, they are inlined into the calling kernel.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+from kernels._lazy import LazyHelper
+
+__all__ = ["valid_size", "group_block", "tile_layout", "upsample_tile", "store_adjoint"]
+
+
+@LazyHelper
+def valid_size(valid_ptr, row, h, w):
+    """``(vh, vw)`` of row ``row`` of the ``(N, 2)`` int32 sizes, clamped to ``[0, 4h] x [0, 4w]``."""
+    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * row), 0), 4 * h)
+    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * row + 1), 0), 4 * w)
+    return vh, vw
+
+
+@LazyHelper
+def group_block(pid_t, n_tiles_w, STEP: tl.constexpr, BLOCK: tl.constexpr):
+    """Group rows ``kr`` and cols ``kc``, ``(BLOCK,)`` each, of tile ``pid_t``; tiles start every ``STEP``
+    groups (``BLOCK`` forward, ``BLOCK - 1`` for the overlapping backward blocks)."""
+    kr = (pid_t // n_tiles_w) * STEP + tl.arange(0, BLOCK)
+    kc = (pid_t % n_tiles_w) * STEP + tl.arange(0, BLOCK)
+    return kr, kc
+
+
+@LazyHelper
+def tile_layout(kr, kc, vh, vw, h, w):
+    """The ``(BLOCK, 4, BLOCK, 4)`` tile of groups ``kr x kc``: its pixels and its upsample stencil.
+
+    Returns ``(y, x, inside, stencil)``: the high-res rows ``y`` and cols ``x`` (broadcastable 4-D pieces),
+    which pixels lie inside ``[:vh, :vw]``, and for ``upsample_tile`` the tuple
+    ``stencil = (offsets, group_ok, weights)``: the rows and cols of every group's 4 low-res corners as
+    offsets into an ``(h, w)`` plane, ``(r_lo * w, r_hi * w, c_lo, c_hi)`` (clamped to the plane, which
+    reproduces PyTorch's edge handling), whether the group has a pixel inside ``[:vh, :vw]``, and the weights
+    ``(y lo, y hi, x lo, x hi)``: ``(7 - 2r) / 8`` and ``(2r + 1) / 8`` per axis, exact in any float format.
+    """
+    r = tl.arange(0, 4)
+    kr4 = kr[:, None, None, None]
+    kc4 = kc[None, None, :, None]
+    ry = r[None, :, None, None]
+    rx = r[None, None, None, :]
+    y = 4 * kr4 - 2 + ry
+    x = 4 * kc4 - 2 + rx
+    inside = (y >= 0) & (y < vh) & (x >= 0) & (x < vw)
+
+    r_lo = tl.minimum(tl.maximum(kr4 - 1, 0), h - 1)
+    r_hi = tl.minimum(kr4, h - 1)
+    c_lo = tl.minimum(tl.maximum(kc4 - 1, 0), w - 1)
+    c_hi = tl.minimum(kc4, w - 1)
+    group_ok = (4 * kr4 - 2 < vh) & (4 * kc4 - 2 < vw)
+    offsets = (r_lo * w, r_hi * w, c_lo, c_hi)
+    wy_hi = (2 * ry + 1).to(tl.float32) * 0.125
+    wx_hi = (2 * rx + 1).to(tl.float32) * 0.125
+    return y, x, inside, (offsets, group_ok, (1.0 - wy_hi, wy_hi, 1.0 - wx_hi, wx_hi))
+
+
+@LazyHelper
+def upsample_tile(plane_ptr, stencil):
+    """The float32 ``(BLOCK, 4, BLOCK, 4)`` upsampled tile of the ``(h, w)`` plane at ``plane_ptr``: the four
+    low-res corners of each group are loaded once and weighted (``stencil`` from ``tile_layout``)."""
+    offsets, group_ok, weights = stencil
+    row_lo, row_hi, c_lo, c_hi = offsets
+    wy_lo, wy_hi, wx_lo, wx_hi = weights
+    l00 = tl.load(plane_ptr + row_lo + c_lo, mask=group_ok, other=0.0).to(tl.float32)
+    l01 = tl.load(plane_ptr + row_lo + c_hi, mask=group_ok, other=0.0).to(tl.float32)
+    l10 = tl.load(plane_ptr + row_hi + c_lo, mask=group_ok, other=0.0).to(tl.float32)
+    l11 = tl.load(plane_ptr + row_hi + c_hi, mask=group_ok, other=0.0).to(tl.float32)
+    return wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
+
+
+@LazyHelper
+def store_adjoint(plane_ptr, g, kr, kc, h, w, BLOCK: tl.constexpr):
+    """Adjoint of the upsample: from ``g``, the float32 ``(BLOCK, 4, BLOCK, 4)`` gradient with respect to the
+    tile's pixels (zero outside the valid region), store the gradient of low-res pixels ``kr[:-1] x kc[:-1]``
+    into the ``(h, w)`` plane at ``plane_ptr``, in its dtype.
+
+    Columns first: each group's 4 columns split into the part that goes to low-res col ``k - 1`` ("lo",
+    weights ``(7 - 2r) / 8``) and the part that goes to col ``k`` ("hi", weights ``(2r + 1) / 8``); low-res
+    col ``j = kc`` receives hi(k=j) + lo(k=j+1), combined by a register gather; col 0 also gets lo(0) and col
+    ``w - 1`` also hi(w) (the clamps). Then rows, the same way. The last group of the block only completes the
+    one before it, so it is not stored (the next block, which starts there, stores it).
+    """
+    r = tl.arange(0, 4)
+    w_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
+    w_lo_1 = 1.0 - w_hi_1
+    col_lo = tl.reduce(g * w_lo_1[None, None, None, :], 3, tl.standard._sum_combine)  # (BLOCK, 4, BLOCK)
+    col_hi = tl.reduce(g * w_hi_1[None, None, None, :], 3, tl.standard._sum_combine)
+    a = tl.arange(0, BLOCK)
+    j3 = kc[None, None, :]
+    nxt3 = tl.minimum(a + 1, BLOCK - 1)[None, None, :] + tl.full((BLOCK, 4, BLOCK), 0, tl.int32)
+    col_lo_next = tl.gather(col_lo, nxt3, 2)
+    col_hi_next = tl.gather(col_hi, nxt3, 2)
+    cols = col_hi + col_lo_next + tl.where(j3 == 0, col_lo, 0.0) + tl.where(j3 == w - 1, col_hi_next, 0.0)
+
+    row_lo = tl.reduce(cols * w_lo_1[None, :, None], 1, tl.standard._sum_combine)  # (BLOCK, BLOCK)
+    row_hi = tl.reduce(cols * w_hi_1[None, :, None], 1, tl.standard._sum_combine)
+    i2 = kr[:, None]
+    nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.full((BLOCK, BLOCK), 0, tl.int32)
+    row_lo_next = tl.gather(row_lo, nxt2, 0)
+    row_hi_next = tl.gather(row_hi, nxt2, 0)
+    grad = row_hi + row_lo_next + tl.where(i2 == 0, row_lo, 0.0) + tl.where(i2 == h - 1, row_hi_next, 0.0)
+
+    j2 = kc[None, :]
+    keep = (a[:, None] < BLOCK - 1) & (a[None, :] < BLOCK - 1) & (i2 < h) & (j2 < w)
+    tl.store(plane_ptr + i2 * w + j2, grad.to(plane_ptr.dtype.element_ty), mask=keep)
