@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.testing import fresh_seed, use_interpreter
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -26,3 +28,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (or ``SAMTUNE_TEST_SEED``), printed so that ``-rA`` and failures show it."""
+    return fresh_seed()
+
+
+@pytest.fixture
+def interpret(monkeypatch) -> None:
+    """Run Triton kernels on CPU through Triton's interpreter for this test only (see kernels/_lazy.py)."""
+    use_interpreter(monkeypatch)

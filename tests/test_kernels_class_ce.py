@@ -18,24 +18,11 @@ from kernels.testing import (
     GPU_DTYPES,
     assert_close,
     assert_grad_close,
-    fresh_seed,
-    use_interpreter,
     valid_rows,
 )
 
 ce_module = sys.modules["kernels.class_ce"]
 IGNORE = -100
-
-
-@pytest.fixture
-def seed() -> int:
-    return fresh_seed()
-
-
-@pytest.fixture
-def interpret(monkeypatch) -> None:
-    """Triton's interpreter for this test only (kernels are decorated at launch, see kernels/_lazy.py)."""
-    use_interpreter(monkeypatch)
 
 
 def make_inputs(b, c, h, w, *, seed, valid="mixed", dtype=torch.float32, device="cpu"):

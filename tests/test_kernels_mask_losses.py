@@ -21,8 +21,6 @@ from kernels.testing import (
     GPU_DTYPES,
     assert_close,
     assert_grad_close,
-    fresh_seed,
-    use_interpreter,
     valid_rows,
 )
 
@@ -32,18 +30,6 @@ LOSS_NAMES = ("focal", "bce", "dice", "mse")  # the differentiable ones
 
 
 # ---------------------------------------------------------------- fixtures and input builders
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (or ``SAMTUNE_TEST_SEED``), printed so that ``-rA``/failures show it."""
-    return fresh_seed()
-
-
-@pytest.fixture
-def interpret(monkeypatch) -> None:
-    """Run Triton kernels on CPU through Triton's interpreter for this test only."""
-    use_interpreter(monkeypatch)
 
 
 def make_valid(kind: str, p_count: int, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
