@@ -112,3 +112,24 @@ def assert_grad_close(
     """
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     assert_close(actual, expected, atol=atol * scale + 1e-12, rtol=rtol, what=what)
+
+
+def compile_sm90_ptx(kernel, signature: dict, constexprs: dict, num_warps: int) -> str:
+    """PTX of a ``kernels`` kernel compiled ahead of time for sm_90, without a GPU.
+
+    Compiling (not interpreting) catches what the interpreter lets through. Skips the calling test when this
+    Triton build has no NVIDIA backend, or when ``TRITON_INTERPRET`` was set for the whole process (then
+    triton.language's own helpers are interpreted and cannot be compiled).
+    """
+    import pytest
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    if triton.knobs.runtime.interpret:
+        pytest.skip("TRITON_INTERPRET was set process-wide: triton.language's own helpers are interpreted")
+    src = ASTSource(fn=kernel.jit(), signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compiled.asm["ptx"]
