@@ -288,7 +288,9 @@ def test_convergence_same_loss_curve(seed, interpret):
         x = logits.clone().requires_grad_()
         opt = torch.optim.Adam([x], lr=0.2)
         curve = []
-        for _ in range(20):
+        # 40 steps: at 20, 5 of 400 seeds had not yet halved the loss (worst 0.53 of the start); at 40 the
+        # worst of the same 400 seeds is 0.40, so the halving check below holds for any fresh seed.
+        for _ in range(40):
             out = kernels.mask_losses(x, targets, valid_hw, backend=backend)
             loss = (20 * out.focal + out.bce + out.dice + out.mse).mean()
             opt.zero_grad()
