@@ -232,7 +232,7 @@ def test_residency_modes_read_the_same_batch(cache_path):
     host = ImageStore(cache, "host", torch.device("cpu"))
     read_batch(host, images, 3, 0, 0)
     b = read_batch(host, images, 3, 0, 0)  # second read from RAM
-    for name in ("embeddings", "image_index", "masks", "boxes", "valid_hw", "object_ids"):
+    for name in ("embeddings", "image_index", "mask_pixels", "mask_boxes", "boxes", "valid_hw", "object_ids"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     counts = [cache.object_range(int(i))[1] - cache.object_range(int(i))[0] for i in images]
     assert a.num_objects == sum(min(c, 3) for c in counts)  # uneven counts kept, capped at K

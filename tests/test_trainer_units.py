@@ -241,3 +241,31 @@ def test_decode_output_tokens_override(sam):
         )
         masks, iou = instance_head(sam.mask_decoder, hs, up)
         assert masks.shape == (2, 4, 256, 256)
+
+
+def test_batch_targets_are_pasted_from_crops_exactly(tmp_path):
+    """Pasting box crops on the device gives exactly the cache's input-frame masks, uneven sizes included."""
+    from embedcache.build import BuildConfig, build_cache
+    from embedcache.cache import open_cache
+    from embedcache.synthetic import make_dataset
+    from trainer.data import ImageStore, _scatter_crops, paste_crops, read_batch
+
+    data = make_dataset(tmp_path / "data", n_images=3, seed=5, max_objects=5)
+    build_cache(BuildConfig(data=data, out=tmp_path / "c.zarr", model_type="vit_tiny", progress=False))
+    cache = open_cache(tmp_path / "c.zarr")
+    store = ImageStore(cache, "stream", torch.device("cpu"))
+    images = np.arange(cache.num_images)
+    batch = read_batch(store, images, k=3, seed=0, epoch=0).to(torch.device("cpu"))
+    want = cache.masks(batch.object_ids.numpy(), "input")
+    assert batch.masks.shape == want.shape and batch.mask_pixels.numel() < want.size
+    assert torch.equal(batch.masks, torch.from_numpy(want))
+    scattered = torch.zeros_like(batch.masks)  # the CUDA path, run on the host
+    widths = batch.mask_boxes[:, 2] - batch.mask_boxes[:, 0]
+    areas = widths * (batch.mask_boxes[:, 3] - batch.mask_boxes[:, 1])
+    _scatter_crops(scattered, batch.mask_pixels, batch.mask_boxes, widths, areas)
+    assert torch.equal(scattered, batch.masks)
+    assert paste_crops(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, 4, dtype=torch.int64)).shape == (
+        0,
+        1024,
+        1024,
+    )

@@ -31,8 +31,11 @@ class Batch:
     """``(B, 256, 64, 64)`` float16 image embeddings."""
     image_index: torch.Tensor
     """``(P,)`` int64 image of each object, into ``embeddings``."""
-    masks: torch.Tensor
-    """``(P, 1024, 1024)`` bool target masks in the input frame."""
+    mask_pixels: torch.Tensor
+    """``(S,)`` uint8 (0/1): each object's input-frame mask inside its ``mask_boxes`` box, row-major,
+    concatenated. S is the summed box area, far below ``P * 1024**2`` for most objects."""
+    mask_boxes: torch.Tensor
+    """``(P, 4)`` int64 xyxy boxes of those crops in the input frame (x2, y2 exclusive)."""
     boxes: torch.Tensor
     """``(P, 4)`` float32 tight xyxy boxes in the input frame."""
     valid_hw: torch.Tensor
@@ -45,19 +48,26 @@ class Batch:
     """``(B, 2)`` int64 input size of each image."""
     labels: torch.Tensor | None = None
     """``(B, 1024, 1024)`` int64 class map in the input frame (-100 in the padding); semantic task only."""
+    masks: torch.Tensor | None = None
+    """``(P, 1024, 1024)`` bool target masks in the input frame, assembled by ``to`` on the step's device
+    from the crops, so only the crops cross the host-device link. ``None`` until then."""
 
     def pin(self) -> Batch:
         """Page-locked copies, so that ``to(device, non_blocking=True)`` overlaps with compute."""
         return Batch(**{f.name: _map(getattr(self, f.name), _pin) for f in fields(self)})
 
     def to(self, device: torch.device) -> Batch:
-        """All tensors on ``device``, copied without blocking the host (from pinned memory)."""
-        return Batch(
+        """All tensors on ``device``, copied without blocking the host (from pinned memory), and the
+        ``(P, 1024, 1024)`` target masks pasted together there from the crops."""
+        moved = Batch(
             **{
                 f.name: _map(getattr(self, f.name), lambda t: t.to(device, non_blocking=True))
                 for f in fields(self)
             }
         )
+        if moved.masks is None:
+            moved.masks = paste_crops(moved.mask_pixels, moved.mask_boxes)
+        return moved
 
     @property
     def num_objects(self) -> int:
@@ -70,6 +80,55 @@ def _map(v, fn):
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if t.device.type == "cpu" else t  # device-resident embeddings are already there
+
+
+def paste_crops(pixels: torch.Tensor, boxes: torch.Tensor, side: int = 1024) -> torch.Tensor:
+    """Full masks from crops, on the crops' device.
+
+    Args:
+        pixels: ``(S,)`` uint8 crop pixels, object after object, row-major inside each box.
+        boxes: ``(P, 4)`` int64 xyxy crop boxes inside a ``side x side`` frame; S = their summed area.
+    Returns:
+        ``(P, side, side)`` bool, the crops at their boxes and False elsewhere.
+
+    On CUDA one scatter places every pixel (no per-object launches, no host sync). On the host a loop of
+    per-object slice copies is faster: for the demo cache's 53 objects it took 1/12 to 1/15 of the scatter's
+    time on the 2-core build machine, and the same time as ``cache.masks(idx, "input")`` (same runs).
+    """
+    widths = boxes[:, 2] - boxes[:, 0]
+    areas = widths * (boxes[:, 3] - boxes[:, 1])
+    if pixels.is_cuda:
+        out = torch.zeros(boxes.shape[0], side, side, dtype=torch.bool, device=pixels.device)
+        _scatter_crops(out, pixels, boxes, widths, areas)
+        return out
+    # numpy on the host: calloc'd zeros (pages fault in when first touched, not in a memset up front) and
+    # slice copies without torch's per-op overhead.
+    dst, src = np.zeros((boxes.shape[0], side, side), bool), pixels.numpy()
+    starts = (torch.cumsum(areas, 0) - areas).tolist()
+    for k, ((x1, y1, x2, y2), start) in enumerate(zip(boxes.tolist(), starts)):
+        dst[k, y1:y2, x1:x2] = src[start : start + (y2 - y1) * (x2 - x1)].reshape(y2 - y1, x2 - x1)
+    return torch.from_numpy(dst)
+
+
+def _scatter_crops(out, pixels, boxes, widths, areas) -> None:
+    """``paste_crops``'s device path: each of the S pixels finds its object, row and column arithmetically."""
+    p, side = out.shape[0], out.shape[-1]
+    obj = torch.repeat_interleave(torch.arange(p, device=pixels.device), areas, output_size=pixels.numel())
+    local = torch.arange(pixels.numel(), device=pixels.device) - (torch.cumsum(areas, 0) - areas)[obj]
+    w = widths[obj]
+    rows = boxes[obj, 1] + torch.div(local, w, rounding_mode="floor")
+    cols = boxes[obj, 0] + local.remainder(w)
+    out.view(-1)[(obj * side + rows) * side + cols] = pixels.bool()
+
+
+def read_crops(cache, obj_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(S,)`` uint8 crop pixels and ``(n, 4)`` int64 input-frame boxes of objects ``obj_idx``."""
+    boxes, crops = [np.zeros((0, 4), np.int64)], [np.zeros(0, np.uint8)]
+    for j in obj_idx:
+        box, crop = cache.input_mask_crop(int(j))
+        boxes.append(np.asarray(box, np.int64)[None])
+        crops.append(crop.reshape(-1).view(np.uint8))
+    return np.concatenate(crops), np.concatenate(boxes)
 
 
 def input_boxes(cache, obj_idx: np.ndarray) -> np.ndarray:
@@ -111,7 +170,8 @@ def pick_residency(cache, positions: np.ndarray, cfg: DataConfig, device: torch.
 class ImageStore:
     """Per-image reads with a residency mode: ``stream`` reads Zarr every time, ``host`` keeps each image's
     embedding in RAM after its first read, ``device`` keeps it on the GPU. Object masks are read from the
-    cache's packed in-memory bits either way and expanded to the input frame on the reader threads."""
+    cache's packed in-memory bits either way, unpacked to box crops on the reader threads and pasted into
+    full input-frame masks on the step's device (``Batch.to``)."""
 
     def __init__(self, cache, residency: str, device: torch.device):
         self.cache = cache
@@ -154,13 +214,14 @@ def read_batch(
     per_image = choose_objects(cache, images, k if not semantic else 1 << 30, seed, epoch)
     obj = np.concatenate(per_image).astype(np.int64)
     image_index = np.repeat(np.arange(len(images)), [len(o) for o in per_image])
-    masks = cache.masks(obj, "input") if len(obj) else np.zeros((0, 1024, 1024), bool)
+    pixels, mask_boxes = read_crops(cache, obj)
     valid = cache.input_size[images].astype(np.int64)
     labels = None
     if semantic:
         lab = np.zeros((len(images), 1024, 1024), np.int64)
-        for n, (b, j) in enumerate(zip(image_index, obj)):
-            lab[b][masks[n]] = cache.objects.class_id[j]
+        for b, j in zip(image_index, obj):
+            (x1, y1, x2, y2), crop = cache.input_mask_crop(int(j))
+            lab[b, y1:y2, x1:x2][crop] = cache.objects.class_id[j]
         for b in range(len(images)):
             lab[b, valid[b, 0] :, :] = -100
             lab[b, :, valid[b, 1] :] = -100
@@ -168,7 +229,8 @@ def read_batch(
     return Batch(
         embeddings=store.embeddings(images),
         image_index=torch.from_numpy(image_index.astype(np.int64)),
-        masks=torch.from_numpy(masks),
+        mask_pixels=torch.from_numpy(pixels),
+        mask_boxes=torch.from_numpy(mask_boxes),
         boxes=torch.from_numpy(input_boxes(cache, obj)),
         valid_hw=torch.from_numpy(valid[image_index]),
         object_ids=torch.from_numpy(obj),
@@ -195,7 +257,8 @@ class Prefetcher:
 
     def _read(self, epoch: int, images: np.ndarray) -> Batch:
         batch = read_batch(self.store, images, self.cfg.max_objects, self.seed, epoch, semantic=self.semantic)
-        return batch.pin() if self.pin else batch
+        # A CUDA run pastes the targets on the GPU after the copy; a host run pastes them here, off the step.
+        return batch.pin() if self.pin else batch.to(torch.device("cpu"))
 
     def _submit(self) -> None:
         job = next(self.jobs, None)
