@@ -50,7 +50,8 @@ class Batch:
     """``(B, 1024, 1024)`` int64 class map in the input frame (-100 in the padding); semantic task only."""
     masks: torch.Tensor | None = None
     """``(P, 1024, 1024)`` bool target masks in the input frame, assembled by ``to`` on the step's device
-    from the crops, so only the crops cross the host-device link. ``None`` until then."""
+    from the crops, so only the crops cross the host-device link. ``None`` until then, and for semantic
+    batches (their targets are ``labels``)."""
 
     def pin(self) -> Batch:
         """Page-locked copies, so that ``to(device, non_blocking=True)`` overlaps with compute."""
@@ -65,7 +66,7 @@ class Batch:
                 for f in fields(self)
             }
         )
-        if moved.masks is None:
+        if moved.masks is None and moved.labels is None:  # a semantic batch's targets are its labels
             moved.masks = paste_crops(moved.mask_pixels, moved.mask_boxes)
         return moved
 
