@@ -3,12 +3,12 @@
 Providers, on one synthetic cache (:mod:`bench.data`), decoder-only box prompts (no corrective rounds, single
 mask output), trainer's default loss weights:
 
-- ``trainer <mode>`` for ``stream``, ``host`` and ``device`` residency: the trainer's own pieces in the
-  trainer's order: ``Prefetcher`` over ``ImageStore`` (background readers, pinned copies), ``Batch.to``,
-  ``trainer.train.step_loss`` (prompts + one decoder call + ``trainer.losses.instance_loss`` through
-  ``kernels``), ``accelerator.backward``, gradient clipping, AdamW step, and one host read of the loss per
-  step (the trainer checks it is finite). The loop itself is the bench's: ``trainer.train.run`` has no
-  per-step hook (see docs/benchmarks.md);
+- ``trainer <mode>`` for ``stream``, ``host`` and ``device`` residency: the trainer's own step,
+  ``trainer.session.train_step`` on a session from ``trainer.session.setup``, exactly as ``trainer run``
+  calls it: ``Prefetcher`` over ``ImageStore`` (background readers, pinned copies), ``Batch.to``, the
+  instance task's loss (prompts + one decoder call + ``trainer.losses.instance_loss`` through ``kernels``),
+  ``accelerator.accumulate``/``backward``, gradient clipping, the optimiser step, and the host read of the
+  loss (the finite check);
 - ``trainer device, reference loss``: the same with the trainer's ``loss.backend=torch``, i.e.
   ``kernels.mask_losses(backend="torch")`` (GPU only; on CPU the trainer already runs the reference);
 - ``naive loop`` (:mod:`bench.naive`): the tutorial's loop, re-encoding each image and stepping once per
@@ -22,8 +22,10 @@ at the measured per-op latency, or data.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,84 +100,41 @@ class StepTimes:
     flops: int
 
 
-def time_trainer(ctx: Context, cache_path, cfg, *, warmup: int, steps: int) -> StepTimes:
-    """Run the trainer's step ``warmup + steps`` times and time the last ``steps``."""
-    from accelerate import Accelerator
+def time_trainer(ctx: Context, cache_path, cfg, *, warmup: int, steps: int, out: Path) -> StepTimes:
+    """Run the trainer's ``train_step`` ``warmup + steps`` times on a fresh session; time the last ``steps``.
 
-    from embedcache import open_cache
-    from trainer.data import ImageStore, Prefetcher, pick_residency
-    from trainer.model import build_start_sam, build_trainable, trainable_parameters
-    from trainer.order import batches
-    from trainer.prompts import step_generator
-    from trainer.train import step_loss
+    ``out`` is the session's run folder (it gets the resolved ``config.yaml``; nothing else is written).
+    """
+    from trainer import session as trainer_session
 
-    cuda = ctx.cuda
-    cache = open_cache(cache_path)
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    device = accelerator.device
-    model = build_trainable(build_start_sam(cfg), cfg)
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    images = cache.image_indices("train")
-    counts = np.array([np.subtract(*cache.object_range(int(i))[::-1]) for i in images])
-    images = images[counts > 0]
-    residency = pick_residency(cache, images, cfg.data, device)
-    store = ImageStore(cache, residency, device)
-    shard_of = images // cache.images_per_shard
-    b = cfg.data.images_per_batch
-    per_epoch = len(batches(0, 0, len(images), 1, 0, b, shard_of=shard_of))
+    s = trainer_session.setup(cache_path, cfg, out, cpu=not ctx.cuda)
+    s.model.train()
 
-    def jobs():
-        epoch = 0
-        while True:
-            for idx in batches(0, epoch, len(images), 1, 0, b, shard_of=shard_of):
-                yield epoch, images[idx]
-            epoch += 1
-
-    loader = Prefetcher(store, jobs(), cfg.data, seed=0, semantic=False, pin=cuda)
-    step_no = 0
-
-    def one_step() -> tuple[float, int]:
-        nonlocal step_no
-        t0 = time.perf_counter()
-        batch = next(loader)
-        waited = time.perf_counter() - t0
-        batch = batch.to(device)
-        g = step_generator(0, step_no, 0, device)
-        loss, _ = step_loss(model, batch, cfg, g, accelerator)
-        accelerator.backward(loss)
-        if cfg.optim.clip_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.optim.clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        float(loss.detach())  # the trainer reads the loss every step: a host sync
-        step_no += 1
-        return waited, batch.num_objects
+    def one_step():
+        return trainer_session.train_step(s)
 
     try:
         for _ in range(warmup):
             one_step()
-        sync(device)
+        sync(s.device)
         step_s, wait_s, prompts = [], [], []
         for _ in range(steps):
             t0 = time.perf_counter()
-            waited, p = one_step()
+            stats = one_step()
             step_s.append(time.perf_counter() - t0)
-            wait_s.append(waited)
-            prompts.append(p)
-        peak, ops, flops = profile_step(one_step, device)
+            wait_s.append(stats.data_wait_s)
+            prompts.append(stats.prompts)
+        peak, ops, flops = profile_step(one_step, s.device)
     finally:
-        loader.close()
-        accelerator.free_memory()  # drop the accelerator's references to this provider's model
+        s.loader.close()
+        s.accelerator.free_memory()  # drop the accelerator's references to this provider's model
     return StepTimes(
         step_s=step_s,
         wait_s=wait_s,
         prompts=prompts,
-        steps_per_epoch=per_epoch,
+        steps_per_epoch=s.per_epoch,
         peak=peak,
-        residency=residency,
+        residency=s.store.residency,
         ops=ops,
         flops=flops,
     )
@@ -230,7 +189,9 @@ def run(ctx: Context) -> Section:
             )
             continue
         cfg = bench_config(size, mode, backend="torch" if reference else "auto")
-        st = time_trainer(ctx, cache_path, cfg, warmup=size.warmup_steps, steps=size.steps)
+        out = ctx.work / "train_runs" / name.replace(" ", "_").replace(",", "")
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run folder: setup refuses one holding checkpoints
+        st = time_trainer(ctx, cache_path, cfg, warmup=size.warmup_steps, steps=size.steps, out=out)
         results[name] = st
         step = Stat.of(st.step_s, "s")
         rate = Stat.of([p / s for p, s in zip(st.prompts, st.step_s)], "prompts/s")
@@ -277,7 +238,7 @@ def _naive(ctx: Context, size: TrainSize, cache_path, data, sec: Section) -> Sta
     from embedcache.models import build_sam
 
     cache = open_cache(cache_path)
-    images = [int(i) for i in cache.image_indices("train") if np.subtract(*cache.object_range(int(i))[::-1])]
+    images = cache.images_with_objects("train").tolist()
     sam = build_sam(size.naive_model)
     loop = NaiveLoop(sam, cache, images[: size.naive_images], ctx.device, data=data)
     t = Stat.of(

@@ -97,6 +97,15 @@ class Cache:
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         return np.flatnonzero(self.split == split).astype(np.int64)
 
+    def images_with_objects(self, split: str) -> np.ndarray:
+        """``(n,)`` int64 indices of the images of ``split`` (as ``image_indices``) with at least one object.
+
+        Instance training, validation overlays and the benches skip images without objects: they have
+        nothing to prompt.
+        """
+        idx = self.image_indices(split)
+        return idx[self._object_start[idx + 1] > self._object_start[idx]]
+
     def object_range(self, i: int) -> tuple[int, int]:
         """Objects of image ``i`` are ``start..stop-1``."""
         return int(self._object_start[i]), int(self._object_start[i + 1])

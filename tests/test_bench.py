@@ -91,6 +91,38 @@ def test_all_tiny(work, tmp_path):
         assert f"## {name}" in md
 
 
+def test_train_bench_times_the_trainers_own_step(work, tmp_path, monkeypatch):
+    """``bench train`` has no step of its own: every warm-up, timed and profiled step of each trainer
+    provider is a call of ``trainer.session.train_step``, and the prompts it reports are that step's."""
+    from bench.train import SIZES
+    from trainer import session
+
+    real, seen = session.train_step, []
+
+    def spy(s):
+        seen.append(real(s))
+        return seen[-1]
+
+    monkeypatch.setattr(session, "train_step", spy)
+    out = tmp_path / "results"
+    assert (
+        cli.main(["train", "--size", "tiny", "--out", str(out), "--work", str(work), "--device", "cpu"]) == 0
+    )
+    rows = [
+        r
+        for r in _only_report(out)["sections"]["train"]["rows"]
+        if r["provider"].startswith("trainer") and r["status"] == "ok"
+    ]
+    size = SIZES["tiny"]
+    per_provider = size.warmup_steps + size.steps + 1  # warm-up, timed, one under the counters
+    assert rows and len(seen) == len(rows) * per_provider
+    for k, row in enumerate(rows):
+        timed = seen[k * per_provider + size.warmup_steps : k * per_provider + size.warmup_steps + size.steps]
+        assert (
+            row["metrics"]["prompts per step"]["median"] == sorted(t.prompts for t in timed)[size.steps // 2]
+        )
+
+
 def _section(name: str, value: float) -> Section:
     sec = Section(bench=name, size="tiny", config={"x": 1})
     sec.rows.append(

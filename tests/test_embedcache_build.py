@@ -81,6 +81,24 @@ def test_masks_in_three_frames(built):
         c.masks([0], "full")
 
 
+def test_images_with_objects_leaves_out_images_without_any(built, tmp_path):
+    # the readers refuse an image with no object, so make one: hand image 1's objects to image 0 (the
+    # object order stays sorted by image)
+    path = tmp_path / "cache.zarr"
+    shutil.copytree(built[1], path)
+    index = zarr.open_group(path, mode="r+")["objects"]["image_index"]
+    moved = index[...]
+    assert (moved == 1).any()
+    moved[moved == 1] = 0
+    index[...] = moved
+    c = open_cache(path)
+    for split in ("train", "val", "all"):
+        have = [i for i in c.image_indices(split).tolist() if c.object_range(i)[1] > c.object_range(i)[0]]
+        assert c.images_with_objects(split).tolist() == have
+        assert c.images_with_objects(split).dtype == np.int64
+    assert c.images_with_objects("all").tolist() == [i for i in range(c.num_images) if i != 1]
+
+
 def test_split_is_deterministic_and_recorded(built):
     _, path, _ = built
     c = open_cache(path)

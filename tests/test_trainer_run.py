@@ -177,9 +177,9 @@ def test_resume_gives_the_same_losses_and_weights(cache_path, tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     cache_path, tmp_path, monkeypatch, capsys
 ):
-    import trainer.train as tr
+    from trainer.instance import InstanceTask
 
-    real = tr.step_loss
+    real = InstanceTask.loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -187,7 +187,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), logged
 
-    monkeypatch.setattr(tr, "step_loss", poisoned)
+    monkeypatch.setattr(InstanceTask, "loss", poisoned)
     out = tmp_path / "nan"
     args = [
         "run",

@@ -19,7 +19,7 @@ from trainer.prompts import (
     initial_prompts,
     step_generator,
 )
-from trainer.train import lr_factor
+from trainer.session import lr_factor
 
 
 @pytest.fixture(scope="module")

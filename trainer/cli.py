@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from embedcache.cache import CacheError
     from embedcache.signature import SignatureMismatch
-    from trainer.train import NonFiniteLoss
+    from trainer.session import NonFiniteLoss
 
     try:
         if args.command == "run":

@@ -18,11 +18,13 @@ The results equal ``MaskDecoder.forward`` on each image separately (tested).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 
-from trainer.prompts import BOX_BR, BOX_TL, PAD, Prompts
+from trainer.prompts import BOX_BR, BOX_TL, NEG, PAD, POS, Prompts
 
 
 def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +46,8 @@ def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, to
     labels = torch.cat([prompts.point_labels, corner_labels], 1)
     sparse = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)
     sparse = torch.where((labels == PAD)[..., None], pe.not_a_point_embed.weight, sparse)
-    for k in (
-        0,
-        1,
-        BOX_TL,
-        BOX_BR,
-    ):  # SAM's learned embedding of each label (4 adds, not a loop over objects)
+    # SAM's learned embedding of each label: 4 adds, not a loop over objects
+    for k in (NEG, POS, BOX_TL, BOX_BR):
         sparse = sparse + (labels == k)[..., None] * pe.point_embeddings[k].weight
     h, w = pe.image_embedding_size
     if prompts.mask_input is None:
@@ -105,6 +103,16 @@ def instance_head(
     return masks, md.iou_prediction_head(hs[:, 0])
 
 
+class Decoded(NamedTuple):
+    """What ``PromptedDecoder`` returns, in both tasks."""
+
+    logits: torch.Tensor
+    """``(P, K, 256, 256)`` low-res logits: SAM's 4 masks (K = 4; the single-mask output is index 0, the
+    multimask outputs 1..3), or one map per class with a semantic head (K = C)."""
+    iou: torch.Tensor | None
+    """``(P, 4)`` predicted IoU of SAM's masks; ``None`` with a semantic head, which has no IoU token."""
+
+
 class PromptedDecoder(nn.Module):
     """What trains: SAM's prompt encoder and mask decoder (and, in semantic mode, the class head).
 
@@ -118,28 +126,30 @@ class PromptedDecoder(nn.Module):
         self.semantic_head = semantic_head
 
     def forward(
-        self,
-        embeddings: torch.Tensor,
-        image_index: torch.Tensor | None = None,
-        prompts: Prompts | None = None,
-        *,
-        semantic_boxes: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """Instance mode: ``(B, 256, 64, 64)`` embeddings, ``(P,)`` image index and the prompts of P
-        objects ->
-        ``(P, 4, 256, 256)`` logits and ``(P, 4)`` predicted IoU, from one decoder call.
+        self, embeddings: torch.Tensor, image_index: torch.Tensor, prompts: Prompts | None
+    ) -> Decoded:
+        """``P`` objects of ``B`` images through one prompt-encoder and one mask-decoder call.
 
-        Semantic mode (a semantic head is attached): ``(B, 4)`` input-frame boxes (used when the head is
-        box-prompted) -> ``(B, C, 256, 256)`` class logits. One ``forward`` for both, so DDP wraps either.
+        Args:
+            embeddings: ``(B, 256, 64, 64)`` image embeddings.
+            image_index: ``(P,)`` int64, the image of each object (semantic mode: ``arange(B)``).
+            prompts: the prompts of the ``P`` objects, or ``None`` for none at all (a prompt-free semantic
+                head: no sparse tokens, SAM's no-mask dense embedding).
+
+        One ``forward`` for both tasks, so that DDP wraps either.
         """
-        if self.semantic_head is not None:
-            return self.semantic_head(self, embeddings, semantic_boxes)
-        sparse, dense = embed_prompts(self.prompt_encoder, prompts)
-        image_pe = self.prompt_encoder.get_dense_pe()
-        hs, upscaled = decode(self.mask_decoder, embeddings, image_index, image_pe, sparse, dense)
-        return instance_head(self.mask_decoder, hs, upscaled)
-
-    def semantic(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        """``(B, 256, 64, 64)`` embeddings (and optional ``(B, 4)`` box prompts) -> ``(B, C, 256, 256)``
-        logits."""
-        return self.semantic_head(self, embeddings, boxes)
+        pe = self.prompt_encoder
+        if prompts is None:
+            sparse = embeddings.new_zeros((image_index.shape[0], 0, pe.embed_dim)).float()
+            h, w = pe.image_embedding_size
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(image_index.shape[0], -1, h, w)
+        else:
+            sparse, dense = embed_prompts(pe, prompts)
+        head = self.semantic_head
+        tokens = None if head is None else head.class_tokens
+        hs, upscaled = decode(
+            self.mask_decoder, embeddings, image_index, pe.get_dense_pe(), sparse, dense, tokens
+        )
+        if head is None:
+            return Decoded(*instance_head(self.mask_decoder, hs, upscaled))
+        return Decoded(head(hs, upscaled), None)

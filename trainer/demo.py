@@ -45,7 +45,7 @@ def demo(out: str | Path = "demo", *, steps: int | None = None, n_images: int = 
     from trainer.config import load_config
     from trainer.data import ImageStore, image_file
     from trainer.eval_run import eval_run
-    from trainer.evaluate import predict_objects
+    from trainer.evaluate import iou_and_dice, predict_objects
     from trainer.export import export
     from trainer.model import tuned_sam
     from trainer.train import run
@@ -103,16 +103,13 @@ def demo(out: str | Path = "demo", *, steps: int | None = None, n_images: int = 
     same, total, agree = 0, 0, []
     from PIL import Image
 
-    for i in cache.image_indices("val"):
-        i = int(i)
+    for i in cache.images_with_objects("val").tolist():
         lo, hi = cache.object_range(i)
-        if hi == lo:
-            continue
         ours = predict_objects(tuned, store, i, "box", torch.device("cpu"))
         predictor.set_image(np.asarray(Image.open(image_file(cache, i)).convert("RGB")))
         for j, mask in zip(range(lo, hi), ours):
             theirs = predictor.predict(box=cache.objects.box[j], multimask_output=False)[0][0]
-            agree.append((theirs & mask).sum() / max((theirs | mask).sum(), 1))
+            agree.append(iou_and_dice(theirs, mask)[0])
             same += int(np.array_equal(theirs, mask))
             total += 1
     timings["total_s"] = time.perf_counter() - t0

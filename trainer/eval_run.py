@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -12,10 +11,9 @@ from embedcache import open_cache
 from embedcache.signature import check_compatible
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.data import ImageStore, image_file
-from trainer.evaluate import evaluate, evaluate_semantic, predict_objects
+from trainer.data import ImageStore
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
-from trainer.plots import overlay
+from trainer.task import make_task
 
 
 def eval_run(
@@ -46,37 +44,16 @@ def eval_run(
     images = cache.image_indices("val")
     if cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]
-    if cfg.model.task == "semantic":
-        metrics = {
-            "tuned": evaluate_semantic(tuned, store, images, accelerator, cfg.model.num_classes),
-            "start": evaluate_semantic(start, store, images, accelerator, cfg.model.num_classes),
-        }
-    else:
-        metrics = {
-            "tuned": evaluate(tuned, store, images, accelerator),
-            "start": evaluate(start, store, images, accelerator),
-        }
+    task = make_task(cfg)
+    metrics = {
+        "tuned": task.validate(tuned, store, images, accelerator),
+        "start": task.validate(start, store, images, accelerator),
+    }
     metrics.update(weights=str(weights), cache=str(cache_path))
     if not accelerator.is_main_process:
         return {}
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(out / "metrics.json", metrics)
-    files = [out / "metrics.json"]
     n = cfg.run.overlays if overlays is None else overlays
-    if cfg.model.task == "instance" and n:
-        (out / "overlays").mkdir(exist_ok=True)
-        shown = [int(i) for i in images if np.subtract(*cache.object_range(int(i))[::-1]) > 0][:n]
-        for i in shown:
-            lo, hi = cache.object_range(i)
-            gt = cache.masks(np.arange(lo, hi), "original")
-            path = out / "overlays" / f"{cache.image_id[i]}.png"
-            overlay(
-                gt,
-                predict_objects(start, store, i, "box", device),
-                predict_objects(tuned, store, i, "box", device),
-                path,
-                image_path=image_file(cache, i),
-                title=str(cache.image_id[i]),
-            )
-            files.append(path)
+    files = [out / "metrics.json", *task.overlays(out / "overlays", store, images, start, tuned, n)]
     return {"metrics": metrics, "files": [str(f) for f in files]}

@@ -32,7 +32,12 @@ def postprocess(
     return F.interpolate(x, original_hw, mode="bilinear", align_corners=False)
 
 
-def _scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+def iou_and_dice(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """IoU and dice of two bool masks of one shape; the one definition every score here uses.
+
+    Both are 1 when both masks are empty: predicting nothing where there is nothing is right, and scoring it
+    0 would punish the model for the data's empty objects.
+    """
     inter = float(np.logical_and(pred, gt).sum())
     union = float(np.logical_or(pred, gt).sum())
     total = float(pred.sum() + gt.sum())
@@ -102,7 +107,7 @@ def evaluate(
         for t, prompt in enumerate(PROMPT_TYPES):
             preds = predict_objects(model, store, image, prompt, accelerator.device, chunk)
             for j, (p, g) in enumerate(zip(preds, gts)):
-                records.append((start + j, t, *_scores(p, g)))
+                records.append((start + j, t, *iou_and_dice(p, g)))
     gathered = accelerator.gather_for_metrics(records, use_gather_object=True)
     unique = {
         (r[0], r[1]): r for r in gathered
@@ -117,46 +122,3 @@ def evaluate(
         }
     model.train(was_training)
     return result
-
-
-@torch.no_grad()
-def evaluate_semantic(
-    model: PromptedDecoder, store: ImageStore, images: np.ndarray, accelerator, num_classes: int
-) -> dict:
-    """Semantic mode: ``{"semantic": {"miou", "dice", "n_images", "per_class_iou"}}`` from pixel counts summed
-    over the images (classes 1..C-1; background is not averaged in)."""
-    was_training = model.training
-    model.eval()
-    cache = store.cache
-    counts = np.zeros((num_classes, 3))  # intersection, union, pred + gt
-    n = 0
-    for image in images[accelerator.process_index :: accelerator.num_processes]:
-        image = int(image)
-        ih, iw = (int(v) for v in cache.input_size[image])
-        oh, ow = (int(v) for v in cache.original_size[image])
-        emb = store.embeddings(np.array([image])).to(accelerator.device).float()
-        box = torch.tensor([[0.0, 0.0, iw, ih]], device=accelerator.device)
-        logits = model.semantic(emb, box)
-        pred = postprocess(logits.float(), (ih, iw), (oh, ow)).argmax(1)[0].cpu().numpy()
-        gt = np.zeros((oh, ow), np.int64)
-        start, stop = cache.object_range(image)
-        for j, m in zip(range(start, stop), cache.masks(np.arange(start, stop), "original")):
-            gt[m] = cache.objects.class_id[j]
-        for c in range(num_classes):
-            p, g = pred == c, gt == c
-            counts[c] += [np.logical_and(p, g).sum(), np.logical_or(p, g).sum(), p.sum() + g.sum()]
-        n += 1
-    counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").cpu().numpy()
-    n = int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum"))
-    iou = counts[:, 0] / np.maximum(counts[:, 1], 1)
-    dice = 2 * counts[:, 0] / np.maximum(counts[:, 2], 1)
-    present = counts[1:, 1] > 0
-    model.train(was_training)
-    return {
-        "semantic": {
-            "miou": float(iou[1:][present].mean()) if present.any() else float("nan"),
-            "dice": float(dice[1:][present].mean()) if present.any() else float("nan"),
-            "n_images": n,
-            "per_class_iou": [float(v) for v in iou],
-        }
-    }

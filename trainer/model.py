@@ -11,7 +11,7 @@ from embedcache.models import build_sam
 from trainer.config import Config
 from trainer.decoder import PromptedDecoder
 from trainer.lora import add_lora, merge_lora
-from trainer.semantic import SemanticHead
+from trainer.task import make_task
 
 
 def start_checkpoint(cfg: Config) -> Path | None:
@@ -22,18 +22,17 @@ def start_checkpoint(cfg: Config) -> Path | None:
 
 
 def build_start_sam(cfg: Config) -> Sam:
-    """The SAM the run starts from: the config's checkpoint (a path, or an official name such as ``vit_b``
-    that embedcache fetches), or the seeded random init."""
+    """The SAM the run starts from: the config's checkpoint (a path, or an official name such as ``vit_b``,
+    which embedcache fetches), or the seeded random init."""
     return build_sam(cfg.model.model_type, start_checkpoint(cfg), seed=cfg.model.init_seed)
 
 
 def build_trainable(sam: Sam, cfg: Config) -> PromptedDecoder:
-    """Wrap ``sam``'s prompt encoder and mask decoder (shared, not copied) with ``requires_grad`` set per
-    config.
+    """Wrap ``sam``'s prompt encoder and mask decoder (shared, not copied), ``requires_grad`` set per config.
 
     The image encoder stays frozen and out of the returned module. LoRA adapters (``model.lora_rank``) go on
-    every attention projection of the decoder's two-way transformer; the semantic head is added for
-    ``model.task=semantic``. Loading trained weights into the result updates ``sam`` itself.
+    every attention projection of the decoder's two-way transformer; the task adds its head, if it has one.
+    Loading trained weights into the result updates ``sam`` itself.
     """
     m = cfg.model
     sam.requires_grad_(False)
@@ -41,12 +40,7 @@ def build_trainable(sam: Sam, cfg: Config) -> PromptedDecoder:
     sam.prompt_encoder.requires_grad_(m.train_prompt_encoder)
     if m.lora_rank:
         add_lora(sam.mask_decoder.transformer, m.lora_rank, m.lora_alpha)  # adapters are trainable by default
-    head = None
-    if m.task == "semantic":
-        head = SemanticHead(sam.mask_decoder, m.num_classes, m.semantic_prompt)
-        if not m.train_mask_decoder:
-            head.requires_grad_(True)
-    return PromptedDecoder(sam.prompt_encoder, sam.mask_decoder, head)
+    return PromptedDecoder(sam.prompt_encoder, sam.mask_decoder, make_task(cfg).head(sam.mask_decoder))
 
 
 def load_weights(model: PromptedDecoder, weights: str | Path) -> None:

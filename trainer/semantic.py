@@ -14,6 +14,7 @@ two together into ``SemanticSegmenter``, which maps an image to a ``(H, W)`` cla
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.decoder import decode, embed_prompts
+from trainer.config import Config
+from trainer.data import Batch, ImageStore
+from trainer.decoder import PromptedDecoder
+from trainer.evaluate import postprocess
+from trainer.losses import semantic_loss
 from trainer.prompts import Prompts
 
 
 class SemanticHead(nn.Module):
-    """``C`` class tokens ``(C, 256)`` and their hypernetwork MLPs; the rest is the mask decoder's."""
+    """``C`` class tokens ``(C, 256)`` and their hypernetwork MLPs; the rest is the mask decoder's.
+
+    ``PromptedDecoder`` runs the decoder with ``class_tokens`` as its output tokens and hands the result here.
+    ``prompt`` says what the decoder is prompted with: ``none``, or ``box`` (see ``image_prompts``).
+    """
 
     def __init__(self, mask_decoder: nn.Module, num_classes: int, prompt: str = "none"):
         super().__init__()
@@ -39,30 +48,86 @@ class SemanticHead(nn.Module):
             copy.deepcopy(mask_decoder.output_hypernetworks_mlps[0]) for _ in range(num_classes)
         )
 
-    def forward(self, pd: nn.Module, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        """``(B, 256, 64, 64)`` embeddings, optional ``(B, 4)`` input-frame boxes -> ``(B, C, 256, 256)``
-        logits."""
-        b = embeddings.shape[0]
-        pe = pd.prompt_encoder
-        if self.prompt == "box":
-            prompts = Prompts(
-                point_coords=embeddings.new_zeros((b, 0, 2)),
-                point_labels=torch.zeros((b, 0), dtype=torch.long, device=embeddings.device),
-                boxes=boxes.float(),
-                has_box=torch.ones(b, dtype=torch.bool, device=embeddings.device),
-            )
-            sparse, dense = embed_prompts(pe, prompts)
-        else:
-            sparse = embeddings.new_zeros((b, 0, pe.embed_dim)).float()
-            h, w = pe.image_embedding_size
-            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, h, w)
-        index = torch.arange(b, device=embeddings.device)
-        hs, up = decode(
-            pd.mask_decoder, embeddings, index, pe.get_dense_pe(), sparse, dense, self.class_tokens
-        )
+    def forward(self, hs: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+        """Decoder outputs -> ``(B, C, 256, 256)`` class logits.
+
+        Args:
+            hs: ``(B, C + T, 256)`` output tokens of ``decode`` (the class tokens first).
+            upscaled: ``(B, 32, 256, 256)`` upscaled image features of ``decode``.
+        """
         hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.mlps)], 1)  # (B, C, 32)
-        n, c, h, w = up.shape
-        return (hyper @ up.reshape(n, c, h * w)).reshape(n, self.num_classes, h, w)
+        n, c, h, w = upscaled.shape
+        return (hyper @ upscaled.reshape(n, c, h * w)).reshape(n, self.num_classes, h, w)
+
+
+def image_prompts(valid_hw: torch.Tensor, kind: str) -> Prompts | None:
+    """The prompts of ``B`` images with ``(B, 2)`` input sizes: the whole image's input box for a ``box``
+    head, ``None`` (no prompt) for a ``none`` head."""
+    if kind != "box":
+        return None
+    b = valid_hw.shape[0]
+    return Prompts(
+        point_coords=torch.zeros((b, 0, 2), device=valid_hw.device),
+        point_labels=torch.zeros((b, 0), dtype=torch.long, device=valid_hw.device),
+        boxes=torch.cat([torch.zeros_like(valid_hw), valid_hw.flip(1)], 1).float(),
+        has_box=torch.ones(b, dtype=torch.bool, device=valid_hw.device),
+    )
+
+
+def class_logits(
+    model: nn.Module, embeddings: torch.Tensor, valid_hw: torch.Tensor, prompt: str
+) -> torch.Tensor:
+    """``(B, 256, 64, 64)`` embeddings of images with ``(B, 2)`` input sizes -> ``(B, C, 256, 256)`` class
+    logits of a ``PromptedDecoder`` with a semantic head (DDP-wrapped or not), one decoder pass per image."""
+    index = torch.arange(embeddings.shape[0], device=embeddings.device)
+    return model(embeddings, index, image_prompts(valid_hw, prompt)).logits
+
+
+@torch.no_grad()
+def evaluate_semantic(
+    model: PromptedDecoder, store: ImageStore, images: np.ndarray, accelerator, num_classes: int
+) -> dict:
+    """``{"semantic": {"miou", "dice", "n_images", "per_class_iou"}}`` from pixel counts summed over the
+    images (classes 1..C-1; background is not averaged in), equal on every process.
+
+    A class's IoU here is its intersection over its union summed over all images (a dataset-level count,
+    not a mean of per-image scores); a class absent from every prediction and target is left out of the mean.
+    """
+    was_training = model.training
+    model.eval()
+    cache = store.cache
+    counts = np.zeros((num_classes, 3))  # intersection, union, pred + gt
+    n = 0
+    for image in images[accelerator.process_index :: accelerator.num_processes]:
+        image = int(image)
+        ih, iw = (int(v) for v in cache.input_size[image])
+        oh, ow = (int(v) for v in cache.original_size[image])
+        emb = store.embeddings(np.array([image])).to(accelerator.device).float()
+        valid_hw = torch.tensor([[ih, iw]], device=accelerator.device)
+        logits = class_logits(model, emb, valid_hw, model.semantic_head.prompt)
+        pred = postprocess(logits.float(), (ih, iw), (oh, ow)).argmax(1)[0].cpu().numpy()
+        gt = np.zeros((oh, ow), np.int64)
+        start, stop = cache.object_range(image)
+        for j, m in zip(range(start, stop), cache.masks(np.arange(start, stop), "original")):
+            gt[m] = cache.objects.class_id[j]
+        for c in range(num_classes):
+            p, g = pred == c, gt == c
+            counts[c] += [np.logical_and(p, g).sum(), np.logical_or(p, g).sum(), p.sum() + g.sum()]
+        n += 1
+    counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").cpu().numpy()
+    n = int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum"))
+    iou = counts[:, 0] / np.maximum(counts[:, 1], 1)
+    dice = 2 * counts[:, 0] / np.maximum(counts[:, 2], 1)
+    present = counts[1:, 1] > 0
+    model.train(was_training)
+    return {
+        "semantic": {
+            "miou": float(iou[1:][present].mean()) if present.any() else float("nan"),
+            "dice": float(dice[1:][present].mean()) if present.any() else float("nan"),
+            "n_images": n,
+            "per_class_iou": [float(v) for v in iou],
+        }
+    }
 
 
 def semantic_sidecar(path: str | Path) -> Path:
@@ -91,8 +156,9 @@ class SemanticSegmenter(nn.Module):
         predictor = SamPredictor(self.sam)
         predictor.set_image(image)
         ih, iw = predictor.input_size
-        box = torch.tensor([[0.0, 0.0, iw, ih]], device=predictor.device)
-        logits = self.head(self.sam, predictor.features, box)
+        decoder = PromptedDecoder(self.sam.prompt_encoder, self.sam.mask_decoder, self.head)
+        valid_hw = torch.tensor([[ih, iw]], device=predictor.device)
+        logits = class_logits(decoder, predictor.features, valid_hw, self.head.prompt)
         logits = F.interpolate(logits, (1024, 1024), mode="bilinear", align_corners=False)[..., :ih, :iw]
         logits = F.interpolate(logits, predictor.original_size, mode="bilinear", align_corners=False)
         return logits.argmax(1)[0].cpu().numpy()
@@ -107,3 +173,50 @@ def load_semantic_segmenter(model_type: str, exported: str | Path) -> SemanticSe
     head = SemanticHead(sam.mask_decoder, int(side["num_classes"]), side["prompt"])
     head.load_state_dict(side["state_dict"])
     return SemanticSegmenter(sam, head.eval()).eval()
+
+
+class SemanticTask:
+    """One output token per class, trained with ``ce`` (+ ``dice``) against the cache's class maps."""
+
+    reads_labels = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @staticmethod
+    def resolve(cfg: Config, cache) -> Config:
+        """``model.num_classes = 0`` becomes the cache's largest class id + 1."""
+        if cfg.model.num_classes:
+            return cfg
+        num_classes = int(cache.objects.class_id.max(initial=0)) + 1
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+
+    def train_images(self, cache) -> np.ndarray:
+        return cache.image_indices("train")  # an image without objects is all background: still a target
+
+    def head(self, mask_decoder: nn.Module) -> SemanticHead:
+        head = SemanticHead(mask_decoder, self.cfg.model.num_classes, self.cfg.model.semantic_prompt)
+        # the MLPs are copies of the decoder's, frozen with it when only adapters train; the head always
+        # trains
+        return head.requires_grad_(True)
+
+    def loss(
+        self, model: nn.Module, batch: Batch, g: torch.Generator, accelerator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Class logits of every image of the micro-batch in one decoder call, against its class map."""
+        logits = class_logits(model, batch.embeddings, batch.image_valid_hw, self.cfg.model.semantic_prompt)
+        return semantic_loss(logits, batch.labels, batch.image_valid_hw, self.cfg.loss)
+
+    def prompts_in(self, batch: Batch) -> int:
+        return batch.embeddings.shape[0]
+
+    def validate(self, model: nn.Module, store: ImageStore, images: np.ndarray, accelerator) -> dict:
+        return evaluate_semantic(model, store, images, accelerator, self.cfg.model.num_classes)
+
+    def score(self, metrics: dict) -> float:
+        return metrics["semantic"]["miou"]
+
+    def overlays(
+        self, folder: Path, store: ImageStore, images: np.ndarray, start: nn.Module, tuned: nn.Module, n: int
+    ) -> list[Path]:
+        return []  # the instance overlays draw objects; a class-map figure is not written yet

@@ -1,0 +1,307 @@
+"""One training session: ``setup`` builds it, ``train_step`` advances it by one optimiser step.
+
+``trainer.train.run`` is the loop around these two, and ``bench train`` times ``train_step`` itself. The
+state needed to resume is a handful of integers (``TrainState``) plus what ``accelerator.save_state``
+writes (weights, optimiser moments, RNG states).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration
+from torch import nn
+
+from embedcache import open_cache
+from embedcache.cache import Cache
+from embedcache.signature import check_compatible
+from trainer import checkpoint as ckpt
+from trainer.config import Config, OptimConfig, save_config, to_dict
+from trainer.data import ImageStore, Prefetcher, pick_residency
+from trainer.model import build_start_sam, build_trainable, start_checkpoint, trainable_parameters
+from trainer.order import batches
+from trainer.prompts import step_generator
+from trainer.task import Task, make_task
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss: the run stops before the update, and the last checkpoint stays as it was."""
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """What ``--resume`` restores besides accelerate's state: a handful of integers and the eval history."""
+
+    step: int = 0
+    """Optimiser steps done."""
+    epoch: int = 0
+    """Epoch of the next micro-batch."""
+    batch_in_epoch: int = 0
+    """Index of the next micro-batch inside its epoch (on every rank)."""
+    best_step: int = -1
+    """Step of the best validation score so far (-1: none yet)."""
+    best_score: float = -1.0
+    """Best validation score (the task's ``score``: box mIoU, or semantic mIoU)."""
+    start_metrics: dict = field(default_factory=dict)
+    """Validation metrics of the starting model (step 0)."""
+    evals: dict = field(default_factory=dict)
+    """Validation metrics per evaluated step, keyed by the step as a string."""
+
+
+@dataclass(kw_only=True)
+class Session:
+    """Everything one training run holds; built by ``setup``."""
+
+    cfg: Config
+    """The resolved config (cache-derived fields filled in); what every checkpoint records."""
+    out: Path
+    """The run folder."""
+    cache: Cache
+    task: Task
+    accelerator: Accelerator
+    model: nn.Module
+    """The ``PromptedDecoder``, prepared: on the device, DDP-wrapped with several processes."""
+    start_model: nn.Module
+    """A frozen copy of the starting model, for the end-of-run overlays."""
+    params: list[nn.Parameter]
+    """What the optimiser updates."""
+    optimizer: torch.optim.Optimizer
+    store: ImageStore
+    loader: Prefetcher
+    """This process's micro-batches, from the state's position on, forever."""
+    state: TrainState
+    train_images: np.ndarray
+    """``(n,)`` int64 cache indices of the training images."""
+    val_images: np.ndarray
+    """``(m,)`` int64 cache indices of the validation images (at most ``run.val_max_images``)."""
+    per_epoch: int
+    """Micro-batches per epoch on each process."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepStats:
+    """What one ``train_step`` did."""
+
+    loss: float
+    """Mean loss over the step's micro-batches and every process."""
+    lr: float
+    """The learning rate the step used."""
+    prompts: int
+    """Prompted predictions this process trained on (``Task.prompts_in``, summed over micro-batches)."""
+    logged: dict[str, float]
+    """The task's named loss terms of the last micro-batch."""
+    data_wait_s: float
+    """Seconds this process was blocked on the loader."""
+
+
+def lr_factor(step: int, cfg: OptimConfig, total: int) -> float:
+    """Learning-rate multiplier of optimiser step ``step`` (0-based): linear warm-up, then cosine or constant.
+
+    A pure function of the step, so resuming needs no scheduler state.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def setup(
+    cache: str | Path | Cache,
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    command: str = "",
+    cpu: bool | None = None,
+) -> Session:
+    """Build the session of a run on ``cache`` into the run folder ``out`` (resuming from its newest
+    checkpoint when ``resume``). ``cpu`` forces the host; by default CUDA is used when there is one."""
+    out = Path(out)
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    # refuse a cache made by another model before anything is built: its embeddings mean nothing here
+    check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
+    cfg = make_task(cfg).resolve(cfg, cache)
+    task = make_task(cfg)
+    cuda = torch.cuda.is_available() if cpu is None else not cpu
+    precision = cfg.optim.mixed_precision
+    accelerator = Accelerator(
+        cpu=not cuda,
+        # bf16 autocast on GPU (SAM's decoder is fine in bf16; the losses are computed in fp32 by kernels)
+        mixed_precision=("bf16" if cuda else "no") if precision == "auto" else precision,
+        # accumulate: gradients sync across processes only on the last micro-batch of an optimiser step
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        # corrective rounds and box-only steps leave some prompt-encoder weights unused in a step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device = accelerator.device
+    found = ckpt.latest_checkpoint(out)
+    if found is not None and not resume:
+        raise FileExistsError(
+            f"{out} already holds checkpoints ({found.name}); pass --resume or pick a new --out"
+        )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml", header=command or "resolved config of this run")
+    accelerator.wait_for_everyone()
+
+    # the model: SAM's prompt encoder + mask decoder (+ LoRA, + the task's head); the image encoder never runs
+    model = build_trainable(build_start_sam(cfg), cfg)
+    start_model = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+    params = trainable_parameters(model)
+    opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    # prepare: move to the device, wrap in DDP when there are several processes, wrap the optimiser for
+    # accumulation and mixed precision. The learning rate is set by hand from lr_factor(step) (train_step).
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # data: this rank's share of a pure, shard-aware order; embeddings resident per data.residency
+    train_images = task.train_images(cache)
+    val_images = cache.image_indices("val")
+    if cfg.run.val_max_images:
+        val_images = val_images[: cfg.run.val_max_images]
+    residency = pick_residency(cache, train_images, cfg.data, device)
+    store = ImageStore(cache, residency, device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = len(batches(cfg.run.seed, 0, len(train_images), world, rank, cfg.data.images_per_batch))
+    if per_epoch == 0:
+        raise ValueError(
+            f"{len(train_images)} training images cannot fill one batch of {cfg.data.images_per_batch} on "
+            f"{world} processes; lower data.images_per_batch"
+        )
+    if accelerator.is_main_process:
+        print(
+            f"trainer: {world} process(es) on {device}, residency {residency}, {len(train_images)} train / "
+            f"{len(val_images)} val images, {per_epoch} micro-batches per epoch per process",
+            flush=True,
+        )
+
+    state = TrainState()
+    if resume and found is not None:
+        _check_resume_config(json.loads((found / "config.json").read_text()), to_dict(cfg), found)
+        # save_state's counterpart: weights, optimiser moments, RNG states
+        accelerator.load_state(str(found))
+        state = TrainState(**json.loads((found / "trainer_state.json").read_text()))
+        if accelerator.is_main_process:
+            print(f"resuming from {found} (step {state.step}, epoch {state.epoch})", flush=True)
+    shard_of = train_images // cache.images_per_shard
+
+    def jobs(epoch: int, position: int):
+        """(epoch, images) of every micro-batch of this rank from a position on, forever."""
+        while True:
+            b = cfg.data.images_per_batch
+            order = batches(cfg.run.seed, epoch, len(train_images), world, rank, b, shard_of=shard_of)
+            for idx in order[position:]:
+                yield epoch, train_images[idx]
+            epoch, position = epoch + 1, 0
+
+    loader = Prefetcher(
+        store,
+        jobs(state.epoch, state.batch_in_epoch),
+        cfg.data,
+        seed=cfg.run.seed,
+        semantic=task.reads_labels,
+        pin=cuda,
+    )
+    return Session(
+        cfg=cfg,
+        out=out,
+        cache=cache,
+        task=task,
+        accelerator=accelerator,
+        model=model,
+        start_model=start_model,
+        params=params,
+        optimizer=optimizer,
+        store=store,
+        loader=loader,
+        state=state,
+        train_images=train_images,
+        val_images=val_images,
+        per_epoch=per_epoch,
+    )
+
+
+def _check_resume_config(saved: dict, now: dict, where: Path) -> None:
+    diff = [
+        f"{s}.{k}: {saved[s].get(k)!r} -> {v!r}"
+        for s in now
+        if s != "run"
+        for k, v in now[s].items()
+        if saved.get(s, {}).get(k) != v
+    ]
+    if diff:
+        raise ValueError(
+            f"--resume with a config that differs from {where} outside run.*: " + "; ".join(diff)
+        )
+
+
+def train_step(s: Session) -> StepStats:
+    """One optimiser step: ``optim.grad_accum`` micro-batches, each with fresh prompts, then one update.
+
+    Raises ``NonFiniteLoss`` before the update when any process's loss is NaN or inf.
+    """
+    cfg, state, accelerator = s.cfg, s.state, s.accelerator
+    lr = cfg.optim.lr * lr_factor(state.step, cfg.optim, cfg.run.steps)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    losses, prompts, logged, waited = [], 0, {}, 0.0
+    for micro in range(cfg.optim.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(s.loader)
+        waited += time.perf_counter() - t0
+        batch = batch.to(s.device)  # pinned host memory -> device, non-blocking
+        # the prompts of a micro-batch are a pure function of (seed, micro-step, rank): resume draws the same
+        g = step_generator(
+            cfg.run.seed, state.step * cfg.optim.grad_accum + micro, accelerator.process_index, s.device
+        )
+        # accumulate: no gradient all-reduce until the last micro-batch of the step
+        with accelerator.accumulate(s.model):
+            loss, logged = s.task.loss(s.model, batch, g, accelerator)
+            every = accelerator.gather(loss.detach().float().reshape(1))
+            if not bool(torch.isfinite(every).all()):  # the one host read of the loss per micro-batch
+                latest = ckpt.latest_checkpoint(s.out)
+                raise NonFiniteLoss(
+                    f"non-finite loss {every.tolist()} at step {state.step + 1} (micro-batch {micro}, images "
+                    f"{batch.image_ids.tolist()}); stopped before the update. Last good checkpoint: "
+                    f"{latest if latest else 'none'}. Lower optim.lr or check the data, then --resume."
+                )
+            # backward: scales by 1/grad_accum and handles mixed precision
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.clip_norm > 0:
+                accelerator.clip_grad_norm_(s.params, cfg.optim.clip_norm)
+            # step: a no-op on all but the last micro-batch of the step (accelerate's accumulation)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+        losses.append(float(every.mean()))
+        prompts += s.task.prompts_in(batch)
+        state.batch_in_epoch += 1
+        if state.batch_in_epoch == s.per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    state.step += 1
+    return StepStats(
+        loss=float(np.mean(losses)),
+        lr=lr,
+        prompts=prompts,
+        logged={k: float(v) for k, v in logged.items()},
+        data_wait_s=waited,
+    )

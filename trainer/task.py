@@ -1,0 +1,77 @@
+"""What a training task is: one small protocol, and the registry that ``model.task`` names.
+
+A task owns what differs between instance and semantic training: which images train, the decoder head, the
+loss of a micro-batch (with its prompts), validation and its headline score, and the end-of-run figures.
+Everything else (the session, the step, the loop, checkpoints) is shared. A new task is one file with a
+class that has this shape, plus its line in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.instance import InstanceTask
+from trainer.semantic import SemanticTask
+
+if TYPE_CHECKING:
+    from embedcache.cache import Cache
+    from trainer.config import Config
+    from trainer.data import Batch, ImageStore
+
+
+class Task(Protocol):
+    """One kind of training; built from the resolved config by ``make_task``."""
+
+    reads_labels: ClassVar[bool]
+    """The loader builds ``(B, 1024, 1024)`` class maps (``Batch.labels``) instead of object masks."""
+
+    @staticmethod
+    def resolve(cfg: Config, cache: Cache) -> Config:
+        """The config with the fields this task derives from the cache filled in (a new object)."""
+        ...
+
+    def train_images(self, cache: Cache) -> np.ndarray:
+        """``(n,)`` int64 cache indices of the images that train."""
+        ...
+
+    def head(self, mask_decoder: nn.Module) -> nn.Module | None:
+        """The module ``PromptedDecoder`` puts on the decoder (``None``: SAM's own mask and IoU heads)."""
+        ...
+
+    def loss(
+        self, model: nn.Module, batch: Batch, g: torch.Generator, accelerator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar loss of one micro-batch (prompts drawn from ``g``) and its detached named terms."""
+        ...
+
+    def prompts_in(self, batch: Batch) -> int:
+        """How many prompted predictions a micro-batch trains (what prompts/s counts)."""
+        ...
+
+    def validate(self, model: nn.Module, store: ImageStore, images: np.ndarray, accelerator) -> dict:
+        """Metrics of the unwrapped ``model`` on the cache images ``images``, equal on every process."""
+        ...
+
+    def score(self, metrics: dict) -> float:
+        """The one number of ``validate``'s metrics that picks the best checkpoint (higher is better)."""
+        ...
+
+    def overlays(
+        self, folder: Path, store: ImageStore, images: np.ndarray, start: nn.Module, tuned: nn.Module, n: int
+    ) -> list[Path]:
+        """Figures of up to ``n`` of ``images``, starting model against tuned model; the files written."""
+        ...
+
+
+TASKS: dict[str, type[Task]] = {"instance": InstanceTask, "semantic": SemanticTask}
+"""``model.task`` -> its class; the choices of ``ModelConfig.task`` must be these keys."""
+
+
+def make_task(cfg: Config) -> Task:
+    """The task ``cfg.model.task`` names, built from ``cfg`` (resolve it first where the cache is known)."""
+    return TASKS[cfg.model.task](cfg)
