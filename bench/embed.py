@@ -126,10 +126,12 @@ def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Rati
     from embedcache.encode import ShardJob, encode_shards
     from embedcache.images import load_image
     from embedcache.models import build_sam
-    from embedcache.preprocess import resize_longest_side, to_model_input
+    from embedcache.preprocess import resize, to_model_input
+    from embedcache.presets import get_preset
 
     flops = encoder_flops(model_type)
     sam = build_sam(model_type).to(ctx.device)  # random init on CPU, as embedcache does
+    preset = get_preset(model_type)
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     base = {"model": model_type, "dtype": "bf16" if ctx.cuda else "fp32"}
 
@@ -140,7 +142,7 @@ def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Rati
 
     # one untimed encode first, whatever the size: the first call pays for allocator and thread-pool setup
     with torch.inference_mode(), torch.autocast(device_type=ctx.device.type, dtype=dtype, enabled=ctx.cuda):
-        sam.image_encoder(to_model_input([resize_longest_side(load_image(paths[0]))], sam, ctx.device))
+        sam.image_encoder(to_model_input([resize(load_image(paths[0]), preset)], preset, ctx.device))
     sync(ctx.device)
 
     # batched: encode_shards over all images, one shard, result dropped
@@ -151,6 +153,7 @@ def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Rati
         def one_pass(bs=bs):
             encode_shards(
                 sam,
+                preset,
                 [ShardJob(shard=0, paths=paths)],
                 lambda *_: None,
                 device=ctx.device,
@@ -177,8 +180,8 @@ def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Rati
     enc_ips = None
     if batched:
         bs = max(batched)
-        images = [resize_longest_side(load_image(p)) for p in paths[:bs]]
-        x = to_model_input(images, sam, ctx.device)
+        images = [resize(load_image(p), preset) for p in paths[:bs]]
+        x = to_model_input(images, preset, ctx.device)
         autocast = torch.autocast(device_type=ctx.device.type, dtype=dtype, enabled=ctx.cuda)
 
         def encode():
@@ -201,7 +204,7 @@ def _bench_model(ctx, size, sec, model_type, paths, matmul, series) -> list[Rati
     # decode + resize only, with the batched path's threads
     def decode():
         with ThreadPoolExecutor(max_workers=_workers()) as pool:
-            list(pool.map(lambda p: resize_longest_side(load_image(p)), paths))
+            list(pool.map(lambda p: resize(load_image(p), preset), paths))
 
     t = Stat.of(time_call(decode, device=torch.device("cpu"), warmup=1, repeats=size.repeats), "s")
     sec.rows.append(

@@ -14,7 +14,8 @@ from functools import cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from embedcache.models import IMAGE_SIZE, build_sam
+from embedcache.models import build_sam
+from embedcache.presets import get_preset
 
 PUBLISHED_TFLOP = {"vit_b": 0.97, "vit_l": 2.99, "vit_h": 5.96}
 """TFLOP per 1024x1024 image of SAM's encoders, as the issue quotes them."""
@@ -22,10 +23,12 @@ PUBLISHED_TFLOP = {"vit_b": 0.97, "vit_l": 2.99, "vit_h": 5.96}
 
 @cache
 def counted_flops(model_type: str) -> int:
-    """FLOPs of one encoder forward on one ``(1, 3, 1024, 1024)`` image, counted on the meta device."""
+    """FLOPs of one encoder forward on one ``(1, 3, S, S)`` image (S: the preset's input side), counted on the
+    meta device."""
     with torch.device("meta"):
         encoder = build_sam(model_type).image_encoder
-    x = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta")
+    side = get_preset(model_type).image_size
+    x = torch.empty(1, 3, side, side, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         encoder(x)
     return int(counter.get_total_flops())

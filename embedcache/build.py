@@ -29,6 +29,7 @@ from embedcache.encode import ShardJob, encode_shards
 from embedcache.fingerprint import dataset_fingerprint
 from embedcache.models import MODEL_TYPES, build_sam
 from embedcache.prepare import BadDataError, collect_metadata
+from embedcache.presets import get_preset
 from embedcache.readers import MASK_KINDS, make_reader
 from embedcache.signature import expected_signature
 from embedcache.split import split_definition
@@ -98,8 +99,10 @@ class BuildConfig:
             raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {self.mask_kind!r}")
         if self.ignore_index is not None and self.mask_kind != "semantic":
             raise ValueError("ignore_index applies to mask_kind='semantic' only")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ValueError(
+                f"val_fraction must be in [0, 1] (1: a held-out test cache), got {self.val_fraction}"
+            )
         for name in ("batch_size", "images_per_shard", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -206,6 +209,7 @@ def _prepare(
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
             workers=cfg.workers,
+            preset=get_preset(cfg.model_type),
         )
         write_metadata(group, meta, images_per_shard=cfg.images_per_shard)
         group.attrs.update(
@@ -319,6 +323,7 @@ def build_cache(cfg: BuildConfig) -> dict:
 
             encode_shards(
                 sam,
+                get_preset(cfg.model_type),
                 jobs,
                 write,
                 device=device,

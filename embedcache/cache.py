@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from embedcache import masks as mk
-from embedcache.models import IMAGE_SIZE
+from embedcache.presets import get_preset
 from embedcache.store import read_strings
 
 FRAMES = ("original", "input", "lowres")
@@ -32,7 +32,7 @@ class Objects:
     area: np.ndarray
     """(M,) int64 foreground pixels in the original frame."""
     input_area: np.ndarray
-    """(M,) int64 foreground pixels in the 1024 input frame (0 when a tiny object vanishes in resizing)."""
+    """(M,) int64 foreground pixels in the input frame (0 when a tiny object vanishes in resizing)."""
 
 
 class Cache:
@@ -42,6 +42,9 @@ class Cache:
         self.path = path
         self.group = group
         self.signature: dict = dict(group.attrs["signature"])
+        self.preset = get_preset(self.signature["model_type"])
+        """The model preset the cache was built for; its ``image_size`` is the input frame's side."""
+        self.image_size = self.preset.image_size
         self.build_report: dict = dict(group.attrs.get("build_report", {}))
         self.embeddings: zarr.Array = group["embeddings"]
         self.num_images = int(self.embeddings.shape[0])
@@ -130,8 +133,9 @@ class Cache:
     def masks(self, obj_idx, frame: str = "original"):
         """Exact masks of the objects ``obj_idx`` in one frame (rules in ``embedcache.masks``).
 
-        Returns a list of ``(H_i, W_i)`` bool arrays for ``"original"``, an ``(n, 1024, 1024)`` bool array for
-        ``"input"`` (False outside ``input_size``) or an ``(n, 256, 256)`` bool array for ``"lowres"``.
+        Returns a list of ``(H_i, W_i)`` bool arrays for ``"original"``, an ``(n, S, S)`` bool array
+        (S = ``image_size``) for ``"input"`` (False outside ``input_size``) or an ``(n, 256, 256)`` bool array
+        for ``"lowres"``.
         """
         if frame not in FRAMES:
             raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
@@ -146,14 +150,14 @@ class Cache:
                     mk.crop_to_original(self.mask_crop(j), self.objects.box[j], tuple(self.original_size[i]))
                 )
             return out
-        side = IMAGE_SIZE if frame == "input" else mk.LOWRES_SIZE
+        side = self.image_size if frame == "input" else mk.LOWRES_SIZE
         out = np.zeros((obj_idx.size, side, side), bool)  # calloc'd: untouched pages cost nothing
         for n, j in enumerate(obj_idx):
             (x1, y1, x2, y2), crop = self.input_mask_crop(j)
             if frame == "input":
                 out[n, y1:y2, x1:x2] = crop
             else:
-                mk.input_crop_to_lowres((y1, y2, x1, x2), crop, out=out[n])
+                mk.input_crop_to_lowres((y1, y2, x1, x2), crop, block=self.preset.lowres_block, out=out[n])
         return out
 
 

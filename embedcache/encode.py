@@ -28,7 +28,8 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from embedcache.images import load_image
-from embedcache.preprocess import resize_longest_side, to_model_input
+from embedcache.preprocess import resize, to_model_input
+from embedcache.presets import Preset
 
 EXIT_AFTER_SHARDS_ENV = "EMBEDCACHE_TEST_EXIT_AFTER_SHARDS"
 """Test hook: a process that has written this many shards in this run dies with ``os._exit(75)`` at once, as a
@@ -45,9 +46,9 @@ class ShardJob:
     """Its images, in cache order."""
 
 
-def _load(path: Path) -> np.ndarray:
-    """Prefetch work: file -> ``(h, w, 3)`` uint8, long side 1024."""
-    return resize_longest_side(load_image(path))
+def _load(path: Path, preset: Preset) -> np.ndarray:
+    """Prefetch work: file -> ``(h, w, 3)`` uint8 in the preset's input frame."""
+    return resize(load_image(path), preset)
 
 
 class _ShardWriter:
@@ -94,6 +95,7 @@ class _ShardWriter:
 
 def encode_shards(
     sam: Sam,
+    preset: Preset,
     jobs: list[ShardJob],
     write: Callable[[int, np.ndarray, float], None],
     *,
@@ -125,7 +127,7 @@ def encode_shards(
 
         def refill() -> None:
             while len(pending) < lookahead and (path := next(it, None)) is not None:
-                pending.append(pool.submit(_load, path))
+                pending.append(pool.submit(_load, path, preset))
 
         refill()
         writer = _ShardWriter(write)
@@ -138,7 +140,7 @@ def encode_shards(
                     images = [pending.popleft().result() for _ in range(n)]
                     refill()
                     with torch.inference_mode(), autocast:
-                        x = to_model_input(images, sam, device)
+                        x = to_model_input(images, preset, device)
                         y = sam.image_encoder(x).to(torch.float16)
                     if cuda:
                         host = torch.empty(y.shape, dtype=torch.float16, pin_memory=True)

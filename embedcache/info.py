@@ -26,15 +26,17 @@ def info_text(path: str | Path) -> str:
     emb = disk_bytes(c.path, "embeddings")
     obj = disk_bytes(c.path, "objects")
     n, m = c.num_images, c.num_objects
-    ds = s["dataset"]
+    ds, pp = s["dataset"], s["preprocessing"]
     lines = [
         f"cache        {c.path}",
         f"format       v{s['format_version']}, embeddings {s['storage_dtype']} (N, 256, 64, 64), "
         f"{c.images_per_shard} images/shard",
         f"model        {s['model_type']}  checkpoint {s['checkpoint']}  compute {s['compute_dtype']}",
         f"encoder      {json.dumps(s['encoder'])}",
-        f"preprocess   long side {s['preprocessing']['long_side']}, mean {s['preprocessing']['pixel_mean']}, "
-        f"std {s['preprocessing']['pixel_std']}, {s['preprocessing']['padding']}",
+        f"preprocess   input {pp['image_size']}x{pp['image_size']}, resize {pp['resize']}, "
+        f"normalise {pp['normalize']}"
+        + (f" (mean {pp['pixel_mean']}, std {pp['pixel_std']})" if pp["normalize"] == "mean_std" else "")
+        + f", {pp['padding']}",
         f"dataset      {ds['reader']} ({ds['mask_kind']}"
         + (f", ignore {ds['ignore_index']}" if ds.get("ignore_index") is not None else "")
         + f"), {ds['num_files']} files, fingerprint {ds['fingerprint'][:16]}...",

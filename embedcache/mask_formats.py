@@ -19,10 +19,11 @@ import numpy as np
 from numcodecs import Zstd
 
 from embedcache import masks as mk
-from embedcache.models import IMAGE_SIZE
 from embedcache.prepare import collect_metadata
 from embedcache.readers import FolderReader
 from embedcache.readers.coco import _decode_rle
+
+IMAGE_SIZE = 1024  # the measurements use SAM's input frame
 
 ZSTD = Zstd(level=0)  # zarr v3's default compressor settings for the cache's small arrays
 
@@ -60,13 +61,13 @@ def measure(data: Path, mask_kind: str) -> list[dict]:
     fixed = m * (4 * 4 + 8 + 4 + 8 + 8)  # box f32x4, image i64, class i32, area i64, offset i64
 
     def input_crop_bits(j):
-        return mk.crop_to_input(crops[j], box[j], tuple(orig[img[j]]), tuple(inp[img[j]]))
+        return mk.crop_to_input(crops[j], box[j], tuple(orig[img[j]]), tuple(inp[img[j]]), side=IMAGE_SIZE)
 
     # crop-bits
     def read_a(j):
         out[:] = False
         c = mk.unpack(bits[off[j] : off[j + 1]], box[j])
-        mk.crop_to_input(c, box[j], tuple(orig[img[j]]), tuple(inp[img[j]]), out=out)
+        mk.crop_to_input(c, box[j], tuple(orig[img[j]]), tuple(inp[img[j]]), side=IMAGE_SIZE, out=out)
 
     def read_a_orig(j):
         mk.crop_to_original(mk.unpack(bits[off[j] : off[j + 1]], box[j]), box[j], tuple(orig[img[j]]))

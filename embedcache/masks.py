@@ -8,12 +8,13 @@ docs/cache-format.md has the measurements that chose this over RLE and compresse
 Frames (exact, integer-only, so every reader derives the same bits):
 
 - ``original``: ``(H, W)``, the mask as read from the dataset.
-- ``input``: ``(1024, 1024)``. The mask is resized to the input size ``(h, w)`` (SAM's long side 1024, see
-  ``input_hw``) by centre-aligned nearest neighbour: output row ``r`` takes source row
-  ``((2 r + 1) H) // (2 h)``, columns likewise. Everything outside ``h x w`` (the bottom-right padding) is
-  False.
-- ``lowres``: ``(256, 256)``. Each pixel covers a 4x4 block of the input frame and is True when at least 8 of
-  the 16 input pixels are True (a majority, ties to True).
+- ``input``: ``(S, S)`` with S the preset's input side (1024 for SAM, 256 for LiteMedSAM). The mask is
+  resized to the input size ``(h, w)`` (``Preset.input_hw``) by centre-aligned nearest neighbour: output row
+  ``r`` takes source row ``((2 r + 1) H) // (2 h)``, columns likewise. Everything outside ``h x w`` (the
+  bottom-right padding) is False.
+- ``lowres``: ``(256, 256)``, the decoder's logit grid. Each pixel covers a ``b x b`` block of the input frame
+  (``b = S / 256``: 4 for SAM, 1 for LiteMedSAM) and is True when at least half of its ``b * b`` input pixels
+  are True (ties to True; 8 of 16 for b = 4).
 """
 
 from __future__ import annotations
@@ -22,17 +23,13 @@ from functools import lru_cache
 
 import numpy as np
 
-from embedcache.models import IMAGE_SIZE
-
-LOWRES_SIZE = 256
-LOWRES_BLOCK = IMAGE_SIZE // LOWRES_SIZE  # 4: input pixels per low-res pixel, per side
-LOWRES_MIN_COUNT = 8  # of the 16 input pixels in a block
+from embedcache.presets import LOWRES_SIZE
 
 
-def input_hw(h: int, w: int, long_side: int = IMAGE_SIZE) -> tuple[int, int]:
-    """``ResizeLongestSide.get_preprocess_shape``: the size after scaling the long side to ``long_side``."""
-    scale = long_side * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+def lowres_min_count(block: int) -> int:
+    """Input pixels of a ``block x block`` cell that must be True for its low-res pixel to be True: half,
+    rounded up."""
+    return -(-block * block // 2)
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -76,16 +73,17 @@ def crop_to_original(crop: np.ndarray, box, hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def crop_to_input(crop: np.ndarray, box, hw: tuple[int, int], in_hw: tuple[int, int], out=None) -> np.ndarray:
-    """The input-frame ``(1024, 1024)`` bool mask from a box crop, by the nearest rule in the module
-    docstring.
+def crop_to_input(
+    crop: np.ndarray, box, hw: tuple[int, int], in_hw: tuple[int, int], *, side: int, out=None
+) -> np.ndarray:
+    """The input-frame ``(side, side)`` bool mask of a box crop, by the module docstring's nearest rule.
 
     Only the output rows/columns whose source falls inside the box are touched, so the cost is the object's
-    size in the input frame, not 1024x1024 (plus zeroing ``out`` when it is freshly allocated).
+    size in the input frame, not side x side (plus zeroing ``out`` when it is freshly allocated).
     """
     (r0, r1, c0, c1), small = input_crop(crop, box, hw, in_hw)
     if out is None:
-        out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+        out = np.zeros((side, side), bool)
     out[r0:r1, c0:c1] = small
     return out
 
@@ -105,20 +103,27 @@ def input_crop(crop: np.ndarray, box, hw: tuple[int, int], in_hw: tuple[int, int
     return (r0, r1, c0, c1), small
 
 
-def input_crop_to_lowres(region: tuple[int, int, int, int], small: np.ndarray, out=None) -> np.ndarray:
+def input_crop_to_lowres(
+    region: tuple[int, int, int, int], small: np.ndarray, *, block: int, out=None
+) -> np.ndarray:
     """The ``(256, 256)`` low-res mask from an ``input_crop`` result; equal to ``input_to_lowres`` of the full
-    input frame, but only the 4x4 blocks the crop touches are counted."""
+    input frame, but only the ``block x block`` cells the crop touches are counted."""
     r0, r1, c0, c1 = region
     if out is None:
         out = np.zeros((LOWRES_SIZE, LOWRES_SIZE), bool)
     if r1 <= r0 or c1 <= c0:
         return out
-    b = LOWRES_BLOCK
+    b = block
+    if b == 1:  # the input frame is the logit grid
+        out[r0:r1, c0:c1] = small
+        return out
     br0, bc0 = r0 // b, c0 // b
     br1, bc1 = -(-r1 // b), -(-c1 // b)
+    if b != 4:
+        raise ValueError(f"low-res block must be 1 or 4 input pixels, got {b}")
     padded = np.zeros(((br1 - br0) * b, (bc1 - bc0) * b), bool)  # block-aligned, zeros outside the crop
     padded[r0 - br0 * b : r1 - br0 * b, c0 - bc0 * b : c1 - bc0 * b] = small
-    out[br0:br1, bc0:bc1] = _block_counts(padded) >= LOWRES_MIN_COUNT
+    out[br0:br1, bc0:bc1] = _block_counts(padded) >= lowres_min_count(4)
     return out
 
 
@@ -135,10 +140,10 @@ def _block_counts(x: np.ndarray) -> np.ndarray:
 
 
 def input_to_lowres(masks: np.ndarray) -> np.ndarray:
-    """``(n, 1024, 1024)`` bool input-frame masks -> ``(n, 256, 256)`` bool by the 4x4 majority rule."""
-    n = masks.shape[0]
-    blocks = masks.reshape(n, LOWRES_SIZE, LOWRES_BLOCK, LOWRES_SIZE, LOWRES_BLOCK)
-    counts = blocks.sum(
-        axis=(2, 4), dtype=np.uint8
-    )  # the plain statement of the rule; _block_counts is faster
-    return counts >= LOWRES_MIN_COUNT
+    """``(n, S, S)`` bool input-frame masks -> ``(n, 256, 256)`` bool by the block majority rule.
+
+    The plain statement of the rule, for tests; ``input_crop_to_lowres`` is the fast path.
+    """
+    n, b = masks.shape[0], masks.shape[-1] // LOWRES_SIZE
+    counts = masks.reshape(n, LOWRES_SIZE, b, LOWRES_SIZE, b).sum(axis=(2, 4), dtype=np.int64)
+    return counts >= lowres_min_count(b)

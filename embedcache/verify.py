@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache import masks as mk
 from embedcache.cache import Cache, CacheError, open_cache
 from embedcache.prepare import input_frame_form
 from embedcache.split import assign_split
@@ -30,7 +29,8 @@ def _check_images(c: Cache, problems: list[str]) -> None:
             problems.append(f"{name}: length {len(getattr(c, name))}, expected {n}")
     if problems:
         return
-    expected_in = np.array([mk.input_hw(int(h), int(w)) for h, w in c.original_size], np.int32).reshape(-1, 2)
+    expected_in = np.array([c.preset.input_hw(int(h), int(w)) for h, w in c.original_size], np.int32)
+    expected_in = expected_in.reshape(-1, 2)
     for i in np.flatnonzero((expected_in != c.input_size).any(axis=1))[:10]:
         problems.append(f"image {i} ({c.image_id[i]}): input_size {c.input_size[i]} != {expected_in[i]}")
     if (c.original_size < 1).any():

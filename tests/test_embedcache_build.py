@@ -118,13 +118,13 @@ def test_split_is_deterministic_and_recorded(built):
 def test_signature(built):
     _, path, _ = built
     s = open_cache(path).signature
-    assert s["format_version"] == 1 and s["model_type"] == "vit_tiny" and s["checkpoint"] == "random-init:0"
+    assert s["format_version"] == 2 and s["model_type"] == "vit_tiny" and s["checkpoint"] == "random-init:0"
     assert (
         s["encoder"]["embed_dim"] == 64
         and s["storage_dtype"] == "float16"
         and s["compute_dtype"] == "float32"
     )
-    assert s["preprocessing"]["long_side"] == 1024 and s["preprocessing"]["pixel_mean"] == [
+    assert s["preprocessing"]["image_size"] == 1024 and s["preprocessing"]["pixel_mean"] == [
         123.675,
         116.28,
         103.53,
@@ -197,7 +197,7 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         BuildConfig(data=tmp_path, out=tmp_path / "x", model_type="vit_x")
     with pytest.raises(ValueError, match="val_fraction"):
-        BuildConfig(data=tmp_path, out=tmp_path / "x", model_type="vit_tiny", val_fraction=1.0)
+        BuildConfig(data=tmp_path, out=tmp_path / "x", model_type="vit_tiny", val_fraction=1.5)
     with pytest.raises(ValueError, match="ignore_index"):
         BuildConfig(data=tmp_path, out=tmp_path / "x", model_type="vit_tiny", ignore_index=255)
 

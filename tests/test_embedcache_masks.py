@@ -1,4 +1,4 @@
-"""The stored mask form and the exact frame rules (original, 1024 input, 256 low-res)."""
+"""The stored mask form and the exact frame rules (original, 1024 or 256 input, 256 low-res)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from embedcache import masks as mk
+from embedcache.presets import PRESETS
 
 
 def _random_mask(rng, h, w):
@@ -16,8 +17,14 @@ def _random_mask(rng, h, w):
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (37, 53), (600, 900), (1348, 1070)], ids=str)
-def test_input_hw_matches_segment_anything(hw):
-    assert mk.input_hw(*hw) == ResizeLongestSide.get_preprocess_shape(*hw, 1024)
+@pytest.mark.parametrize("preset", ["vit_b", "lite_medsam", "mobile_sam"])
+def test_input_hw_matches_segment_anything(hw, preset):
+    p = PRESETS[preset]
+    assert p.input_hw(*hw) == ResizeLongestSide.get_preprocess_shape(*hw, p.image_size)
+
+
+def test_square_resize_fills_the_input():
+    assert PRESETS["medsam_vit_b"].input_hw(37, 1348) == (1024, 1024)
 
 
 def test_pack_roundtrip():
@@ -30,18 +37,20 @@ def test_pack_roundtrip():
 
 
 @pytest.mark.parametrize("hw", [(37, 53), (160, 97), (700, 1100), (1348, 1070)], ids=str)
-def test_input_frame_is_the_centre_nearest_rule(hw):
+@pytest.mark.parametrize("preset", ["vit_b", "lite_medsam", "medsam_vit_b"])
+def test_input_frame_is_the_centre_nearest_rule(hw, preset):
     rng = np.random.default_rng(1)
     h, w = hw
     full = np.zeros(hw, bool)
     full[h // 5 : h // 2, w // 3 : w - 2] = _random_mask(rng, h // 2 - h // 5, w - 2 - w // 3)
     box = mk.mask_box(full)
-    in_hw = mk.input_hw(h, w)
-    got = mk.crop_to_input(full[box[1] : box[3], box[0] : box[2]], box, hw, in_hw)
+    side = PRESETS[preset].image_size
+    in_hw = PRESETS[preset].input_hw(h, w)
+    got = mk.crop_to_input(full[box[1] : box[3], box[0] : box[2]], box, hw, in_hw, side=side)
     # the rule written out the slow way: every output pixel samples ((2r+1)H)//(2h)
     rows = [((2 * r + 1) * h) // (2 * in_hw[0]) for r in range(in_hw[0])]
     cols = [((2 * c + 1) * w) // (2 * in_hw[1]) for c in range(in_hw[1])]
-    want = np.zeros((1024, 1024), bool)
+    want = np.zeros((side, side), bool)
     want[: in_hw[0], : in_hw[1]] = full[np.ix_(rows, cols)]
     assert np.array_equal(got, want)
 
@@ -58,10 +67,19 @@ def test_lowres_is_the_4x4_majority():
     assert np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("region", [(0, 5, 0, 7), (3, 11, 5, 6), (1021, 1024, 2, 1023)], ids=str)
-def test_lowres_from_a_crop_equals_lowres_of_the_full_frame(region):
+def test_lowres_of_a_256_input_is_the_input():
+    m = np.random.default_rng(4).random((2, 256, 256)) < 0.5
+    assert np.array_equal(mk.input_to_lowres(m), m)
+
+
+@pytest.mark.parametrize("side", [1024, 256])
+@pytest.mark.parametrize("region", [(0, 5, 0, 7), (3, 11, 5, 6), (221, 256, 2, 255)], ids=str)
+def test_lowres_from_a_crop_equals_lowres_of_the_full_frame(region, side):
     r0, r1, c0, c1 = region
+    if side == 1024:
+        r0, r1, c0, c1 = r0 * 4 + 1, r1 * 4, c0 * 4 + 3, c1 * 4  # unaligned to the 4x4 blocks
     small = np.random.default_rng(3).random((r1 - r0, c1 - c0)) < 0.6
-    full = np.zeros((1, 1024, 1024), bool)
+    full = np.zeros((1, side, side), bool)
     full[0, r0:r1, c0:c1] = small
-    assert np.array_equal(mk.input_crop_to_lowres(region, small), mk.input_to_lowres(full)[0])
+    got = mk.input_crop_to_lowres((r0, r1, c0, c1), small, block=side // 256)
+    assert np.array_equal(got, mk.input_to_lowres(full)[0])

@@ -13,6 +13,7 @@ from test_embedcache_support import build, read_png, tiny_dataset
 
 from embedcache import open_cache
 from embedcache.prepare import BadDataError, collect_metadata
+from embedcache.presets import PRESETS
 from embedcache.readers import CocoReader, FolderReader
 from embedcache.readers.coco import _decode_rle
 
@@ -20,7 +21,14 @@ from embedcache.readers.coco import _decode_rle
 def _meta(reader, skip_bad=False):
     scan = reader.scan()
     return collect_metadata(
-        reader, scan.records, scan_bad=scan.bad, skip_bad=skip_bad, val_fraction=0.0, seed=0, workers=2
+        reader,
+        scan.records,
+        scan_bad=scan.bad,
+        skip_bad=skip_bad,
+        val_fraction=0.0,
+        seed=0,
+        workers=2,
+        preset=PRESETS["vit_tiny"],
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedcache.prepare import collect_metadata
+from embedcache.presets import PRESETS
 from embedcache.readers import FolderReader
 
 
@@ -13,7 +14,14 @@ def _meta(root, kind):
     scan = reader.scan()
     assert not scan.bad
     meta, skipped = collect_metadata(
-        reader, scan.records, scan_bad=[], skip_bad=False, val_fraction=0.2, seed=0, workers=2
+        reader,
+        scan.records,
+        scan_bad=[],
+        skip_bad=False,
+        val_fraction=0.2,
+        seed=0,
+        workers=2,
+        preset=PRESETS["vit_tiny"],
     )
     assert not skipped
     return meta
