@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
 from bench.context import Context
 from bench.report import Ratio, Row, Section
 from bench.timing import Stat, peak_memory, time_kernel
@@ -57,22 +58,9 @@ def make_inputs(p: int, h: int, device: torch.device, seed: int = 0):
     return logits, targets, valid
 
 
-def _losses_fn():
-    """``(mask_losses, why_unavailable)``: the public op, or the reference while ``kernels`` exports none."""
-    import kernels
-
-    op = getattr(kernels, "mask_losses", None)
-    if callable(op):
-        return op, None
-    from kernels.reference import mask_losses_reference
-
-    return (lambda *a, backend: mask_losses_reference(*a)), "kernels.mask_losses is not exported yet"
-
-
 def run(ctx: Context) -> Section:
     size = SIZES[ctx.size]
     t_start = time.perf_counter()
-    mask_losses, missing = _losses_fn()
     copy = ctx.limit("copy")
     sec = Section(bench="kernels", size=ctx.size, config=asdict(size))
     sec.limits[ctx.limit_name("copy")] = copy
@@ -88,9 +76,9 @@ def run(ctx: Context) -> Section:
             "targets": f"{4 * size.h}x{4 * size.h} uint8",
             "logits": "fp32",
         }
-        compulsory = _bytes_moved(p, size.h)
+        compulsory = kernels.min_bytes_moved(p, size.h, size.h, torch.float32)
         for name, backend in providers:
-            why = _unavailable(name, ctx, missing)
+            why = _unavailable(name, ctx)
             if why:
                 sec.rows.append(
                     Row(case="mask_losses fwd+bwd", provider=name, config=cfg, status="unavailable", note=why)
@@ -98,7 +86,7 @@ def run(ctx: Context) -> Section:
                 continue
 
             def step(backend=backend, inputs=(logits, targets, valid)):
-                out = mask_losses(*inputs, backend=backend)
+                out = kernels.mask_losses(*inputs, backend=backend)
                 (out.focal + out.bce + out.dice + out.mse).sum().backward()
 
             try:
@@ -158,18 +146,16 @@ def run(ctx: Context) -> Section:
                     value=peaks["reference", p].median / peaks["fused", p].median,
                 )
             )
-    sec.notes += _notes(ctx, size, times, copy, missing)
+    sec.notes += _notes(ctx, size, times, copy)
     if ctx.out is not None:
         sec.plots += _plot(ctx, size, times)
     sec.seconds = time.perf_counter() - t_start
     return sec
 
 
-def _unavailable(provider: str, ctx: Context, missing: str | None) -> str | None:
+def _unavailable(provider: str, ctx: Context) -> str | None:
     if provider != "fused":
         return None
-    if missing:
-        return missing
     if not ctx.cuda:
         # The Triton op runs on CPU only under TRITON_INTERPRET=1, a debugging interpreter: its times say
         # nothing about the kernel, so no CPU figure is reported for it.
@@ -177,7 +163,7 @@ def _unavailable(provider: str, ctx: Context, missing: str | None) -> str | None
     return None
 
 
-def _notes(ctx: Context, size: KernelsSize, times: dict, copy: Stat, missing: str | None) -> list[str]:
+def _notes(ctx: Context, size: KernelsSize, times: dict, copy: Stat) -> list[str]:
     notes = [
         "One call = forward and backward of focal+bce+dice+mse over all masks (fp32 logits, uint8 targets). "
         + (
@@ -200,21 +186,12 @@ def _notes(ctx: Context, size: KernelsSize, times: dict, copy: Stat, missing: st
         if ("fused", p) in times:
             ms = times["fused", p].median
             # The byte bound: the time the compulsory bytes take at the measured copy bandwidth.
-            floor_ms = _bytes_moved(p, size.h) / (copy.median * 1e9) * 1e3
+            floor_ms = kernels.min_bytes_moved(p, size.h, size.h, torch.float32) / (copy.median * 1e9) * 1e3
             notes.append(
                 f"P={p}: fused {ms:.3g} ms vs byte floor {floor_ms:.3g} ms at copy bandwidth "
                 f"({floor_ms / ms:.0%} of the byte limit reached)."
             )
     return notes
-
-
-def _bytes_moved(p: int, h: int) -> int:
-    """Bytes the fused fwd+bwd must move for ``(p, h, h)`` fp32 logits (``kernels.min_bytes_moved``)."""
-    try:
-        from kernels import min_bytes_moved
-    except ImportError:  # the same formula, until kernels exports it
-        return 44 * p * h * h
-    return min_bytes_moved(p, h, h, torch.float32, backward=True)
 
 
 def _plot(ctx: Context, size: KernelsSize, times: dict) -> list[str]:

@@ -2,7 +2,7 @@
 
 ``kernels.reference.class_ce_reference`` defines the op. The tiling, the group layout of the 4x upsample and
 the gather-based adjoint are the ones of ``kernels/mask_losses.py`` (read its module docstring first), and the
-device code for them is shared (``kernels/_upsample.py``); here each program also loops over the C classes:
+device code for them is shared (``kernels/_tile.py``); here each program also loops over the C classes:
 
 - Forward: one program per (image, block of groups). A loop over classes keeps an online log-sum-exp per
   high-res pixel and picks the labelled class's logit; the program writes ``(sum of CE, count)`` for its tile.
@@ -18,11 +18,11 @@ count as ignored here (the torch reference raises on them instead: a kernel cann
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
-from kernels._launch import check_triton_args, launch_config, resolve_backend, tile_grid
-from kernels._lazy import LazyHelper, LazyKernel, require_launchable
-from kernels._upsample import group_block, store_adjoint, tile_layout, upsample_tile, valid_size
+from kernels._dispatch import check_triton_args, require_launchable, resolve_backend
+from kernels._tile import group_block, store_adjoint, tile_grid, tile_layout, upsample_tile, valid_size
 from kernels.reference import class_ce_reference
 
 __all__ = ["class_ce"]
@@ -34,11 +34,12 @@ FWD_CONFIG = (8, 8)
 BWD_CONFIG = (16, 8)
 
 
-def _warps_for(block: int) -> int:
-    return 8 if block >= 8 else 4
+def _launch_config(config: tuple[int, int], block: int | None) -> tuple[int, int]:
+    """``(BLOCK, num_warps)``: the kernel's tuned ``config``, or the ``block=`` override with its warps."""
+    return config if block is None else (block, 8 if block >= 8 else 4)
 
 
-@LazyHelper
+@triton.jit
 def _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index):
     """The tile's labels (``ignore_index`` outside the valid region) and which pixels count: valid, not
     ignored, and in ``[0, C)``."""
@@ -49,7 +50,7 @@ def _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index):
     return label, counted
 
 
-@LazyHelper
+@triton.jit
 def _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label):
     """Online log-sum-exp over the C upsampled class logits of every pixel of the tile, and the labelled
     class's logit (0 where the label is not a class)."""
@@ -65,6 +66,7 @@ def _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label):
     return run_max + tl.log(run_sum), picked
 
 
+@triton.jit
 def _class_ce_fwd(
     logits_ptr,  # (B, C, h, w) float32 / bfloat16
     labels_ptr,  # (B, 4h, 4w) integer
@@ -88,11 +90,11 @@ def _class_ce_fwd(
     ce = lse - picked
     zero = tl.full(inside.shape, 0.0, tl.float32)
     out = partial_ptr + (pid_b.to(tl.int64) * n_tiles + pid_t) * 2
-    # tl.reduce with Triton's sum combiner, not tl.sum: see the comment in mask_losses.py.
-    tl.store(out + 0, tl.reduce(tl.where(counted, ce, zero), None, tl.standard._sum_combine))
-    tl.store(out + 1, tl.reduce(tl.where(counted, 1.0, zero), None, tl.standard._sum_combine))
+    tl.store(out + 0, tl.sum(tl.where(counted, ce, zero)))
+    tl.store(out + 1, tl.sum(tl.where(counted, 1.0, zero)))
 
 
+@triton.jit
 def _class_ce_bwd(
     logits_ptr,  # (B, C, h, w) float32 / bfloat16
     labels_ptr,  # (B, 4h, 4w) integer
@@ -122,12 +124,8 @@ def _class_ce_bwd(
         up = upsample_tile(logits_ptr + plane, stencil)
         g = coef * (tl.exp(up - lse) - (label == c).to(tl.float32))
         g = tl.where(counted, g, 0.0)
-        # Adjoint of the upsample (kernels/_upsample.py): columns, then rows, combining group k with k + 1.
+        # Adjoint of the upsample (kernels/_tile.py): columns, then rows, combining group k with k + 1.
         store_adjoint(grad_ptr + plane, g, kr, kc, h, w, BLOCK)
-
-
-_fwd_kernel = LazyKernel(_class_ce_fwd)
-_bwd_kernel = LazyKernel(_class_ce_bwd)
 
 
 class _ClassCEFunction(torch.autograd.Function):
@@ -137,11 +135,11 @@ class _ClassCEFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, valid_i32, ignore_index, block):
         b, c, h, w = logits.shape
         ctx.ignore_index, ctx.block = ignore_index, block
-        block, warps = launch_config(FWD_CONFIG, block, _warps_for)
+        block, warps = _launch_config(FWD_CONFIG, block)
         n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=False)
         partial = torch.empty((b, n_tiles, 2), device=logits.device, dtype=torch.float32)
         if b > 0:
-            _fwd_kernel[(b, n_tiles)](
+            _class_ce_fwd[(b, n_tiles)](
                 logits,
                 labels,
                 valid_i32,
@@ -164,12 +162,12 @@ class _ClassCEFunction(torch.autograd.Function):
     def backward(ctx, g_out):
         logits, labels, valid_i32, inv_count = ctx.saved_tensors
         b, c, h, w = logits.shape
-        block, warps = launch_config(BWD_CONFIG, ctx.block, _warps_for)
+        block, warps = _launch_config(BWD_CONFIG, ctx.block)
         grad = torch.empty_like(logits)
         coef = (g_out * inv_count).to(torch.float32).contiguous()
         n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=True)
         if b > 0:
-            _bwd_kernel[(b, n_tiles)](
+            _class_ce_bwd[(b, n_tiles)](
                 logits,
                 labels,
                 valid_i32,

@@ -29,11 +29,11 @@ Targets are read as one byte per pixel (bool is viewed as uint8, no copy); they 
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
-from kernels._launch import check_triton_args, launch_config, resolve_backend, tile_grid, valid_count
-from kernels._lazy import LazyHelper, LazyKernel, require_launchable
-from kernels._upsample import group_block, store_adjoint, tile_layout, upsample_tile, valid_size
+from kernels._dispatch import check_triton_args, require_launchable, resolve_backend
+from kernels._tile import group_block, store_adjoint, tile_grid, tile_layout, upsample_tile, valid_size
 from kernels.reference import MaskLosses, _check_mask_inputs, mask_losses_reference
 
 __all__ = ["mask_losses", "min_bytes_moved", "MaskLosses"]
@@ -52,11 +52,19 @@ FWD_CONFIG = (8, 4)
 BWD_CONFIG = (16, 8)
 
 
-def _warps_for(block: int) -> int:
-    return 8 if block >= 16 else 4
+def _launch_config(config: tuple[int, int], block: int | None) -> tuple[int, int]:
+    """``(BLOCK, num_warps)``: the kernel's tuned ``config``, or the ``block=`` override with its warps."""
+    return config if block is None else (block, 8 if block >= 16 else 4)
 
 
-@LazyHelper
+def _valid_count(valid_i32: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(P,)`` float32 number of valid high-res pixels per mask (``(vh, vw)`` clamped to the frame)."""
+    vh = valid_i32[:, 0].clamp(0, 4 * h)
+    vw = valid_i32[:, 1].clamp(0, 4 * w)
+    return (vh * vw).to(torch.float32)
+
+
+@triton.jit
 def _load_targets(targets_ptr, pid_p, y, x, inside, h, w):
     """Foreground flags and the float32 target of the tile's pixels, from one byte per pixel."""
     H = 4 * h
@@ -66,7 +74,7 @@ def _load_targets(targets_ptr, pid_p, y, x, inside, h, w):
     return is_fg, is_fg.to(tl.float32)
 
 
-@LazyHelper
+@triton.jit
 def _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA: tl.constexpr):
     """Per-pixel pieces of the losses, in float32, shared by the forward and the backward.
 
@@ -94,6 +102,7 @@ def _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA: tl.constexpr):
     return e, inv, p, z, q, ce, q_gamma, a_t
 
 
+@triton.jit
 def _mask_losses_fwd(
     logits_ptr,  # (P, h, w) float32 / bfloat16
     targets_ptr,  # (P, 4h, 4w) uint8
@@ -111,7 +120,7 @@ def _mask_losses_fwd(
     pid_t = tl.program_id(1)
     n_tiles = tl.num_programs(1)
     vh, vw = valid_size(valid_ptr, pid_p, h, w)
-    # This block's groups, its pixels and the upsampled logits there (kernels/_upsample.py).
+    # This block's groups, its pixels and the upsampled logits there (kernels/_tile.py).
     kr, kc = group_block(pid_t, n_tiles_w, BLOCK, BLOCK)
     y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
     up = upsample_tile(logits_ptr + pid_p.to(tl.int64) * h * w, stencil)
@@ -121,22 +130,19 @@ def _mask_losses_fwd(
     d = p - t
     pred = up > 0
 
-    # Sums use tl.reduce with Triton's own sum combiner rather than tl.sum: tl.sum is a @triton.jit function
-    # of triton.language, fixed in compiled or interpreted form when triton is imported, which would break
-    # interpreted launches in a process that imported triton before setting TRITON_INTERPRET. The interpreter
-    # recognises this combiner and sums with numpy.
     zero = tl.full(up.shape, 0.0, tl.float32)
     out = partial_ptr + (pid_p.to(tl.int64) * n_tiles + pid_t) * 8
-    tl.store(out + 0, tl.reduce(tl.where(inside, focal, zero), None, tl.standard._sum_combine))
-    tl.store(out + 1, tl.reduce(tl.where(inside, ce, zero), None, tl.standard._sum_combine))
-    tl.store(out + 2, tl.reduce(tl.where(inside, d * d, zero), None, tl.standard._sum_combine))
-    tl.store(out + 3, tl.reduce(tl.where(inside, p, zero), None, tl.standard._sum_combine))
-    tl.store(out + 4, tl.reduce(tl.where(inside, t, zero), None, tl.standard._sum_combine))
-    tl.store(out + 5, tl.reduce(tl.where(inside, p * t, zero), None, tl.standard._sum_combine))
-    tl.store(out + 6, tl.reduce(tl.where(inside & pred & is_fg, 1.0, zero), None, tl.standard._sum_combine))
-    tl.store(out + 7, tl.reduce(tl.where(inside & (pred | is_fg), 1.0, zero), None, tl.standard._sum_combine))
+    tl.store(out + 0, tl.sum(tl.where(inside, focal, zero)))
+    tl.store(out + 1, tl.sum(tl.where(inside, ce, zero)))
+    tl.store(out + 2, tl.sum(tl.where(inside, d * d, zero)))
+    tl.store(out + 3, tl.sum(tl.where(inside, p, zero)))
+    tl.store(out + 4, tl.sum(tl.where(inside, t, zero)))
+    tl.store(out + 5, tl.sum(tl.where(inside, p * t, zero)))
+    tl.store(out + 6, tl.sum(tl.where(inside & pred & is_fg, 1.0, zero)))
+    tl.store(out + 7, tl.sum(tl.where(inside & (pred | is_fg), 1.0, zero)))
 
 
+@triton.jit
 def _mask_losses_bwd(
     logits_ptr,  # (P, h, w) float32 / bfloat16
     targets_ptr,  # (P, 4h, 4w) uint8
@@ -176,12 +182,8 @@ def _mask_losses_bwd(
     g = c_focal * d_focal + c_bce * d + (2.0 * c_mse * d + c_dice_t * t + c_dice_1) * dp
     g = tl.where(inside, g, 0.0)
 
-    # Adjoint of the upsample, gathered per block in registers (kernels/_upsample.py).
+    # Adjoint of the upsample, gathered per block in registers (kernels/_tile.py).
     store_adjoint(grad_ptr + pid_p.to(tl.int64) * h * w, g, kr, kc, h, w, BLOCK)
-
-
-_fwd_kernel = LazyKernel(_mask_losses_fwd)
-_bwd_kernel = LazyKernel(_mask_losses_bwd)
 
 
 def _alpha_weights(alpha: float) -> tuple[float, float]:
@@ -192,13 +194,13 @@ def _alpha_weights(alpha: float) -> tuple[float, float]:
 def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block):
     """``(P, h, w)`` logits -> ``(P, 8)`` float32 per-mask sums (see ``_S_*``)."""
     p_count, h, w = logits.shape
-    block, warps = launch_config(FWD_CONFIG, block, _warps_for)
+    block, warps = _launch_config(FWD_CONFIG, block)
     n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=False)
     partial = torch.empty((p_count, n_tiles, _N_SUMS), device=logits.device, dtype=torch.float32)
     if p_count == 0:
         return partial.sum(1)
     a_pos, a_neg = _alpha_weights(alpha)
-    _fwd_kernel[(p_count, n_tiles)](
+    _mask_losses_fwd[(p_count, n_tiles)](
         logits,
         targets_u8,
         valid_i32,
@@ -221,10 +223,10 @@ def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
     grad = torch.empty_like(logits)
     if p_count == 0:
         return grad
-    block, warps = launch_config(BWD_CONFIG, block, _warps_for)
+    block, warps = _launch_config(BWD_CONFIG, block)
     n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=True)
     a_pos, a_neg = _alpha_weights(alpha)
-    _bwd_kernel[(p_count, n_tiles)](
+    _mask_losses_bwd[(p_count, n_tiles)](
         logits,
         targets_u8,
         valid_i32,
@@ -249,7 +251,7 @@ class _MaskLossesFunction(torch.autograd.Function):
     def forward(ctx, logits, targets_u8, valid_i32, alpha, gamma, block):
         _, h, w = logits.shape
         sums = _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block)
-        n = valid_count(valid_i32, h, w)
+        n = _valid_count(valid_i32, h, w)
         inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1.0), torch.zeros_like(n))
         focal = sums[:, _S_FOCAL] * inv_n
         bce = sums[:, _S_CE] * inv_n

@@ -55,8 +55,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def upsample4(logits: torch.Tensor) -> torch.Tensor:
-    """``(N, C, h, w)`` -> ``(N, C, 4h, 4w)``: the first half of ``Sam.postprocess_masks`` (bilinear, no
-    corners)."""
+    """``(N, C, h, w)`` -> ``(N, C, 4h, 4w)``, bilinear: the first half of ``Sam.postprocess_masks``."""
     n, c, h, w = logits.shape
     return F.interpolate(logits, (4 * h, 4 * w), mode="bilinear", align_corners=False)
 

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the CPU default, the ``gpu`` marker's clean skip, and the shared real datasets."""
+"""Shared pytest fixtures: the ``gpu`` and ``interpreter`` markers' clean skips, the shared real datasets, and
+the kernel tests' seed."""
 
 from __future__ import annotations
 
@@ -6,20 +7,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_helpers import fresh_seed
 
-from kernels.testing import fresh_seed, use_interpreter
+from kernels._dispatch import INTERPRETED
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip ``gpu`` tests cleanly when CUDA is absent, with the reason in the report."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Skip ``gpu`` tests cleanly when CUDA is absent, and ``interpreter`` tests when the kernels were built
+    compiled, with the reason in the report."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    compiled = pytest.mark.skip(
+        reason="needs TRITON_INTERPRET=1 set before the process starts; "
+        "`make test` runs these in a pytest call of their own"
+    )
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "interpreter" in item.keywords and not INTERPRETED:
+            item.add_marker(compiled)
 
 
 @pytest.fixture
@@ -34,9 +41,3 @@ def shared_data() -> Path:
 def seed() -> int:
     """A fresh seed per test (or ``SAMTUNE_TEST_SEED``), printed so that ``-rA`` and failures show it."""
     return fresh_seed()
-
-
-@pytest.fixture
-def interpret(monkeypatch) -> None:
-    """Run Triton kernels on CPU through Triton's interpreter for this test only (see kernels/_lazy.py)."""
-    use_interpreter(monkeypatch)

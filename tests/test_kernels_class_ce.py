@@ -9,18 +9,19 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-import kernels
-from kernels.reference import class_ce_reference
-from kernels.testing import (
+from kernel_helpers import (
     BF16,
     FP32,
     GPU_DTYPES,
     assert_close,
     assert_grad_close,
-    compile_sm90_ptx,
+    check_sm90,
     valid_rows,
 )
+
+import kernels
+from kernels._dispatch import INTERPRETED
+from kernels.reference import class_ce_reference
 
 ce_module = sys.modules["kernels.class_ce"]
 IGNORE = -100
@@ -102,7 +103,8 @@ SHAPES = [(1, 1, 1, 1), (2, 3, 3, 17), (3, 2, 17, 3), (1, 5, 17, 17), (2, 2, 1, 
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("valid", ["full", "row", "col", "mixed"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_triton_matches_reference(shape, valid, tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_matches_reference(shape, valid, tol, seed):
     logits, labels, valid_hw, weights = make_inputs(*shape, seed=seed, valid=valid)
     context = f"shape={shape} valid={valid_hw.tolist()} seed={seed}"
     compare(
@@ -114,7 +116,8 @@ def test_triton_matches_reference(shape, valid, tol, seed, interpret):
 
 
 @pytest.mark.parametrize("tol", [FP32])
-def test_triton_tile_seams(tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_tile_seams(tol, seed):
     logits, labels, valid_hw, weights = make_inputs(2, 3, 9, 7, seed=seed)
     compare(
         run(logits, labels, valid_hw, weights, backend="triton", block=4),
@@ -125,14 +128,16 @@ def test_triton_tile_seams(tol, seed, interpret):
 
 
 @pytest.mark.parametrize("tol", [BF16])
-def test_triton_bfloat16(tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_bfloat16(tol, seed):
     logits, labels, valid_hw, weights = make_inputs(2, 3, 5, 9, seed=seed, dtype=torch.bfloat16)
     got = run(logits, labels, valid_hw, weights, backend="triton")
     assert got[1].dtype == torch.bfloat16
     compare(got, run(logits, labels, valid_hw, weights, backend="torch"), *tol, f"bf16 seed={seed}")
 
 
-def test_nothing_counted_is_zero(interpret):
+@pytest.mark.interpreter
+def test_nothing_counted_is_zero():
     logits, labels, _, weights = make_inputs(2, 3, 2, 2, seed=0)
     labels[0] = IGNORE  # image 0: every label ignored; image 1: empty valid region
     valid_hw = torch.tensor([[8, 8], [0, 8]])
@@ -142,7 +147,8 @@ def test_nothing_counted_is_zero(interpret):
         assert torch.equal(grad, torch.zeros_like(grad)), backend
 
 
-def test_out_of_range_label(interpret):
+@pytest.mark.interpreter
+def test_out_of_range_label():
     """The reference raises; the kernel, which cannot raise without a sync, ignores the pixel."""
     logits, labels, valid_hw, weights = make_inputs(1, 3, 2, 2, seed=0, valid="full")
     bad = labels.clone()
@@ -160,26 +166,29 @@ def test_out_of_range_label(interpret):
     )
 
 
-def test_auto_on_cpu_is_the_reference(monkeypatch, seed):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_auto_on_cpu_is_the_reference(seed):
     logits, labels, valid_hw, weights = make_inputs(2, 3, 3, 4, seed=seed)
     got = run(logits, labels, valid_hw, weights, backend="auto")
     want = run(logits, labels, valid_hw, weights, backend="torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the kernels were built for the interpreter, which runs CPU tensors")
+def test_triton_on_cpu_needs_the_interpreter():
+    logits, labels, valid_hw, _ = make_inputs(1, 2, 2, 2, seed=0)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.class_ce(logits, labels, valid_hw, IGNORE, "triton")
 
 
-def test_kernels_compile_for_sm90():
-    scalars = {"C": "i32", "h": "i32", "w": "i32", "n_tiles_w": "i32", "ignore_index": "i32"}
-    scalars["BLOCK"] = "constexpr"
-    common = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "valid_ptr": "*i32"}
-    for kernel, outs in [
-        (ce_module._fwd_kernel, {"partial_ptr": "*fp32"}),
-        (ce_module._bwd_kernel, {"coef_ptr": "*fp32", "grad_ptr": "*bf16"}),
-    ]:
-        ptx = compile_sm90_ptx(kernel, common | outs | scalars, {"BLOCK": 16}, num_warps=8)
-        assert "atom" not in ptx
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_kernels_compile_for_sm90(which, dtype):
+    """Both kernels lower to sm_90 code at their launch configs, without atomics or register spills."""
+    kernel, (block, warps) = {
+        "fwd": (ce_module._class_ce_fwd, ce_module.FWD_CONFIG),
+        "bwd": (ce_module._class_ce_bwd, ce_module.BWD_CONFIG),
+    }[which]
+    check_sm90(kernel, dtype, {"BLOCK": block}, warps)
 
 
 @pytest.mark.gpu

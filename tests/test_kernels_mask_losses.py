@@ -12,18 +12,19 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-import kernels
-from kernels.reference import MaskLosses, mask_losses_reference
-from kernels.testing import (
+from kernel_helpers import (
     BF16,
     FP32,
     GPU_DTYPES,
     assert_close,
     assert_grad_close,
-    compile_sm90_ptx,
+    check_sm90,
     valid_rows,
 )
+
+import kernels
+from kernels._dispatch import INTERPRETED
+from kernels.reference import MaskLosses, mask_losses_reference
 
 ml_module = sys.modules["kernels.mask_losses"]  # the attribute `kernels.mask_losses` is the function
 
@@ -34,8 +35,7 @@ LOSS_NAMES = ("focal", "bce", "dice", "mse")  # the differentiable ones
 
 
 def make_valid(kind: str, p_count: int, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
-    """``(P, 2)`` int64 valid sizes of one kind; ``mixed`` cycles through every kind, empty and oversize
-    too."""
+    """``(P, 2)`` int64 valid sizes of one kind (``mixed`` cycles through all, empty and oversize too)."""
 
     def mixed():
         rvh = int(torch.randint(1, height + 1, (), generator=gen))
@@ -99,8 +99,7 @@ def compare(out, grad, ref_out, ref_grad, atol, rtol, context):
 
 
 def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0) -> MaskLosses:
-    """The issue's definition, literally: upsample, crop each mask to ``[:vh, :vw]``, torchvision's focal
-    loss."""
+    """The definition, literally: upsample, crop each mask to ``[:vh, :vw]``, apply torchvision's losses."""
     from torchvision.ops import sigmoid_focal_loss
 
     p_count, h, w = logits.shape
@@ -156,7 +155,8 @@ def test_reference_gradcheck(seed):
     assert torch.autograd.gradcheck(losses, (logits.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_empty_valid_region_convention(interpret):
+@pytest.mark.interpreter
+def test_empty_valid_region_convention():
     """No valid pixel: every loss 0, iou 1, zero gradient, on both backends."""
     logits, targets, _, weights = make_inputs(2, 3, 4, seed=0, targets="full")
     valid_hw = torch.tensor([[0, 16], [12, 0]])
@@ -186,7 +186,8 @@ CASES = [
 
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("shape,valid", CASES, ids=["P{}_h{}_w{}-{}".format(*s, v) for s, v in CASES])
-def test_triton_matches_reference(shape, valid, tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_matches_reference(shape, valid, tol, seed):
     logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, valid=valid)
     context = f"shape={shape} valid={valid_hw.tolist()} seed={seed}"
     got = run(logits, targets, valid_hw, weights, backend="triton")
@@ -200,7 +201,8 @@ def test_triton_matches_reference(shape, valid, tol, seed, interpret):
     [((2, 5, 9), 2), ((3, 17, 9), 4), ((1, 33, 40), 8)],
     ids=["P2_h5_w9-b2", "P3_h17_w9-b4", "P1_h33_w40-b8"],
 )
-def test_triton_tile_seams(shape, block, tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_tile_seams(shape, block, tol, seed):
     """Small blocks put many tile seams (and the overlapping backward blocks) inside small masks."""
     logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed)
     context = f"shape={shape} block={block} valid={valid_hw.tolist()} seed={seed}"
@@ -212,7 +214,8 @@ def test_triton_tile_seams(shape, block, tol, seed, interpret):
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("targets", ["empty", "full"])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8], ids=["bool", "uint8"])
-def test_triton_constant_targets(targets, dtype, tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_constant_targets(targets, dtype, tol, seed):
     logits, tgt, valid_hw, weights = make_inputs(3, 3, 17, seed=seed, targets=targets)
     if dtype == torch.uint8:
         tgt = tgt.to(torch.uint8) * 7  # any nonzero byte is foreground
@@ -227,7 +230,8 @@ def test_triton_constant_targets(targets, dtype, tol, seed, interpret):
 
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
-def test_triton_each_gradient(loss, tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_each_gradient(loss, tol, seed):
     """Each loss's gradient on its own, so a small term cannot hide behind a large one."""
     logits, targets, valid_hw, _ = make_inputs(3, 3, 17, seed=seed)
     weights = torch.zeros(len(LOSS_NAMES), 3)
@@ -243,7 +247,8 @@ def test_triton_each_gradient(loss, tol, seed, interpret):
 
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("alpha,gamma", [(-1.0, 2.0), (0.6, 0.0), (0.25, 1.5), (0.25, 3.0)])
-def test_triton_focal_parameters(alpha, gamma, tol, seed, interpret):
+@pytest.mark.interpreter
+def test_triton_focal_parameters(alpha, gamma, tol, seed):
     logits, targets, valid_hw, weights = make_inputs(3, 3, 5, seed=seed)
     context = f"alpha={alpha} gamma={gamma} seed={seed}"
     compare(
@@ -255,9 +260,9 @@ def test_triton_focal_parameters(alpha, gamma, tol, seed, interpret):
 
 
 @pytest.mark.parametrize("tol", [BF16])
-def test_triton_bfloat16(tol, seed, interpret):
-    """bf16 logits: both sides compute in float32 from the same bf16 values; the gradient is rounded to
-    bf16."""
+@pytest.mark.interpreter
+def test_triton_bfloat16(tol, seed):
+    """bf16 logits: both sides compute in float32 from the same bf16 values; the gradient comes back bf16."""
     logits, targets, valid_hw, weights = make_inputs(3, 17, 3, seed=seed, dtype=torch.bfloat16)
     got = run(logits, targets, valid_hw, weights, backend="triton")
     want = run(logits, targets, valid_hw, weights, backend="torch")
@@ -266,9 +271,9 @@ def test_triton_bfloat16(tol, seed, interpret):
     compare(*got, *want, *tol, f"bf16 seed={seed}")
 
 
-def test_triton_confident_logits_are_precise(interpret):
-    """|logit| up to 40: the kernel's log1p and 1 - p_t keep relative precision where 1 - sigmoid would
-    not."""
+@pytest.mark.interpreter
+def test_triton_confident_logits_are_precise():
+    """|logit| up to 40: the kernel's log1p and 1 - p_t keep the precision that 1 - sigmoid would lose."""
     logits = torch.linspace(-40, 40, 3 * 5).reshape(1, 3, 5)
     targets = torch.zeros(1, 12, 20, dtype=torch.bool)
     targets[:, :, 10:] = True  # right half foreground: confident and right there, confident and wrong left
@@ -279,7 +284,8 @@ def test_triton_confident_logits_are_precise(interpret):
     compare(*got, *want, 1e-6, 1e-4, "confident logits vs float64")
 
 
-def test_convergence_same_loss_curve(seed, interpret):
+@pytest.mark.interpreter
+def test_convergence_same_loss_curve(seed):
     """Optimising the same tiny logits with the fused op and with the reference gives the same loss curve."""
     logits, targets, valid_hw, _ = make_inputs(2, 6, 5, seed=seed)
     valid_hw = torch.tensor([[24, 20], [17, 9]])
@@ -305,18 +311,22 @@ def test_convergence_same_loss_curve(seed, interpret):
 # ---------------------------------------------------------------- dispatch, validation, helpers
 
 
-def test_auto_on_cpu_is_the_reference(monkeypatch, seed):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_auto_on_cpu_is_the_reference(seed):
     logits, targets, valid_hw, weights = make_inputs(3, 3, 4, seed=seed)
     got = run(logits, targets, valid_hw, weights, backend="auto")
     want = run(logits, targets, valid_hw, weights, backend="torch")
     for a, b in zip(got[0], want[0]):
         assert torch.equal(a, b)
     assert torch.equal(got[1], want[1])
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        kernels.mask_losses(logits, targets, valid_hw, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         kernels.mask_losses(logits, targets, valid_hw, backend="cuda")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the kernels were built for the interpreter, which runs CPU tensors")
+def test_triton_on_cpu_needs_the_interpreter():
+    logits, targets, valid_hw, _ = make_inputs(1, 2, 2, seed=0)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.mask_losses(logits, targets, valid_hw, backend="triton")
 
 
 @pytest.mark.parametrize(
@@ -339,7 +349,8 @@ def test_input_validation(bad):
         kernels.mask_losses(logits, targets, valid_hw, backend="torch")
 
 
-def test_no_masks(interpret):
+@pytest.mark.interpreter
+def test_no_masks():
     logits, targets, valid_hw, weights = make_inputs(0, 3, 4, seed=0)
     for backend in ("torch", "triton"):
         out, grad = run(logits, targets, valid_hw, weights, backend=backend)
@@ -358,28 +369,16 @@ def test_min_bytes_moved():
     assert kernels.min_bytes_moved(1, 256, 256, torch.bfloat16, backward=False) == 18 * 256 * 256
 
 
-def test_kernels_compile_for_sm90():
-    """The compiled (not interpreted) kernels lower to sm_90 code: catches what the interpreter lets
-    through."""
-    scalars = {"h": "i32", "w": "i32", "n_tiles_w": "i32", "alpha_pos": "fp32", "alpha_neg": "fp32"}
-    scalars |= {"GAMMA": "constexpr", "BLOCK": "constexpr"}
-    cases = [
-        (
-            ml_module._fwd_kernel,
-            {"logits_ptr": "*fp32", "targets_ptr": "*u8", "valid_ptr": "*i32"},
-            "partial_ptr",
-        ),
-        (ml_module._bwd_kernel, {"logits_ptr": "*bf16", "targets_ptr": "*u8", "valid_ptr": "*i32"}, None),
-    ]
-    for kernel, pointers, out_name in cases:
-        signature = dict(pointers)
-        if out_name:
-            signature[out_name] = "*fp32"
-        else:
-            signature |= {"coef_ptr": "*fp32", "grad_ptr": "*bf16"}
-        signature |= scalars
-        ptx = compile_sm90_ptx(kernel, signature, {"GAMMA": 2.0, "BLOCK": 16}, num_warps=8)
-        assert "atom" not in ptx, "the kernels are meant to be free of atomics"
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_kernels_compile_for_sm90(which, dtype):
+    """The compiled (not interpreted) kernels lower to sm_90 code at their launch configs, without atomics
+    and without register spills: catches what the interpreter lets through."""
+    kernel, (block, warps) = {
+        "fwd": (ml_module._mask_losses_fwd, ml_module.FWD_CONFIG),
+        "bwd": (ml_module._mask_losses_bwd, ml_module.BWD_CONFIG),
+    }[which]
+    check_sm90(kernel, dtype, {"GAMMA": 2.0, "BLOCK": block}, warps)
 
 
 # ---------------------------------------------------------------- GPU only
@@ -391,8 +390,7 @@ def cuda_device() -> torch.device:
 
 
 def _reference_in_chunks(logits, targets, valid_hw, weights, chunk=32):
-    """The reference at P=512 x 1024^2 would need tens of GiB at once; masks are independent, so chunk
-    them."""
+    """The reference, 32 masks at a time: at P=512 x 1024^2 at once it would need tens of GiB."""
     outs, grads = [], []
     for s in range(0, logits.shape[0], chunk):
         sl = slice(s, s + chunk)

@@ -1,22 +1,33 @@
-"""Triton device helpers for the 4x bilinear upsample tile that ``mask_losses`` and ``class_ce`` share.
+"""The 4x bilinear upsample tile that ``mask_losses`` and ``class_ce`` share: the launch grid (host side) and
+the Triton device functions that load, upsample and take the adjoint of a tile (inlined into the kernels).
 
 The layout (high-res row ``y = 4k - 2 + r``, groups of 4 rows/cols, ``(BLOCK, 4, BLOCK, 4)`` tiles, the
 overlapping backward blocks and the gather-based adjoint) is described in ``kernels/mask_losses.py``'s module
-docstring and in ``docs/kernels.md``. These are plain functions wrapped in ``LazyHelper`` (see
-``kernels/_lazy.py``): they are decorated with the kernels that call them, for the mode in force at launch.
-Compiled, they are inlined into the calling kernel.
+docstring and in ``docs/kernels.md``.
 """
 
 from __future__ import annotations
 
+import triton
 import triton.language as tl
 
-from kernels._lazy import LazyHelper
-
-__all__ = ["valid_size", "group_block", "tile_layout", "upsample_tile", "store_adjoint"]
+__all__ = ["tile_grid", "valid_size", "group_block", "tile_layout", "upsample_tile", "store_adjoint"]
 
 
-@LazyHelper
+def tile_grid(h: int, w: int, block: int, *, overlap: bool) -> tuple[int, int]:
+    """``(tiles, tiles per row)`` of the launch grid for ``(h, w)`` logits.
+
+    Forward tiles of ``block`` groups cover groups ``0..h`` x ``0..w``. Backward tiles (``overlap``) step by
+    ``block - 1`` groups over the ``h x w`` low-res pixels they write.
+    """
+    if overlap:
+        n_tiles_h, n_tiles_w = triton.cdiv(h, block - 1), triton.cdiv(w, block - 1)
+    else:
+        n_tiles_h, n_tiles_w = triton.cdiv(h + 1, block), triton.cdiv(w + 1, block)
+    return n_tiles_h * n_tiles_w, n_tiles_w
+
+
+@triton.jit
 def valid_size(valid_ptr, row, h, w):
     """``(vh, vw)`` of row ``row`` of the ``(N, 2)`` int32 sizes, clamped to ``[0, 4h] x [0, 4w]``."""
     vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * row), 0), 4 * h)
@@ -24,7 +35,7 @@ def valid_size(valid_ptr, row, h, w):
     return vh, vw
 
 
-@LazyHelper
+@triton.jit
 def group_block(pid_t, n_tiles_w, STEP: tl.constexpr, BLOCK: tl.constexpr):
     """Group rows ``kr`` and cols ``kc``, ``(BLOCK,)`` each, of tile ``pid_t``; tiles start every ``STEP``
     groups (``BLOCK`` forward, ``BLOCK - 1`` for the overlapping backward blocks)."""
@@ -33,7 +44,7 @@ def group_block(pid_t, n_tiles_w, STEP: tl.constexpr, BLOCK: tl.constexpr):
     return kr, kc
 
 
-@LazyHelper
+@triton.jit
 def tile_layout(kr, kc, vh, vw, h, w):
     """The ``(BLOCK, 4, BLOCK, 4)`` tile of groups ``kr x kc``: its pixels and its upsample stencil.
 
@@ -64,7 +75,7 @@ def tile_layout(kr, kc, vh, vw, h, w):
     return y, x, inside, (offsets, group_ok, (1.0 - wy_hi, wy_hi, 1.0 - wx_hi, wx_hi))
 
 
-@LazyHelper
+@triton.jit
 def upsample_tile(plane_ptr, stencil):
     """The float32 ``(BLOCK, 4, BLOCK, 4)`` upsampled tile of the ``(h, w)`` plane at ``plane_ptr``: the four
     low-res corners of each group are loaded once and weighted (``stencil`` from ``tile_layout``)."""
@@ -78,7 +89,7 @@ def upsample_tile(plane_ptr, stencil):
     return wy_lo * (wx_lo * l00 + wx_hi * l01) + wy_hi * (wx_lo * l10 + wx_hi * l11)
 
 
-@LazyHelper
+@triton.jit
 def store_adjoint(plane_ptr, g, kr, kc, h, w, BLOCK: tl.constexpr):
     """Adjoint of the upsample: from ``g``, the float32 ``(BLOCK, 4, BLOCK, 4)`` gradient with respect to the
     tile's pixels (zero outside the valid region), store the gradient of low-res pixels ``kr[:-1] x kc[:-1]``
@@ -93,8 +104,8 @@ def store_adjoint(plane_ptr, g, kr, kc, h, w, BLOCK: tl.constexpr):
     r = tl.arange(0, 4)
     w_hi_1 = (2 * r + 1).to(tl.float32) * 0.125
     w_lo_1 = 1.0 - w_hi_1
-    col_lo = tl.reduce(g * w_lo_1[None, None, None, :], 3, tl.standard._sum_combine)  # (BLOCK, 4, BLOCK)
-    col_hi = tl.reduce(g * w_hi_1[None, None, None, :], 3, tl.standard._sum_combine)
+    col_lo = tl.sum(g * w_lo_1[None, None, None, :], 3)  # (BLOCK, 4, BLOCK)
+    col_hi = tl.sum(g * w_hi_1[None, None, None, :], 3)
     a = tl.arange(0, BLOCK)
     j3 = kc[None, None, :]
     nxt3 = tl.minimum(a + 1, BLOCK - 1)[None, None, :] + tl.full((BLOCK, 4, BLOCK), 0, tl.int32)
@@ -102,8 +113,8 @@ def store_adjoint(plane_ptr, g, kr, kc, h, w, BLOCK: tl.constexpr):
     col_hi_next = tl.gather(col_hi, nxt3, 2)
     cols = col_hi + col_lo_next + tl.where(j3 == 0, col_lo, 0.0) + tl.where(j3 == w - 1, col_hi_next, 0.0)
 
-    row_lo = tl.reduce(cols * w_lo_1[None, :, None], 1, tl.standard._sum_combine)  # (BLOCK, BLOCK)
-    row_hi = tl.reduce(cols * w_hi_1[None, :, None], 1, tl.standard._sum_combine)
+    row_lo = tl.sum(cols * w_lo_1[None, :, None], 1)  # (BLOCK, BLOCK)
+    row_hi = tl.sum(cols * w_hi_1[None, :, None], 1)
     i2 = kr[:, None]
     nxt2 = tl.minimum(a + 1, BLOCK - 1)[:, None] + tl.full((BLOCK, BLOCK), 0, tl.int32)
     row_lo_next = tl.gather(row_lo, nxt2, 0)

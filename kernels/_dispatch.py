@@ -1,0 +1,48 @@
+"""Host-side checks that ``mask_losses`` and ``class_ce`` share: the backend choice and whether the Triton
+path can run the given tensors."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+__all__ = ["INTERPRETED", "check_triton_args", "require_launchable", "resolve_backend"]
+
+# Triton fixes compiled vs interpreted when ``triton.jit`` wraps a kernel (reading TRITON_INTERPRET), and
+# the op files wrap theirs at import, right after importing this module. So the mode is read once, here:
+# setting the variable later changes nothing. The interpreter tests set it before pytest starts (Makefile).
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+def resolve_backend(backend: str, logits: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: ``"auto"`` picks Triton for CUDA logits; anything else raises."""
+    if backend == "auto":
+        return "triton" if logits.is_cuda else "torch"
+    if backend in ("triton", "torch"):
+        return backend
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def require_launchable(*tensors: torch.Tensor) -> None:
+    """Raise a clear error when the tensors are on different devices, or on CPU with compiled kernels."""
+    devices = {tensor.device for tensor in tensors}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the Triton backend needs all inputs on one device, got {sorted(map(str, devices))}"
+        )
+    if INTERPRETED:
+        return
+    for tensor in tensors:
+        if not tensor.is_cuda:
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported "
+                f"to run the kernels on CPU; got a tensor on {tensor.device}"
+            )
+
+
+def check_triton_args(logits: torch.Tensor, block: int | None) -> None:
+    """Raise on logits the kernels do not load, or a ``block=`` override that is not a power of two >= 2."""
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton backend takes float32/bfloat16/float16 logits, got {logits.dtype}")
+    if block is not None and (block < 2 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two >= 2, got {block}")
