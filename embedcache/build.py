@@ -2,17 +2,23 @@
 
 Order of work (rank 0 = the main process; with one process it does everything):
 
+0. rank 0 takes the cache's build lock (``embedcache.lock``) for the whole build: a second writer is refused.
 1. rank 0 scans the dataset, fingerprints it and decides: fresh build, resume, nothing to do, or refuse
    (an existing store built from other data/model, unless ``overwrite``). A fresh build runs the metadata pass
-   and writes every array but the embeddings, then marks the store ``prepared``.
+   into a hidden sibling folder, writes every array but the embeddings there, marks it ``prepared`` and only
+   then renames it to ``out``: ``out`` is never a half-prepared store.
 2. every rank encodes the unfinished shards ``k`` with ``k % world_size == rank``, each shard written whole
    and then marked done, so a kill at any moment loses at most the shards in flight.
 3. after a barrier, rank 0 checks every shard is marked done and only then writes the build report and
    ``status: complete``. ``open_cache`` refuses anything else.
+
+Any OS error while writing (disk full, read-only folder) is raised as ``CacheWriteError`` naming the path and
+what to do; the store is left resumable by the same command.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -27,21 +33,52 @@ import zarr
 from embedcache.distributed import ProcessContext, process_context
 from embedcache.encode import ShardJob, encode_shards
 from embedcache.fingerprint import dataset_fingerprint
+from embedcache.images import DEFAULT_MAX_PIXELS
+from embedcache.lock import CacheLockedError, build_lock
 from embedcache.models import MODEL_TYPES, build_sam
 from embedcache.prepare import BadDataError, collect_metadata
 from embedcache.presets import get_preset
 from embedcache.readers import MASK_KINDS, make_reader
 from embedcache.signature import expected_signature
 from embedcache.split import split_definition
-from embedcache.store import read_strings, remove_partial_files, shard_slice, write_metadata, write_shard
+from embedcache.store import (
+    read_strings,
+    remove_partial_files,
+    shard_file,
+    shard_slice,
+    write_metadata,
+    write_shard,
+)
 
-__all__ = ["BadDataError", "BuildConfig", "CacheExistsError", "build_cache"]
+__all__ = [
+    "BadDataError",
+    "BuildConfig",
+    "CacheExistsError",
+    "CacheLockedError",
+    "CacheWriteError",
+    "build_cache",
+]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 class CacheExistsError(Exception):
     """``out`` holds something this build must not touch without ``overwrite`` (or at all)."""
+
+
+class CacheWriteError(RuntimeError):
+    """The operating system refused a write of the build (disk full, read-only, no permission)."""
+
+    def __init__(self, out: Path, e: OSError):
+        where = e.filename or out
+        advice = {
+            errno.ENOSPC: "the disk is full; free space and rerun the same command: finished shards are kept",
+            errno.EDQUOT: "the disk quota is exhausted; free space and rerun the same command",
+            errno.EROFS: f"the file system is read-only; choose a writable --out than {out}",
+            errno.EACCES: f"no permission to write there; choose a writable --out than {out}",
+            errno.EPERM: f"no permission to write there; choose a writable --out than {out}",
+        }.get(e.errno, f"while building {out}; rerun the same command to resume")
+        super().__init__(f"{where}: {e.strerror or e} ({advice})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +120,9 @@ class BuildConfig:
     """Threads decoding and resizing images ahead of the encoder."""
     skip_bad: bool = False
     """Leave bad items out (listed in the build report) instead of failing."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest ``H * W`` of an image or mask; bigger files are bad items, refused from their header before
+    being decoded."""
     overwrite: bool = False
     """Replace an existing cache at ``out`` instead of resuming it or refusing."""
     progress: bool = True
@@ -103,7 +143,7 @@ class BuildConfig:
             raise ValueError(
                 f"val_fraction must be in [0, 1] (1: a held-out test cache), got {self.val_fraction}"
             )
-        for name in ("batch_size", "images_per_shard", "workers"):
+        for name in ("batch_size", "images_per_shard", "workers", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -168,17 +208,22 @@ def _prepare(
             "num_files": len(scan.files),
             **reader.describe(),
             "skip_bad": cfg.skip_bad,
+            "max_pixels": cfg.max_pixels,
             "split": split_definition(cfg.val_fraction, cfg.seed),
         },
         layout={"images_per_shard": cfg.images_per_shard},
     )
     signature = _json_roundtrip(signature)
     out = cfg.out
+    staging = out.with_name(f".{out.name}.preparing")  # ours alone: we hold the build lock
+    for leftover in (staging, out.with_name(f".{out.name}.replaced")):  # from a killed build
+        if leftover.exists():
+            shutil.rmtree(leftover)
     fresh = True
     if out.exists():
         if not _is_store(out):
             if out.is_dir() and not any(out.iterdir()):
-                shutil.rmtree(out)
+                out.rmdir()
             else:
                 raise CacheExistsError(
                     f"{out}: exists and is not an embedcache cache; refusing to touch it (remove it yourself)"
@@ -187,41 +232,29 @@ def _prepare(
             group = zarr.open_group(out, mode="r+")
             attrs = group.attrs.asdict()
             diff = _first_difference(attrs["signature"], signature)
-            if cfg.overwrite:
-                shutil.rmtree(out)
-            elif diff is not None:
+            if attrs.get("status") not in ("prepared", "complete"):
+                pass  # killed during the metadata pass (older builds prepared in place): nothing to keep
+            elif diff is not None and not cfg.overwrite:
                 raise CacheExistsError(
                     f"{out}: holds a cache built differently ({diff}); pass --overwrite to replace it"
                 )
-            elif attrs.get("status") in ("prepared", "complete"):
+            elif not cfg.overwrite:
                 fresh = False
                 remove_partial_files(out)
-            else:  # killed during the metadata pass: nothing encoded yet, start again
-                shutil.rmtree(out)
     if fresh:
-        group = zarr.open_group(out, mode="w")
-        group.attrs.put({"signature": signature, "status": "preparing", "runs": []})
-        meta, skipped = collect_metadata(
-            reader,
-            scan.records,
-            scan_bad=scan.bad,
-            skip_bad=cfg.skip_bad,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-            workers=cfg.workers,
-            preset=get_preset(cfg.model_type),
-        )
-        write_metadata(group, meta, images_per_shard=cfg.images_per_shard)
-        group.attrs.update(
-            status="prepared",
-            prepare_report={
-                "data": str(cfg.data.resolve()),
-                "images_found": len(scan.records) + sum(1 for b in scan.bad),
-                "skipped": skipped,
-                "crowd_annotations_ignored": getattr(reader, "crowd_skipped", 0),
-                "seconds": round(time.perf_counter() - t0, 3),
-            },
-        )
+        try:
+            _prepare_staging(cfg, reader, scan, signature, staging, t0)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing of it is worth keeping
+            raise
+        if out.exists():  # an old cache being overwritten, or a store killed while preparing
+            replaced = out.with_name(f".{out.name}.replaced")
+            os.rename(out, replaced)
+            os.rename(staging, out)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(staging, out)
+        group = zarr.open_group(out, mode="r+")
     if group.attrs.get("status") == "complete":
         return  # nothing to do; a finished cache is not touched
     runs = list(group.attrs.get("runs", []))
@@ -237,6 +270,34 @@ def _prepare(
         }
     )
     group.attrs.update(runs=runs)
+
+
+def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: Path, t0: float) -> None:
+    """The metadata pass into ``staging``, left ``prepared`` (renamed to ``out`` by the caller)."""
+    group = zarr.open_group(staging, mode="w")
+    group.attrs.put({"signature": signature, "status": "preparing", "runs": []})
+    meta, skipped = collect_metadata(
+        reader,
+        scan.records,
+        scan_bad=scan.bad,
+        skip_bad=cfg.skip_bad,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        workers=cfg.workers,
+        preset=get_preset(cfg.model_type),
+        max_pixels=cfg.max_pixels,
+    )
+    write_metadata(group, meta, images_per_shard=cfg.images_per_shard)
+    group.attrs.update(
+        status="prepared",
+        prepare_report={
+            "data": str(cfg.data.resolve()),
+            "images_found": len(scan.records) + sum(1 for b in scan.bad),
+            "skipped": skipped,
+            "crowd_annotations_ignored": getattr(reader, "crowd_skipped", 0),
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
 
 
 def _json_roundtrip(d: dict) -> dict:
@@ -288,9 +349,23 @@ def build_cache(cfg: BuildConfig) -> dict:
     docs/cache-format.md).
 
     Raises ``BadDataError`` listing bad items (unless ``skip_bad``), ``CacheExistsError`` when ``out`` holds a
-    different cache (unless ``overwrite``) or something that is not a cache.
+    different cache (unless ``overwrite``) or something that is not a cache, ``CacheLockedError`` while
+    another build writes ``out``, and ``CacheWriteError`` when the OS refuses a write.
     """
     ctx = process_context(cpu=cfg.device == "cpu")
+    try:
+        if not ctx.is_main:
+            return _build(cfg, ctx)
+        with build_lock(cfg.out):
+            return _build(cfg, ctx)
+    except OSError as e:
+        if e.errno is None:  # one of ours, e.g. FileNotFoundError("...: checkpoint file not found")
+            raise
+        raise CacheWriteError(cfg.out, e) from e
+
+
+def _build(cfg: BuildConfig, ctx: ProcessContext) -> dict:
+    """``build_cache`` once the lock is held (rank 0) or not needed (other ranks)."""
     device, compute_dtype = _resolve_device(cfg, ctx)
     from embedcache.weights import resolve_checkpoint
 
@@ -319,7 +394,12 @@ def build_cache(cfg: BuildConfig) -> dict:
             sam = build_sam(cfg.model_type, checkpoint, seed=cfg.init_seed).to(device)
 
             def write(k: int, embeddings: np.ndarray, seconds: float) -> None:
-                write_shard(group, k, embeddings, seconds=seconds, run=run, rank=ctx.rank)
+                try:
+                    write_shard(group, k, embeddings, seconds=seconds, run=run, rank=ctx.rank)
+                except OSError as e:
+                    if e.filename is None:  # a failed write() (ENOSPC) names no file; the shard's is the one
+                        e.filename = str(shard_file(cfg.out, k))
+                    raise
 
             encode_shards(
                 sam,

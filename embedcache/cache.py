@@ -10,7 +10,8 @@ import zarr
 
 from embedcache import masks as mk
 from embedcache.presets import get_preset
-from embedcache.store import read_strings
+from embedcache.signature import FORMAT_VERSION
+from embedcache.store import read_strings, shard_file, storage_files
 
 FRAMES = ("original", "input", "lowres")
 
@@ -35,6 +36,25 @@ class Objects:
     """(M,) int64 foreground pixels in the input frame (0 when a tiny object vanishes in resizing)."""
 
 
+def read_array(group: zarr.Group, name: str, path: Path, *, every_chunk: bool = True) -> np.ndarray:
+    """Array ``name`` (``"objects/box"``) of the cache at ``path``, read whole; ``CacheError`` naming the
+    files when one is missing (``every_chunk``: all are written at build time) or fails its checksum or
+    decompression."""
+    arr = group[name]
+    missing = [f for f in storage_files(arr, path / name) if not f.is_file()] if every_chunk else []
+    if missing:  # zarr would silently return the fill value
+        raise CacheError(
+            f"{missing[0]}: chunk file missing ({len(missing)} of array {name}); rebuild the cache"
+        )
+    try:
+        return np.asarray(arr[...])
+    except Exception as e:
+        raise CacheError(
+            f"{path / name}: unreadable ({type(e).__name__}: {e}); a chunk file under it is corrupt, "
+            f"`embedcache verify {path}` names it; rebuild the cache"
+        ) from e
+
+
 class Cache:
     """An open, complete cache. Small arrays live in memory; embeddings are read from disk on demand."""
 
@@ -49,23 +69,26 @@ class Cache:
         self.embeddings: zarr.Array = group["embeddings"]
         self.num_images = int(self.embeddings.shape[0])
         self.images_per_shard = int(self.embeddings.shards[0])
-        self.original_size = np.asarray(group["original_size"][...], np.int32).reshape(-1, 2)
-        self.input_size = np.asarray(group["input_size"][...], np.int32).reshape(-1, 2)
-        self.image_id = read_strings(group["image_id"])
-        self.image_path = read_strings(group["image_path"])
-        self.split = read_strings(group["split"])
-        g = group["objects"]
-        self.objects = Objects(
-            image_index=np.asarray(g["image_index"][...], np.int64),
-            box=np.asarray(g["box"][...], np.float32).reshape(-1, 4),
-            class_id=np.asarray(g["class_id"][...], np.int32),
-            area=np.asarray(g["area"][...], np.int64),
-            input_area=np.asarray(g["input_area"][...], np.int64),
+
+        def read(name: str, dtype) -> np.ndarray:
+            return read_array(group, name, path).astype(dtype, copy=False)
+
+        self.original_size = read("original_size", np.int32).reshape(-1, 2)
+        self.input_size = read("input_size", np.int32).reshape(-1, 2)
+        self.image_id, self.image_path, self.split = (
+            read_strings(read_array(group, name, path)) for name in ("image_id", "image_path", "split")
         )
-        self._input_box = np.asarray(g["input_box"][...], np.int64).reshape(-1, 4)
-        self._input_offset = np.asarray(g["input_mask_offset"][...], np.int64)
+        self.objects = Objects(
+            image_index=read("objects/image_index", np.int64),
+            box=read("objects/box", np.float32).reshape(-1, 4),
+            class_id=read("objects/class_id", np.int32),
+            area=read("objects/area", np.int64),
+            input_area=read("objects/input_area", np.int64),
+        )
+        self._input_box = read("objects/input_box", np.int64).reshape(-1, 4)
+        self._input_offset = read("objects/input_mask_offset", np.int64)
         self.num_objects = int(self.objects.image_index.shape[0])
-        self._mask_offset = np.asarray(g["mask_offset"][...], np.int64)
+        self._mask_offset = read("objects/mask_offset", np.int64)
         self._loaded: dict[str, np.ndarray] = {}  # ragged mask bits, loaded on first use
         self._object_start = np.searchsorted(self.objects.image_index, np.arange(self.num_images + 1))
 
@@ -88,9 +111,21 @@ class Cache:
         breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
         for run in np.split(np.arange(idx.size), breaks):
             a, b = int(sorted_idx[run[0]]), int(sorted_idx[run[-1]]) + 1
-            block = self.embeddings[a:b]
+            try:
+                block = self.embeddings[a:b]
+            except Exception as e:  # a checksum, shard-index or truncation error from zarr
+                raise CacheError(self._bad_embeddings(a, b, f"unreadable ({type(e).__name__}: {e})")) from e
+            # never-written (or deleted) chunks read as the NaN fill value; training on them is silently wrong
+            # (0.5 ms per image for the check against ~5 ms to read it)
+            if not np.isfinite(block).all():
+                raise CacheError(self._bad_embeddings(a, b, "missing or holds non-finite values"))
             out[order[run]] = block[sorted_idx[run] - a]
         return out
+
+    def _bad_embeddings(self, a: int, b: int, what: str) -> str:
+        s = self.images_per_shard
+        files = ", ".join(str(shard_file(self.path, k)) for k in range(a // s, (b - 1) // s + 1))
+        return f"{files}: embeddings of images {a}..{b - 1} {what}; run `embedcache verify {self.path}`"
 
     def image_indices(self, split: str) -> np.ndarray:
         """``(n,)`` int64 indices of the images in ``"train"``, ``"val"`` or ``"all"``."""
@@ -116,7 +151,7 @@ class Cache:
     def _bits(self, name: str = "mask_bits") -> np.ndarray:
         """The whole ragged bit array, read once (isbi2012: 0.5 MB for 3,332 objects)."""
         if name not in self._loaded:
-            self._loaded[name] = np.asarray(self.group["objects"][name][...], np.uint8)
+            self._loaded[name] = read_array(self.group, f"objects/{name}", self.path).astype(np.uint8)
         return self._loaded[name]
 
     def input_mask_crop(self, j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,18 +216,27 @@ def open_cache(path: str | Path) -> Cache:
     """
     path = Path(path)
     group = open_group_checked(path)
+    version = group.attrs["signature"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheError(
+            f"{path}: cache format version {version!r}, but this embedcache reads version {FORMAT_VERSION} "
+            "(version 3 added chunk checksums); rebuild it with `embedcache build ... --overwrite`"
+        )
     status = group.attrs.get("status")
     if status != "complete":
         raise CacheError(
             f"{path}: cache is incomplete (status {status!r}); rerun the same build command to finish it"
         )
     try:
-        done = np.asarray(group["shard_done"][...])
+        done = read_array(group, "shard_done", path, every_chunk=False)  # a missing marker reads 0: not done
         if not (done > 0).all():
             missing = np.flatnonzero(done == 0).tolist()
             raise CacheError(
                 f"{path}: shards {missing[:10]} are not finished; rerun the build to finish them"
             )
+        gone = [f for f in storage_files(group["embeddings"], path / "embeddings") if not f.is_file()]
+        if gone:  # zarr would read a missing shard as its NaN fill value
+            raise CacheError(f"{gone[0]}: shard file missing ({len(gone)} in all); rebuild the cache")
         return Cache(path, group)
     except CacheError:
         raise

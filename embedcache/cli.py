@@ -14,6 +14,7 @@ from pathlib import Path
 
 from embedcache.build import BadDataError, BuildConfig, CacheExistsError, build_cache, default_workers
 from embedcache.cache import CacheError
+from embedcache.images import DEFAULT_MAX_PIXELS, BadInput
 from embedcache.models import MODEL_TYPES
 from embedcache.readers import MASK_KINDS
 
@@ -38,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--images-per-shard", type=int, default=8)
     b.add_argument("--workers", type=int, default=default_workers(), help="image decode threads")
     b.add_argument("--skip-bad", action="store_true", help="leave bad items out, listed in the build report")
+    b.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="largest H*W of an image or mask; bigger ones are bad items (default %(default)s)",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="print a cache's signature, counts and size")
@@ -71,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     images_per_shard=args.images_per_shard,
                     workers=args.workers,
                     skip_bad=args.skip_bad,
+                    max_pixels=args.max_pixels,
                     overwrite=args.overwrite,
                     progress=not args.no_progress,
                 )
@@ -101,7 +109,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.cache}: {len(problems)} problem(s)", file=sys.stderr)
                 return 1
             print(f"{args.cache}: OK")
-    except (BadDataError, CacheExistsError, CacheError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (
+        BadDataError,
+        BadInput,
+        CacheExistsError,
+        CacheError,
+        FileNotFoundError,
+        ValueError,
+        RuntimeError,
+    ) as e:
         print(f"embedcache {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -27,7 +27,7 @@ import torch
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from embedcache.images import load_image
+from embedcache.images import BadInput, load_image
 from embedcache.preprocess import resize, to_model_input
 from embedcache.presets import Preset
 
@@ -47,8 +47,14 @@ class ShardJob:
 
 
 def _load(path: Path, preset: Preset) -> np.ndarray:
-    """Prefetch work: file -> ``(h, w, 3)`` uint8 in the preset's input frame."""
-    return resize(load_image(path), preset)
+    """Prefetch work: file -> ``(h, w, 3)`` uint8 in the preset's input frame. Raises ``BadInput`` naming the
+    file."""
+    try:
+        return resize(load_image(path), preset)
+    except BadInput:
+        raise
+    except Exception as e:  # e.g. the file changed since the metadata pass checked it
+        raise BadInput(path, f"cannot be resized for the encoder ({type(e).__name__}: {e})") from e
 
 
 class _ShardWriter:
@@ -139,9 +145,13 @@ def encode_shards(
                     n = min(batch_size, len(job.paths) - b0)
                     images = [pending.popleft().result() for _ in range(n)]
                     refill()
-                    with torch.inference_mode(), autocast:
-                        x = to_model_input(images, preset, device)
-                        y = sam.image_encoder(x).to(torch.float16)
+                    try:
+                        with torch.inference_mode(), autocast:
+                            x = to_model_input(images, preset, device)
+                            y = sam.image_encoder(x).to(torch.float16)
+                    except RuntimeError as e:  # name the images; the traceback alone names none
+                        names = ", ".join(str(p) for p in job.paths[b0 : b0 + n])
+                        raise RuntimeError(f"encoding {names} (shard {job.shard}) failed: {e}") from e
                     if cuda:
                         host = torch.empty(y.shape, dtype=torch.float16, pin_memory=True)
                         host.copy_(y, non_blocking=True)

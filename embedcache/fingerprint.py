@@ -25,5 +25,5 @@ def dataset_fingerprint(root: Path, files: list[Path], *, workers: int = 4) -> s
         digests = list(pool.map(file_sha256, files))
     h = hashlib.sha256()
     for p, d in zip(files, digests):
-        h.update(f"{rel(p)}\0{d}\n".encode())
+        h.update(f"{rel(p)}\0{d}\n".encode("utf-8", "surrogateescape"))  # non-UTF-8 names too
     return h.hexdigest()

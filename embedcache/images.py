@@ -14,7 +14,9 @@ stored pixel grid, so rotating the image would misalign them):
   A constant image (``hi == lo``) becomes all zeros; non-finite values become 0.
 
 ``.tif``/``.tiff`` files are read with tifffile, everything else with Pillow. A truncated or unreadable file
-raises ``BadInput`` naming the file.
+raises ``BadInput`` naming the file. ``check_pixels`` reads only a file's header, so an image or mask over
+the pixel budget is refused before it is decoded (a 20000x20000 uint8 TIFF is 479 KB on disk and took 12.8 GB
+to build from).
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif")
 PERCENTILES = (0.5, 99.5)  # low/high percentiles of the high-bit-depth rule
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000x8000; below Pillow's own bomb warning (89.5 MP), so ours speaks first
+
+
+def printable(path: str | Path) -> str:
+    """``path`` as text that can always be printed and stored as UTF-8: bytes of a file name that are not
+    UTF-8 (Python's surrogate escapes) are written as ``\\xNN``."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class BadInput(Exception):
     """A dataset item that cannot be used; ``path`` names the offending file and ``reason`` says why."""
 
     def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
+        super().__init__(f"{printable(path)}: {reason}")
+        self.path = printable(path)
         self.reason = reason
 
 
@@ -60,6 +69,40 @@ def read_array(path: Path) -> np.ndarray:
             return np.array(im)
     except Exception as e:  # PIL, tifffile and zlib raise many unrelated types for a bad file
         raise BadInput(path, f"unreadable or truncated file ({type(e).__name__}: {e})") from e
+
+
+def header_hw(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image or mask file from its header alone (nothing is decoded). Raises ``BadInput``."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.series[0].shape)
+            if len(shape) == 3 and shape[-1] in (1, 2, 3, 4):  # channels last
+                shape = shape[:2]
+            elif len(shape) == 3 and shape[0] in (1, 3, 4):  # planar
+                shape = shape[1:]
+            if len(shape) != 2:
+                raise ValueError(f"unsupported TIFF shape {shape}")
+            return int(shape[0]), int(shape[1])
+        with Image.open(path) as im:  # lazy: reads the header only
+            return im.height, im.width
+    except Image.DecompressionBombError as e:  # Pillow's own refusal, over 179 MP: still a size problem
+        raise BadInput(path, f"image too large to decode ({e})") from e
+    except Exception as e:
+        raise BadInput(path, f"unreadable file ({type(e).__name__}: {e})") from e
+
+
+def check_pixels(path: Path, max_pixels: int) -> None:
+    """Refuse a file whose ``H * W`` exceeds ``max_pixels``, before decoding it. Raises ``BadInput``."""
+    h, w = header_hw(Path(path))
+    if h * w > max_pixels:
+        raise BadInput(
+            path,
+            f"{w}x{h} pixels ({h * w / 1e6:.1f} MP) exceeds the pixel budget of {max_pixels / 1e6:.1f} MP "
+            "(--max-pixels); downscale the image and its mask, or raise the budget",
+        )
 
 
 def read_palette_image(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from embedcache import masks as mk
-from embedcache.images import BadInput, load_image
+from embedcache.images import DEFAULT_MAX_PIXELS, BadInput, check_pixels, load_image
 from embedcache.presets import Preset
 from embedcache.readers import ImageRecord, Reader
 from embedcache.split import assign_split
@@ -34,11 +34,20 @@ class BadDataError(ValueError):
         self.bad = bad
 
 
-def _examine(reader: Reader, record: ImageRecord):
+def _examine(reader: Reader, record: ImageRecord, preset: Preset, max_pixels: int):
     """Decode one image and its objects -> (record, (H, W), objects) or a bad-item dict."""
     try:
+        for path in (record.image_path, record.mask_path):
+            if path is not None:
+                check_pixels(path, max_pixels)  # from the header, before anything is decoded
         image = load_image(record.image_path)
         hw = image.shape[:2]
+        if min(preset.input_hw(*hw)) < 1:  # e.g. 1x4000: the encoder cannot take a 0-pixel side
+            raise BadInput(
+                record.image_path,
+                f"{hw[1]}x{hw[0]} pixels resizes to {preset.input_hw(*hw)[::-1]} (WxH) at {preset.name}'s "
+                "input size: too thin to encode",
+            )
         objects = reader.read_objects(record, hw)
         return record, hw, objects
     except BadInput as e:
@@ -66,13 +75,16 @@ def collect_metadata(
     seed: int,
     workers: int,
     preset: Preset,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[dict, list[dict]]:
     """Run the metadata pass. Returns ``(meta, skipped)``; raises ``BadDataError`` unless ``skip_bad``.
+
+    ``max_pixels`` bounds ``H * W`` of every image and mask (checked from the file header).
 
     ``meta`` maps the layout's array names (see ``embedcache.store``) to numpy arrays.
     """
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedcache-meta") as pool:
-        results = list(pool.map(lambda r: _examine(reader, r), records))
+        results = list(pool.map(lambda r: _examine(reader, r, preset, max_pixels), records))
     bad = list(scan_bad) + [r for r in results if isinstance(r, dict)]
     if bad and not skip_bad:
         raise BadDataError(bad)

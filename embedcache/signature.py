@@ -25,7 +25,7 @@ from pathlib import Path
 from embedcache.models import checkpoint_id
 from embedcache.presets import get_preset
 
-FORMAT_VERSION = 2  # 2: presets (input side, resize rule and normalisation per model)
+FORMAT_VERSION = 3  # 2: presets (input side, resize rule and normalisation per model); 3: chunk crc32c
 STORAGE_DTYPE = "float16"
 
 

@@ -24,6 +24,10 @@
         input_mask_offset (M + 1,) int64         as mask_offset, for the input-frame copy
         input_mask_bits   (B',) uint8            the input-frame masks, box-cropped and bit-packed
 
+Every chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec, last in each array's codec chain; the
+sharding codec checksums each shard's index the same way), so a flipped byte anywhere fails the read that
+touches it, and ``embedcache verify`` reads every chunk.
+
 A shard of ``embeddings`` is one file written whole by one process; ``shard_done[k]`` is set only after that
 write returns (zarr's LocalStore writes to a temporary file and renames it, so a shard file is never seen
 half-written), so a set marker is the only thing a resumed build trusts.
@@ -35,11 +39,17 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from embedcache.models import PROMPT_EMBED_DIM
 
 EMBED_SHAPE = (PROMPT_EMBED_DIM, 64, 64)
 MASK_BITS_CHUNK = 1 << 20  # bytes per chunk of the ragged mask array: ~0.1 ms to decompress, few files
+# zarr v3's default compressor (zstd level 0), then a checksum of the compressed bytes: zstd alone does not
+# notice every flipped byte
+CHECKED = (ZstdCodec(level=0), Crc32cCodec())
+# write a chunk even when it equals the fill value, so that a missing file always means a lost file
+ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def num_shards(n_images: int, images_per_shard: int) -> int:
@@ -55,7 +65,12 @@ def _small(group: zarr.Group, name: str, data: np.ndarray) -> None:
     """Write a small array in one chunk (it is always read whole)."""
     chunks = data.shape if data.size else tuple(1 for _ in data.shape)
     arr = group.create_array(
-        name, shape=data.shape, dtype=data.dtype if data.dtype.kind != "U" else str, chunks=chunks
+        name,
+        shape=data.shape,
+        dtype=data.dtype if data.dtype.kind != "U" else str,
+        chunks=chunks,
+        compressors=CHECKED,
+        config=ALL_CHUNKS,
     )
     if data.size:
         arr[...] = data
@@ -75,7 +90,14 @@ def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> N
     _small(objects, "input_mask_offset", np.asarray(meta["objects/input_mask_offset"]))
     for name in ("mask_bits", "input_mask_bits"):
         bits = np.asarray(meta[f"objects/{name}"], np.uint8)
-        arr = objects.create_array(name, shape=bits.shape, dtype=np.uint8, chunks=(MASK_BITS_CHUNK,))
+        arr = objects.create_array(
+            name,
+            shape=bits.shape,
+            dtype=np.uint8,
+            chunks=(MASK_BITS_CHUNK,),
+            compressors=CHECKED,
+            config=ALL_CHUNKS,
+        )
         if bits.size:
             arr[:] = bits
     s = images_per_shard
@@ -85,13 +107,17 @@ def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> N
         dtype=np.float16,
         chunks=(1, *EMBED_SHAPE),  # one image per chunk: any image is readable on its own
         shards=(s, *EMBED_SHAPE),  # one shard = one writer's unit of work = one file
-        compressors=None,  # fp16 activations barely compress; raw chunks are read with no decode cost
+        # fp16 activations barely compress: raw chunks plus a 4-byte crc32c each
+        compressors=Crc32cCodec(),
         fill_value=np.float16("nan"),  # a never-written chunk reads as NaN, which verify catches
     )
     ns = num_shards(n, s)
-    group.create_array("shard_done", shape=(ns,), dtype=np.int32, chunks=(1,), fill_value=0)
-    group.create_array("shard_seconds", shape=(ns,), dtype=np.float32, chunks=(1,), fill_value=0.0)
-    group.create_array("shard_rank", shape=(ns,), dtype=np.int32, chunks=(1,), fill_value=-1)
+    for name, dtype, fill in (
+        ("shard_done", np.int32, 0),
+        ("shard_seconds", np.float32, 0.0),
+        ("shard_rank", np.int32, -1),
+    ):
+        group.create_array(name, shape=(ns,), dtype=dtype, chunks=(1,), fill_value=fill, compressors=CHECKED)
 
 
 def write_shard(
@@ -107,6 +133,18 @@ def write_shard(
     group["shard_seconds"][k] = seconds
     group["shard_rank"][k] = rank
     group["shard_done"][k] = run  # last: only now is the shard trusted
+
+
+def storage_files(arr: zarr.Array, folder: Path) -> list[Path]:
+    """The files that hold ``arr`` (one per shard when sharded, else one per chunk), in grid order."""
+    block = arr.shards or arr.chunks
+    grid = [-(-n // b) for n, b in zip(arr.shape, block)] if arr.size else []
+    return [Path(folder) / arr.metadata.encode_chunk_key(c) for c in np.ndindex(*grid)]
+
+
+def shard_file(path: Path, k: int) -> Path:
+    """The file holding shard ``k`` of ``embeddings`` (zarr v3 default chunk key encoding ``c/k/0/0/0``)."""
+    return Path(path) / "embeddings" / "c" / str(k) / "0" / "0" / "0"
 
 
 def remove_partial_files(root: Path) -> int:

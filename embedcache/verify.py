@@ -1,4 +1,9 @@
-"""``embedcache verify``: check a cache's completeness and integrity; every problem found is listed."""
+"""``embedcache verify``: check a cache's completeness and integrity; every problem found is listed.
+
+Every chunk of every array is read, so every crc32c checksum (``embedcache.store``) is checked; a failing
+shard is then read image by image to name the images and the file. The signature is checked against what
+this embedcache derives from its ``model_type`` (encoder, preprocessing, storage dtype).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,11 @@ import numpy as np
 
 from embedcache.cache import Cache, CacheError, open_cache
 from embedcache.prepare import input_frame_form
+from embedcache.signature import expected_signature
 from embedcache.split import assign_split
-from embedcache.store import EMBED_SHAPE, shard_slice
+from embedcache.store import EMBED_SHAPE, shard_file, shard_slice
 
-
-def shard_file(path: Path, k: int) -> Path:
-    """The file holding shard ``k`` of ``embeddings`` (zarr v3 default chunk key encoding ``c/k/0/0/0``)."""
-    return Path(path) / "embeddings" / "c" / str(k) / "0" / "0" / "0"
+__all__ = ["shard_file", "verify"]
 
 
 def _check_images(c: Cache, problems: list[str]) -> None:
@@ -47,6 +50,22 @@ def _check_images(c: Cache, problems: list[str]) -> None:
             problems.append("split: does not follow the recorded split definition")
 
 
+def _check_signature(c: Cache, problems: list[str]) -> None:
+    """The model-side fields must be exactly those of the recorded ``model_type`` and checkpoint id."""
+    sig = c.signature
+    try:
+        want = expected_signature(sig.get("model_type"), sig.get("checkpoint"))
+    except (ValueError, FileNotFoundError) as e:  # an unknown model type, or a checkpoint that is not an id
+        problems.append(f"signature: {e}")
+        return
+    for field, value in want.items():
+        if sig.get(field) != value:
+            model = sig["model_type"]
+            problems.append(
+                f"signature: {field} is {sig.get(field)!r}, but model_type {model!r} has {value!r}"
+            )
+
+
 def _check_embeddings(c: Cache, problems: list[str]) -> None:
     s, n = c.images_per_shard, c.num_images
     done = np.asarray(c.group["shard_done"][...])
@@ -58,9 +77,18 @@ def _check_embeddings(c: Cache, problems: list[str]) -> None:
             problems.append(f"shard {k} (images {sl.start}..{sl.stop - 1}): shard file missing")
             continue
         try:
-            block = c.embeddings[sl]
+            block = c.embeddings[sl]  # decodes every chunk of the shard: checks its and the index's crc32c
         except Exception as e:
-            problems.append(f"shard {k}: unreadable ({type(e).__name__}: {e})")
+            where = f"shard {k} ({shard_file(c.path, k)})"
+            bad = []
+            for i in range(sl.start, sl.stop):
+                try:
+                    c.embeddings[i]
+                except Exception as e_i:
+                    bad.append(f"image {i} ({type(e_i).__name__}: {e_i})")
+            problems.append(
+                f"{where}: unreadable, " + ("; ".join(bad) if bad else f"{type(e).__name__}: {e}")
+            )
             continue
         bad = ~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
         for i in np.flatnonzero(bad):
@@ -140,8 +168,12 @@ def verify(path: str | Path, *, embeddings: bool = True) -> list[str]:
     except CacheError as e:
         return [str(e)]
     problems: list[str] = []
+    _check_signature(c, problems)
     _check_images(c, problems)
     if embeddings and not problems:
         _check_embeddings(c, problems)
-    _check_objects(c, problems)
+    try:
+        _check_objects(c, problems)
+    except CacheError as e:  # the ragged mask arrays are read here, not at open
+        problems.append(str(e))
     return problems

@@ -41,3 +41,14 @@ def shared_data() -> Path:
 def seed() -> int:
     """A fresh seed per test (or ``SAMTUNE_TEST_SEED``), printed so that ``-rA`` and failures show it."""
     return fresh_seed()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A 6-image synthetic dataset and its uninterrupted vit_tiny cache (3 shards of 2 images)."""
+    from test_embedcache_support import build, tiny_dataset
+
+    root = tmp_path_factory.mktemp("reference")
+    data = tiny_dataset(root / "data")
+    build(data, root / "ref.zarr")
+    return data, root / "ref.zarr"

@@ -16,7 +16,7 @@ from embedcache import masks as mk
 from embedcache.build import BuildConfig, CacheExistsError
 from embedcache.cli import main
 from embedcache.models import build_sam
-from embedcache.signature import SignatureMismatch, check_compatible
+from embedcache.signature import FORMAT_VERSION, SignatureMismatch, check_compatible
 from embedcache.split import assign_split
 from embedcache.verify import shard_file, verify
 
@@ -118,7 +118,11 @@ def test_split_is_deterministic_and_recorded(built):
 def test_signature(built):
     _, path, _ = built
     s = open_cache(path).signature
-    assert s["format_version"] == 2 and s["model_type"] == "vit_tiny" and s["checkpoint"] == "random-init:0"
+    assert (
+        s["format_version"] == FORMAT_VERSION == 3
+        and s["model_type"] == "vit_tiny"
+        and s["checkpoint"] == "random-init:0"
+    )
     assert (
         s["encoder"]["embed_dim"] == 64
         and s["storage_dtype"] == "float16"

@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import tifffile
 from PIL import Image
 from pycocotools import mask as mask_utils
 from test_embedcache_support import build, read_png, tiny_dataset
+from test_embedcache_support import coco_reader as _coco
+from test_embedcache_support import metadata as _meta
+from test_embedcache_support import write_pair as _write
 
 from embedcache import open_cache
-from embedcache.prepare import BadDataError, collect_metadata
-from embedcache.presets import PRESETS
-from embedcache.readers import CocoReader, FolderReader
+from embedcache.prepare import BadDataError
+from embedcache.readers import FolderReader
 from embedcache.readers.coco import _decode_rle
-
-
-def _meta(reader, skip_bad=False):
-    scan = reader.scan()
-    return collect_metadata(
-        reader,
-        scan.records,
-        scan_bad=scan.bad,
-        skip_bad=skip_bad,
-        val_fraction=0.0,
-        seed=0,
-        workers=2,
-        preset=PRESETS["vit_tiny"],
-    )
-
-
-def _write(root, stem, image, mask, mask_ext=".png"):
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(root / "images" / f"{stem}.png")
-    if mask_ext == ".tif":
-        tifffile.imwrite(root / "masks" / f"{stem}.tif", mask)
-    else:
-        Image.fromarray(mask).save(root / "masks" / f"{stem}{mask_ext}")
 
 
 def _objects(meta):
@@ -109,15 +84,6 @@ def test_synthetic_instance_dataset_round_trips(tmp_path):
     for i, _, m in _objects(meta):
         labels = read_png(data / "masks" / f"img{i:03d}.png")
         assert any(np.array_equal(m, labels == v) for v in np.unique(labels) if v)
-
-
-def _coco(tmp_path, annotations, images=None):
-    (tmp_path / "imgs").mkdir(exist_ok=True)
-    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
-    images = images or [{"id": 5, "file_name": "imgs/a.png", "height": 30, "width": 40}]
-    path = tmp_path / "ann.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": []}))
-    return CocoReader(tmp_path, path)
 
 
 def test_coco_polygons_and_rle(tmp_path):

@@ -11,20 +11,11 @@ import time
 import numpy as np
 import pytest
 import zarr
-from test_embedcache_support import REPO, assert_same_cache, build, cli_build, tiny_dataset
+from test_embedcache_support import REPO, assert_same_cache, build, cli_build, cli_build_cmd
 
 from embedcache import CacheError, open_cache
 from embedcache.encode import EXIT_AFTER_SHARDS_ENV
 from embedcache.verify import shard_file
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """A dataset and its uninterrupted cache (3 shards of 2 images)."""
-    root = tmp_path_factory.mktemp("resume")
-    data = tiny_dataset(root / "data")
-    build(data, root / "ref.zarr")
-    return data, root / "ref.zarr"
 
 
 def test_resume_after_exit_mid_build_is_exact_and_reencodes_nothing_finished(reference, tmp_path):
@@ -51,9 +42,7 @@ def test_resume_after_exit_mid_build_is_exact_and_reencodes_nothing_finished(ref
 def test_resume_after_sigkill_at_a_random_moment(reference, tmp_path):
     data, ref = reference
     out = tmp_path / "c.zarr"
-    cmd = [sys.executable, "-m", "embedcache", "build", "--data", str(data), "--out", str(out)]
-    cmd += ["--model", "vit_tiny", "--images-per-shard", "2", "--batch-size", "2", "--workers", "2"]
-    cmd += ["--device", "cpu", "--no-progress"]
+    cmd = cli_build_cmd(data, out)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "shard_done" / "c" / "0"
     deadline = time.monotonic() + 120

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import zarr
+from PIL import Image
 
 from embedcache.build import BuildConfig, build_cache
+from embedcache.prepare import collect_metadata
+from embedcache.presets import PRESETS
+from embedcache.readers import CocoReader
 from embedcache.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +37,16 @@ def build(data: Path, out: Path, **kw) -> dict:
     return build_cache(BuildConfig(data=data, out=out, **opts))
 
 
-def cli_build(data: Path, out: Path, *extra: str, env: dict | None = None, check: bool = True):
-    """``python -m embedcache build`` in a subprocess (what a user would kill)."""
+def cli_build_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    """The ``python -m embedcache build`` command line of ``build``'s test defaults."""
     cmd = [sys.executable, "-m", "embedcache", "build", "--data", str(data), "--out", str(out)]
     cmd += ["--model", "vit_tiny", "--images-per-shard", "2", "--batch-size", "2", "--workers", "2"]
-    cmd += ["--device", "cpu", "--no-progress", *extra]
+    return [*cmd, "--device", "cpu", "--no-progress", *extra]
+
+
+def cli_build(data: Path, out: Path, *extra: str, env: dict | None = None, check: bool = True):
+    """``python -m embedcache build`` in a subprocess (what a user would kill)."""
+    cmd = cli_build_cmd(data, out, *extra)
     full_env = {**os.environ, **(env or {})}
     r = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
     if check and r.returncode != 0:
@@ -72,6 +83,45 @@ def assert_same_cache(a: Path, b: Path) -> None:
     sa = zarr.open_group(a, mode="r").attrs["signature"]
     sb = zarr.open_group(b, mode="r").attrs["signature"]
     assert sa == sb
+
+
+def metadata(reader, skip_bad=False, **kw):
+    """The metadata pass over everything ``reader`` scans: ``(meta, skipped)``."""
+    scan = reader.scan()
+    return collect_metadata(
+        reader,
+        scan.records,
+        scan_bad=scan.bad,
+        skip_bad=skip_bad,
+        val_fraction=0.0,
+        seed=0,
+        workers=2,
+        **{"preset": PRESETS["vit_tiny"], **kw},
+    )
+
+
+def write_pair(root, stem, image, mask, mask_ext=".png"):
+    """``root/images/<stem>.png`` and its mask ``root/masks/<stem><mask_ext>``."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / "images" / f"{stem}.png")
+    if mask_ext == ".tif":
+        tifffile.imwrite(root / "masks" / f"{stem}.tif", mask)
+    else:
+        Image.fromarray(mask).save(root / "masks" / f"{stem}{mask_ext}")
+
+
+def coco_reader(tmp_path, annotations, images=None, categories=None):
+    """A COCO JSON over one 30x40 image ``imgs/a.png``; ``categories`` defaults to the annotations' ids."""
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    images = images or [{"id": 5, "file_name": "imgs/a.png", "height": 30, "width": 40}]
+    if categories is None:
+        used = sorted({a["category_id"] for a in annotations if "category_id" in a})
+        categories = [{"id": c, "name": f"c{c}"} for c in used]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return CocoReader(tmp_path, path)
 
 
 def read_png(path: Path) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from embedcache.images import IMAGE_SUFFIXES, BadInput
+from embedcache.images import IMAGE_SUFFIXES, BadInput, printable
 from embedcache.masks import mask_box
 from embedcache.readers.base import ImageRecord, ObjectMask, ScanResult, check_nonempty
 
@@ -32,23 +32,94 @@ def _decode_rle(rle: dict) -> np.ndarray:
         return mask_utils.decode(rle)
 
 
+def rle_string_counts(counts: bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (the format of pycocotools' ``rleFrString``: each
+    count in 5-bit groups offset by 48, bit 0x20 = more groups follow, 0x10 of the last group = negative,
+    counts from the third on stored as the difference to the count two before). Raises ``ValueError`` on a
+    truncated string; pycocotools itself reads past the end and returns a wrong mask."""
+    out: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise ValueError("compressed RLE ends in the middle of a count (truncated)")
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE holds byte {counts[p]!r}, outside its alphabet")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        out.append(x + out[-2] if len(out) > 2 else x)
+    return out
+
+
+def _check_counts(counts: list[int], h: int, w: int) -> None:
+    if any(c < 0 for c in counts):
+        raise ValueError("RLE holds a negative run length")
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE run lengths sum to {sum(counts)}, not H*W = {h}*{w} = {h * w}")
+
+
+def _check_polygon(poly, h: int, w: int) -> None:
+    """Finite numbers, at least 3 points, within one image size of the image: pycocotools rasterises each edge
+    point by point, so a NaN or huge coordinate asks it for gigabytes (a NaN polygon took 13.7 GB)."""
+    if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+        raise ValueError("polygon must be a flat list of at least 3 x, y pairs")
+    xy = np.asarray(poly, dtype=np.float64) if all(isinstance(v, int | float) for v in poly) else None
+    if xy is None or not np.isfinite(xy).all():
+        raise ValueError("polygon coordinates must be finite numbers")
+    x, y = xy[0::2], xy[1::2]
+    if x.min() < -w or x.max() > 2 * w or y.min() < -h or y.max() > 2 * h:
+        raise ValueError(
+            f"polygon reaches ({x.min():g}..{x.max():g}, {y.min():g}..{y.max():g}), far outside "
+            f"the {w}x{h} image"
+        )
+
+
 def decode_segmentation(segmentation, h: int, w: int) -> np.ndarray:
-    """A COCO ``segmentation`` (polygon list, uncompressed RLE or compressed RLE) -> ``(h, w)`` bool mask."""
+    """A COCO ``segmentation`` (polygon list, uncompressed RLE or compressed RLE) -> ``(h, w)`` bool mask.
+
+    Raises ``ValueError`` for anything that does not describe exactly ``h * w`` pixels (see the checks)."""
     if isinstance(segmentation, list):  # polygons: one RLE per polygon, merged
-        if not segmentation or any(len(p) < 6 for p in segmentation):
-            raise ValueError("polygon with fewer than 3 points")
+        if not segmentation:
+            raise ValueError("empty polygon list")
+        for poly in segmentation:
+            _check_polygon(poly, h, w)
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, h, w)
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str | bytes):
-        rle = dict(segmentation)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
-        if list(rle["size"]) != [h, w]:
-            raise ValueError(f"RLE size {rle['size']} differs from image size {[h, w]}")
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list | str | bytes):
+        if list(segmentation.get("size", ())) != [h, w]:
+            raise ValueError(f"RLE size {segmentation.get('size')} differs from image size {[h, w]}")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) for c in counts):
+                raise ValueError("uncompressed RLE counts must be integers")
+            _check_counts(counts, h, w)
+            rle = mask_utils.frPyObjects(segmentation, h, w)
+        else:
+            rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            _check_counts(rle_string_counts(rle["counts"]), h, w)
     else:
         raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
     return _decode_rle(rle).astype(bool)
+
+
+def _image_entry_problem(im) -> str | None:
+    """What is wrong with one ``images`` entry, or None."""
+    if not isinstance(im, dict):
+        return "not an object"
+    missing = [k for k in ("id", "file_name", "height", "width") if k not in im]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if not isinstance(im["file_name"], str):
+        return f"file_name {im['file_name']!r} is not a string"
+    for k in ("height", "width"):
+        if not isinstance(im[k], int) or im[k] < 1:
+            return f"{k} {im[k]!r} is not a positive integer"
+    return None
 
 
 class CocoReader:
@@ -68,41 +139,79 @@ class CocoReader:
         try:
             data = json.loads(self.json_path.read_text())
             images, annotations = data["images"], data.get("annotations", [])
+            categories = {c["id"] for c in data["categories"]}
         except Exception as e:
             raise ValueError(f"{self.json_path}: not a COCO JSON ({type(e).__name__}: {e})") from e
+        bad: list[dict] = []
+        entries = {}  # id -> image entry, the well-formed ones
+        id_count, name_count = defaultdict(int), defaultdict(int)
+        for n, im in enumerate(images):
+            problem = _image_entry_problem(im)
+            if problem:
+                bad.append({"path": str(self.json_path), "reason": f"images[{n}]: {problem}"})
+                continue
+            id_count[im["id"]] += 1
+            name_count[im["file_name"]] += 1
+            entries[im["id"]] = im
         anns_by_image = defaultdict(list)
-        for a in sorted(annotations, key=lambda a: a["id"]):
+        bad_ann: dict = defaultdict(list)  # image id -> problems of its annotations
+        for n, a in enumerate(annotations):
+            where = f"annotation {a.get('id', f'#{n}')}" if isinstance(a, dict) else f"annotations[{n}]"
+            missing = [k for k in ("id", "image_id", "segmentation") if not isinstance(a, dict) or k not in a]
+            if missing:
+                bad.append({"path": str(self.json_path), "reason": f"{where}: no {', '.join(missing)}"})
+                continue
+            if a["image_id"] not in entries:
+                bad.append(
+                    {
+                        "path": str(self.json_path),
+                        "reason": f"{where} refers to image_id {a['image_id']!r}, which is not in images",
+                    }
+                )
+                continue
             if a.get("iscrowd", 0):
                 self.crowd_skipped += 1
                 continue
+            if "category_id" not in a:
+                bad_ann[a["image_id"]].append(f"{where}: no category_id")
+            elif a["category_id"] not in categories or a["category_id"] == 0:
+                bad_ann[a["image_id"]].append(
+                    f"{where}: category_id {a['category_id']!r} is not in categories"
+                    + (" (0 is reserved for background)" if a["category_id"] == 0 else "")
+                )
             anns_by_image[a["image_id"]].append(a)
-        bad: list[dict] = []
-        id_count = defaultdict(int)
-        name_count = defaultdict(int)
-        for im in images:
-            id_count[im["id"]] += 1
-            name_count[im["file_name"]] += 1
         records, files = [], [self.json_path]
-        for im in sorted(images, key=lambda im: str(im["id"])):
+        for im in sorted(entries.values(), key=lambda im: str(im["id"])):
             path = self.root / im["file_name"]
             if id_count[im["id"]] > 1 or name_count[im["file_name"]] > 1:
                 bad.append(
                     {
-                        "path": str(path),
+                        "path": printable(path),
                         "reason": f"duplicate COCO image id {im['id']} or file_name in {self.json_path}",
                     }
                 )
                 continue
-            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                bad.append({"path": str(path), "reason": "image file missing or of an unsupported type"})
+            if bad_ann[im["id"]]:
+                bad.append(
+                    {"path": printable(path), "reason": f"{self.json_path}: " + "; ".join(bad_ann[im["id"]])}
+                )
+                continue
+            if (
+                printable(path) != str(path)
+                or not path.is_file()
+                or path.suffix.lower() not in IMAGE_SUFFIXES
+            ):
+                bad.append(
+                    {"path": printable(path), "reason": "image file missing or of an unsupported type"}
+                )
                 continue
             files.append(path)
             records.append(
                 ImageRecord(
                     image_id=str(im["id"]),
                     image_path=path,
-                    annotations=tuple(anns_by_image.get(im["id"], ())),
-                    expected_hw=(int(im["height"]), int(im["width"])),
+                    annotations=tuple(sorted(anns_by_image.get(im["id"], ()), key=lambda a: a["id"])),
+                    expected_hw=(im["height"], im["width"]),
                 )
             )
         return ScanResult(records=records, bad=bad, files=sorted(files))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from embedcache.images import IMAGE_SUFFIXES, MASK_SUFFIXES, BadInput, load_mask
+from embedcache.images import IMAGE_SUFFIXES, MASK_SUFFIXES, BadInput, load_mask, printable
 from embedcache.readers.base import ImageRecord, ObjectMask, ScanResult, check_nonempty, objects_from_labels
 
 MASK_KINDS = ("instance", "binary", "semantic")
@@ -31,6 +31,9 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str, bad: list[dict]
     found: dict[str, list[Path]] = defaultdict(list)
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.is_dir():
+            continue
+        if printable(p.name) != p.name:  # the cache stores names as UTF-8 text
+            bad.append({"path": printable(p), "reason": "file name is not valid UTF-8; rename the file"})
             continue
         if p.suffix.lower() not in suffixes:
             bad.append(
@@ -90,6 +93,17 @@ class FolderReader:
             raise BadInput(
                 record.mask_path,
                 f"mask size {labels.shape} differs from image size {tuple(image_hw)} ({record.image_path})",
+            )
+        negative = labels < 0
+        if self.ignore_index is not None:
+            negative &= labels != self.ignore_index
+        if (
+            negative.any()
+        ):  # e.g. -1 in an int16 map: instance relabelling would make the background an object
+            raise BadInput(
+                record.mask_path,
+                f"mask holds negative labels (min {int(labels[negative].min())}); labels must be >= 0, "
+                "0 being background",
             )
         if self.mask_kind == "instance":
             values, inverse = np.unique(labels, return_inverse=True)
