@@ -15,6 +15,7 @@ complete checkpoint is always intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+FULL_DISK_BYTES = 1 << 20  # under 1 MiB free after a failed write: the disk was full
 
 
 def step_dir(run: Path, step: int) -> Path:
@@ -63,6 +65,32 @@ def commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed; the message names the folder, says whether the disk is full, and names
+    the last complete checkpoint to ``--resume`` from."""
+
+
+def write_failed(tmp: Path, run: Path, e: Exception) -> CheckpointWriteError:
+    """The error to raise when filling ``tmp`` failed with ``e``; removes the useless partial folder.
+
+    torch's zip writer reports a full disk as ``enforce fail at inline_container.cc`` with no errno, so the
+    free space left is what tells a full disk apart.
+    """
+    free = shutil.disk_usage(run).free
+    shutil.rmtree(tmp, ignore_errors=True)
+    full = (
+        getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or os.strerror(errno.ENOSPC) in str(e)  # safetensors' own error type carries only the text
+        or free < FULL_DISK_BYTES
+    )
+    why = f"the disk holding {run} is full ({free} bytes free)" if full else f"{type(e).__name__}: {e}"
+    latest = latest_checkpoint(run)
+    return CheckpointWriteError(
+        f"{tmp}: writing the checkpoint failed: {why}; free space, then rerun with --resume (last complete "
+        f"checkpoint: {latest if latest else 'none'})"
+    )
 
 
 def write_json(path: Path, obj) -> None:

@@ -9,9 +9,11 @@ train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval] trainer export 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 
+OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*=.*", re.S)  # section.field=value
 DESCRIPTION = "Fine-tune SAM's prompt encoder and mask decoder on cached image embeddings."
 
 
@@ -45,9 +47,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":  # overrides may also follow the options: `--out runs/a optim.lr=3e-4`
+        args.overrides += [x for x in extra if OVERRIDE.fullmatch(x)]
+        extra = [x for x in extra if not OVERRIDE.fullmatch(x)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from embedcache.cache import CacheError
     from embedcache.signature import SignatureMismatch
+    from trainer.checkpoint import CheckpointWriteError
     from trainer.session import NonFiniteLoss
 
     try:
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         SignatureMismatch,
         CacheError,
         NonFiniteLoss,
+        CheckpointWriteError,
         FileExistsError,
         FileNotFoundError,
         ValueError,

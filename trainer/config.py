@@ -9,9 +9,10 @@ into every checkpoint, and it is what ``trainer export`` and ``trainer eval`` re
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -283,11 +284,49 @@ def from_dict(d: dict[str, Any] | None) -> Config:
         bad = set(values) - known
         if bad:
             raise ValueError(f"unknown field(s) {sorted(bad)} in section {name!r}; known: {sorted(known)}")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        hints = get_type_hints(cls)
         # YAML reads 1e-4 (no dot) as a string; a float field takes it as the number it means
-        values = {k: _as_float(v) if types[k] == "float" else v for k, v in values.items()}
+        values = {k: _as_float(v) if hints[k] is float else v for k, v in values.items()}
+        for k, v in values.items():  # a wrong type is named here, not met later as a TypeError
+            if not _matches(v, hints[k]):
+                raise ValueError(f"{name}.{k}={v!r}: expected {_describe(hints[k])}")
         parts[name] = cls(**values)
     return Config(**parts)
+
+
+def _matches(v, t) -> bool:
+    """Whether a YAML value ``v`` is of the field type ``t`` (no coercion: ``run.steps=2.5`` is no int)."""
+    origin = get_origin(t)
+    if origin in (Union, types.UnionType):
+        return any(_matches(v, a) for a in get_args(t))
+    if origin is Literal:
+        return any(type(v) is type(a) and v == a for a in get_args(t))
+    if origin is tuple:
+        args = get_args(t)
+        return isinstance(v, list | tuple) and len(v) == len(args) and all(map(_matches, v, args))
+    if t is type(None):
+        return v is None
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+    if t is str:
+        return isinstance(v, str)
+    return True  # any other type is left to the section's __post_init__
+
+
+def _describe(t) -> str:
+    origin = get_origin(t)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(t))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(t))
+    if origin is tuple:
+        return f"a list of {len(get_args(t))} values ({', '.join(_describe(a) for a in get_args(t))})"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(t, str(t))
 
 
 def _as_float(v):
@@ -305,7 +344,11 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ValueError(f"override {item!r} must look like section.field=value, e.g. optim.lr=3e-4")
-        d.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        d.setdefault(section, {})[name] = value
     return d
 
 
@@ -314,7 +357,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     d = {}
     if path is not None:
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:  # its message gives the line and column
+                raise ValueError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a config is a mapping of sections, got {type(d).__name__}")
     return from_dict(apply_overrides(d, list(overrides)))

@@ -159,6 +159,14 @@ def setup(
         raise FileExistsError(
             f"{out} already holds checkpoints ({found.name}); pass --resume or pick a new --out"
         )
+    if resume and found is None:
+        if not (out / "config.yaml").is_file():  # a typo'd or empty folder: resuming it would start afresh
+            raise FileNotFoundError(
+                f"--resume: {out} is not a run folder (no config.yaml, no checkpoints/step_*/); "
+                "drop --resume to start a new run there"
+            )
+        if accelerator.is_main_process:  # a run stopped before its first save: nothing to resume but a start
+            print(f"--resume: {out} has no checkpoint yet; starting from step 0", flush=True)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml", header=command or "resolved config of this run")

@@ -88,7 +88,10 @@ def start_logs(s: Session) -> None:
     if s.main:
         kept = []
         if path.exists():  # drop steps after the checkpoint we resume from
-            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= s.state.step]
+            lines = path.read_text().splitlines()
+            if lines and not lines[-1].endswith("}"):  # a kill mid-append leaves a cut last line
+                lines.pop()
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= s.state.step]
         path.write_text("".join(ln + "\n" for ln in kept))
 
 
@@ -131,13 +134,17 @@ def save(s: Session, command: str) -> None:
     final = ckpt.step_dir(s.out, s.state.step)
     tmp = ckpt.temp_dir_for(final) if s.main else final.with_name(f".tmp-{final.name}")
     s.accelerator.wait_for_everyone()
-    # save_state: weights, optimiser and every rank's RNG state, into a temp folder first
-    s.accelerator.save_state(str(tmp))
-    s.accelerator.wait_for_everyone()
+    try:
+        # save_state: weights, optimiser and every rank's RNG state, into a temp folder first
+        s.accelerator.save_state(str(tmp))
+        s.accelerator.wait_for_everyone()
+        if s.main:
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(s.state), indent=2))
+            (tmp / "config.json").write_text(json.dumps(to_dict(s.cfg)))
+            save_config(s.cfg, tmp / "config.yaml", header=command or "resolved config")
+    except Exception as e:  # a full disk surfaces as OSError, torch RuntimeError or SafetensorError
+        raise ckpt.write_failed(tmp, s.out, e) from e
     if s.main:
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(s.state), indent=2))
-        (tmp / "config.json").write_text(json.dumps(to_dict(s.cfg)))
-        save_config(s.cfg, tmp / "config.yaml", header=command or "resolved config")
         ckpt.commit(tmp, final)  # atomic: the step folder appears complete or not at all
         ckpt.prune(s.out, s.cfg.run.keep_checkpoints)
     s.accelerator.wait_for_everyone()
@@ -149,13 +156,16 @@ def save_best(s: Session, metrics: dict) -> None:
 
     final = s.out / "best"
     tmp = ckpt.temp_dir_for(final)
-    tmp.mkdir(parents=True)
     state_dict = s.accelerator.unwrap_model(s.model).state_dict()
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors")
-    )
-    save_config(s.cfg, tmp / "config.yaml", header=f"best at step {s.state.step}")
-    (tmp / "metrics.json").write_text(json.dumps({"step": s.state.step, **metrics}, indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors")
+        )
+        save_config(s.cfg, tmp / "config.yaml", header=f"best at step {s.state.step}")
+        (tmp / "metrics.json").write_text(json.dumps({"step": s.state.step, **metrics}, indent=2))
+    except Exception as e:  # a full disk surfaces as OSError, torch RuntimeError or SafetensorError
+        raise ckpt.write_failed(tmp, s.out, e) from e
     ckpt.commit(tmp, final)
 
 
