@@ -3,12 +3,14 @@
 Both providers are ``kernels.mask_losses`` with ``backend="triton"`` (fused) and ``backend="torch"`` (the
 reference, which materialises the ``(P, 4h, 4w)`` upsampled logits and their gradient). One timed call runs
 the forward and the backward of ``focal + bce + dice + mse`` summed over masks, with the same inputs for both.
+Each size runs with ``(P, 4h, 4w)`` targets (SAM) and with ``(P, h, w)`` ones (upsample factor 1, LiteMedSAM).
 
 Achieved bandwidth counts the bytes the fused op must move, as ``kernels.min_bytes_moved`` defines them:
 the forward reads logits and uint8 targets, the backward reads both again (dice needs the forward's sums
-first) and writes the logits' gradient: ``44 P h w`` bytes for float32 logits. The same byte count is used for
-both providers, so the figure is a rate of useful work, and it is compared with the device's copy bandwidth
-measured in the same run: the fraction says how far each provider is from the byte limit of the fused design.
+first) and writes the logits' gradient: ``44 P h w`` bytes for float32 logits at factor 4, ``14 P h w`` at
+factor 1. The same byte count is used for both providers, so the figure is a rate of useful work, and it is
+compared with the device's copy bandwidth measured in the same run: the fraction says how far each provider
+is from the byte limit of the fused design.
 """
 
 from __future__ import annotations
@@ -30,30 +32,34 @@ class KernelsSize:
     masks: tuple[int, ...]
     """Values of P, the number of masks in one call."""
     h: int
-    """Low-resolution logit side (SAM: 256); targets are 4h x 4w."""
+    """Low-resolution logit side (SAM: 256)."""
+    factors: tuple[int, ...]
+    """Upsample factors: targets are ``f h x f h`` (4: SAM's 1024 input; 1: LiteMedSAM's 256)."""
     warmup: int
     repeats: int
 
 
 SIZES = {
-    "tiny": KernelsSize(masks=(2, 8), h=32, warmup=1, repeats=3),
-    "small": KernelsSize(masks=(4, 16, 64), h=64, warmup=2, repeats=7),
-    "full": KernelsSize(masks=(16, 64, 256, 1024), h=256, warmup=25, repeats=100),
+    "tiny": KernelsSize(masks=(2, 8), h=32, factors=(4, 1), warmup=1, repeats=3),
+    "small": KernelsSize(masks=(4, 16, 64), h=64, factors=(4, 1), warmup=2, repeats=7),
+    "full": KernelsSize(masks=(16, 64, 256, 1024), h=256, factors=(4, 1), warmup=25, repeats=100),
 }
 
 
-def make_inputs(p: int, h: int, device: torch.device, seed: int = 0):
-    """``(P, h, h)`` fp32 logits (requiring grad), ``(P, 4h, 4h)`` uint8 blob targets, ``(P, 2)`` valid sizes.
+def make_inputs(p: int, h: int, factor: int, device: torch.device, seed: int = 0):
+    """``(P, h, h)`` fp32 logits (requiring grad), ``(P, f h, f h)`` uint8 blob targets, ``(P, 2)`` valid
+    sizes.
 
     Targets are thresholded smooth noise, so they have SAM-like blobs rather than salt and pepper; valid sizes
-    cover 60-100% of each side, like images resized to a 1024 long side and padded.
+    cover 60-100% of each side, like images resized to the input's long side and padded.
     """
+    side = factor * h
     g = torch.Generator(device="cpu").manual_seed(seed)
     logits = (3 * torch.randn(p, h, h, generator=g)).to(device).requires_grad_(True)
     coarse = torch.randn(p, 1, max(h // 8, 2), max(h // 8, 2), generator=g).to(device)
-    targets = (F.interpolate(coarse, (4 * h, 4 * h), mode="bilinear") > 0.3)[:, 0].to(torch.uint8)
-    vh = torch.randint(int(0.6 * 4 * h), 4 * h + 1, (p,), generator=g)
-    vw = torch.randint(int(0.6 * 4 * h), 4 * h + 1, (p,), generator=g)
+    targets = (F.interpolate(coarse, (side, side), mode="bilinear") > 0.3)[:, 0].to(torch.uint8)
+    vh = torch.randint(int(0.6 * side), side + 1, (p,), generator=g)
+    vw = torch.randint(int(0.6 * side), side + 1, (p,), generator=g)
     valid = torch.stack([vh, vw], 1).to(device)
     return logits, targets, valid
 
@@ -65,18 +71,19 @@ def run(ctx: Context) -> Section:
     sec = Section(bench="kernels", size=ctx.size, config=asdict(size))
     sec.limits[ctx.limit_name("copy")] = copy
     providers = [("reference", "torch"), ("fused", "triton")]
-    times: dict[tuple[str, int], Stat] = {}
-    peaks: dict[tuple[str, int], Stat] = {}
-    for p in size.masks:
-        logits, targets, valid = make_inputs(p, size.h, ctx.device)
+    times: dict[tuple[str, int, int], Stat] = {}  # (provider, factor, P)
+    peaks: dict[tuple[str, int, int], Stat] = {}
+    for factor, p in ((factor, p) for factor in size.factors for p in size.masks):
+        logits, targets, valid = make_inputs(p, size.h, factor, ctx.device)
         cfg = {
             "P": p,
             "h": size.h,
             "w": size.h,
-            "targets": f"{4 * size.h}x{4 * size.h} uint8",
+            "factor": factor,
+            "targets": f"{factor * size.h}x{factor * size.h} uint8",
             "logits": "fp32",
         }
-        compulsory = kernels.min_bytes_moved(p, size.h, size.h, torch.float32)
+        compulsory = kernels.min_bytes_moved(p, size.h, size.h, torch.float32, factor=factor)
         for name, backend in providers:
             why = _unavailable(name, ctx)
             if why:
@@ -111,7 +118,7 @@ def run(ctx: Context) -> Section:
                 continue
             logits.grad = None
             bw = ms.map(lambda t, b=compulsory: b / (t * 1e-3) / 1e9, "GB/s")
-            times[name, p], peaks[name, p] = ms, peak
+            times[name, factor, p], peaks[name, factor, p] = ms, peak
             sec.rows.append(
                 Row(
                     case="mask_losses fwd+bwd",
@@ -129,21 +136,22 @@ def run(ctx: Context) -> Section:
         del logits, targets, valid
         if ctx.cuda:
             torch.cuda.empty_cache()
-    for p in size.masks:
-        if ("fused", p) in times and ("reference", p) in times:
-            cfg = {"P": p, "h": size.h}
+    for key in times:
+        name, factor, p = key
+        if name == "fused" and ("reference", factor, p) in times:
+            cfg = {"P": p, "h": size.h, "factor": factor}
             sec.ratios.append(
                 Ratio(
                     name="fused speed-up (reference time / fused time)",
                     config=cfg,
-                    value=times["reference", p].median / times["fused", p].median,
+                    value=times["reference", factor, p].median / times[key].median,
                 )
             )
             sec.ratios.append(
                 Ratio(
                     name="peak memory saved (reference / fused)",
                     config=cfg,
-                    value=peaks["reference", p].median / peaks["fused", p].median,
+                    value=peaks["reference", factor, p].median / peaks[key].median,
                 )
             )
     sec.notes += _notes(ctx, size, times, copy)
@@ -172,8 +180,8 @@ def _notes(ctx: Context, size: KernelsSize, times: dict, copy: Stat) -> list[str
             else f"Timed by wall clock, {size.warmup} warm-up + {size.repeats} timed calls."
         ),
         "Achieved bandwidth = kernels.min_bytes_moved (fwd reads logits + uint8 targets, bwd reads both "
-        "again and writes the logit gradient: 44 P h w bytes) / time; the copy bandwidth (read + write, "
-        "measured in the same run) is the ceiling for such an op.",
+        "again and writes the logit gradient: 44 P h w bytes at factor 4, 14 P h w at factor 1) / time; the "
+        "copy bandwidth (read + write, measured in the same run) is the ceiling for such an op.",
         "Peak memory = most bytes allocated during one call above those allocated before it "
         + ("(CUDA caching allocator counters)." if ctx.cuda else "(live tensor storage of op outputs; CPU)."),
     ]
@@ -182,14 +190,15 @@ def _notes(ctx: Context, size: KernelsSize, times: dict, copy: Stat) -> list[str
             "No GPU in this run: only the reference is timed. Its CPU time says how the materialised path "
             "scales with P, not how the fused op would compare."
         )
-    for p in size.masks:
-        if ("fused", p) in times:
-            ms = times["fused", p].median
+    for (name, factor, p), stat in times.items():
+        if name == "fused":
+            ms = stat.median
             # The byte bound: the time the compulsory bytes take at the measured copy bandwidth.
-            floor_ms = kernels.min_bytes_moved(p, size.h, size.h, torch.float32) / (copy.median * 1e9) * 1e3
+            floor = kernels.min_bytes_moved(p, size.h, size.h, torch.float32, factor=factor)
+            floor_ms = floor / (copy.median * 1e9) * 1e3
             notes.append(
-                f"P={p}: fused {ms:.3g} ms vs byte floor {floor_ms:.3g} ms at copy bandwidth "
-                f"({floor_ms / ms:.0%} of the byte limit reached)."
+                f"P={p}, factor {factor}: fused {ms:.3g} ms vs byte floor {floor_ms:.3g} ms at copy "
+                f"bandwidth ({floor_ms / ms:.0%} of the byte limit reached)."
             )
     return notes
 
@@ -199,9 +208,10 @@ def _plot(ctx: Context, size: KernelsSize, times: dict) -> list[str]:
 
     series = {}
     for name in ("reference", "fused"):
-        pts = [(p, times[name, p]) for p in size.masks if (name, p) in times]
-        if pts:
-            series[name] = pts
+        for factor in size.factors:
+            pts = [(p, times[name, factor, p]) for p in size.masks if (name, factor, p) in times]
+            if pts:
+                series[f"{name}, targets {factor}x the logits"] = pts
     if not series:
         return []
     return [

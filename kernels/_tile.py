@@ -1,9 +1,14 @@
-"""The 4x bilinear upsample tile that ``mask_losses`` and ``class_ce`` share: the launch grid (host side) and
-the Triton device functions that load, upsample and take the adjoint of a tile (inlined into the kernels).
+"""The tiles that ``mask_losses`` and ``class_ce`` share.
 
-The layout (high-res row ``y = 4k - 2 + r``, groups of 4 rows/cols, ``(BLOCK, 4, BLOCK, 4)`` tiles, the
-overlapping backward blocks and the gather-based adjoint) is described in ``kernels/mask_losses.py``'s module
-docstring and in ``docs/kernels.md``.
+The launch grid (host side), and the Triton device functions (inlined into the kernels) that give a program
+its target pixels, the logits there and the store of their gradient, for an upsample factor ``UP`` of 4
+(SAM: 256 logits, 1024 targets) or 1 (targets at the logits' resolution, e.g. LiteMedSAM's 256 input).
+
+Factor 4: the layout (high-res row ``y = 4k - 2 + r``, groups of 4 rows/cols, ``(BLOCK, 4, BLOCK, 4)``
+tiles, the overlapping backward blocks and the gather-based adjoint) is described in
+``kernels/mask_losses.py``'s module docstring and in ``docs/kernels.md``. Factor 1: a tile is a plain
+``(4 BLOCK, 4 BLOCK)`` block of pixels (the same target area as at factor 4); the logits are loaded as they
+are and the gradient is stored as it is: no stencil, no adjoint, no overlap.
 """
 
 from __future__ import annotations
@@ -11,16 +16,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["tile_grid", "valid_size", "group_block", "tile_layout", "upsample_tile", "store_adjoint"]
+__all__ = ["load_logits", "store_grad", "tile", "tile_grid", "valid_size"]
 
 
-def tile_grid(h: int, w: int, block: int, *, overlap: bool) -> tuple[int, int]:
+def tile_grid(h: int, w: int, block: int, factor: int, *, backward: bool) -> tuple[int, int]:
     """``(tiles, tiles per row)`` of the launch grid for ``(h, w)`` logits.
 
-    Forward tiles of ``block`` groups cover groups ``0..h`` x ``0..w``. Backward tiles (``overlap``) step by
-    ``block - 1`` groups over the ``h x w`` low-res pixels they write.
+    Factor 4: forward tiles of ``block`` groups cover groups ``0..h`` x ``0..w``; backward tiles step by
+    ``block - 1`` groups over the ``h x w`` low-res pixels they write. Factor 1: tiles of ``4 block`` pixels
+    side cover the ``h x w`` pixels, forward and backward alike.
     """
-    if overlap:
+    if factor == 1:
+        side = 4 * block
+        n_tiles_h, n_tiles_w = triton.cdiv(h, side), triton.cdiv(w, side)
+    elif backward:
         n_tiles_h, n_tiles_w = triton.cdiv(h, block - 1), triton.cdiv(w, block - 1)
     else:
         n_tiles_h, n_tiles_w = triton.cdiv(h + 1, block), triton.cdiv(w + 1, block)
@@ -28,11 +37,62 @@ def tile_grid(h: int, w: int, block: int, *, overlap: bool) -> tuple[int, int]:
 
 
 @triton.jit
-def valid_size(valid_ptr, row, h, w):
-    """``(vh, vw)`` of row ``row`` of the ``(N, 2)`` int32 sizes, clamped to ``[0, 4h] x [0, 4w]``."""
-    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * row), 0), 4 * h)
-    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * row + 1), 0), 4 * w)
+def valid_size(valid_ptr, row, h, w, UP: tl.constexpr):
+    """``(vh, vw)`` of row ``row`` of the ``(N, 2)`` int32 sizes, clamped to the ``UP h x UP w`` frame."""
+    vh = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * row), 0), UP * h)
+    vw = tl.minimum(tl.maximum(tl.load(valid_ptr + 2 * row + 1), 0), UP * w)
     return vh, vw
+
+
+@triton.jit
+def tile(pid_t, n_tiles_w, vh, vw, h, w, UP: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    """The target pixels of tile ``pid_t`` and where their logits come from.
+
+    Returns ``(y, x, inside, source)``: the rows ``y`` and cols ``x`` in the target frame (broadcastable
+    pieces of a ``(BLOCK, 4, BLOCK, 4)`` tile at factor 4, a ``(4 BLOCK, 4 BLOCK)`` one at factor 1), which of
+    them lie inside ``[:vh, :vw]``, and ``source`` for ``load_logits`` and ``store_grad``. At factor 4 the
+    backward tiles (``BACKWARD``) start every ``BLOCK - 1`` groups and overlap by one.
+    """
+    if UP == 4:
+        if BACKWARD:
+            kr, kc = group_block(pid_t, n_tiles_w, BLOCK - 1, BLOCK)
+        else:
+            kr, kc = group_block(pid_t, n_tiles_w, BLOCK, BLOCK)
+        y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
+        source = (stencil, kr, kc)
+    else:
+        y = (pid_t // n_tiles_w) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)[:, None]
+        x = (pid_t % n_tiles_w) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)[None, :]
+        inside = (y < vh) & (x < vw)
+        # Offsets into an (h, w) plane, the pixels to read, and the pixels whose gradient to write.
+        source = (y * w + x, inside, (y < h) & (x < w))
+    return y, x, inside, source
+
+
+@triton.jit
+def load_logits(plane_ptr, source, UP: tl.constexpr):
+    """The float32 logits of the tile's pixels from the ``(h, w)`` plane at ``plane_ptr``: upsampled at factor
+    4, read as they are at factor 1 (0 outside the valid region)."""
+    if UP == 4:
+        stencil, _kr, _kc = source
+        logits = upsample_tile(plane_ptr, stencil)
+    else:
+        offsets, inside, _in_plane = source
+        logits = tl.load(plane_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    return logits
+
+
+@triton.jit
+def store_grad(plane_ptr, g, source, h, w, UP: tl.constexpr, BLOCK: tl.constexpr):
+    """Store the gradient with respect to the ``(h, w)`` plane at ``plane_ptr``, in its dtype, from ``g``, the
+    float32 gradient with respect to the tile's pixels (zero outside the valid region): the adjoint of the
+    upsample at factor 4, ``g`` itself at factor 1."""
+    if UP == 4:
+        _stencil, kr, kc = source
+        store_adjoint(plane_ptr, g, kr, kc, h, w, BLOCK)
+    else:
+        offsets, _inside, in_plane = source
+        tl.store(plane_ptr + offsets, g.to(plane_ptr.dtype.element_ty), mask=in_plane)
 
 
 @triton.jit

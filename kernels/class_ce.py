@@ -11,6 +11,9 @@ device code for them is shared (``kernels/_tile.py``); here each program also lo
   the upsample on the tile and writes the low-res gradient of class ``c``. No atomics, nothing at full
   resolution is stored; the price is ``2 C`` interpolations per pixel in the backward.
 
+With ``(B, h, w)`` labels (upsample factor 1) the same kernels read the logits and write their gradient as
+they are, on plain pixel blocks (``kernels/_tile.py``).
+
 Labels are read in their own integer dtype (no copy). Labels outside ``[0, C)`` that are not ``ignore_index``
 count as ignored here (the torch reference raises on them instead: a kernel cannot raise without a sync).
 """
@@ -22,16 +25,18 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import check_triton_args, require_launchable, resolve_backend
-from kernels._tile import group_block, store_adjoint, tile_grid, tile_layout, upsample_tile, valid_size
-from kernels.reference import class_ce_reference
+from kernels._tile import load_logits, store_grad, tile, tile_grid, valid_size
+from kernels.reference import _check_class_inputs, class_ce_reference
 
 __all__ = ["class_ce"]
 
-# (BLOCK, num_warps) per kernel; not timed on a GPU. From `ptxas -v` for sm_90: the forward's class loop keeps
-# more live than mask_losses (BLOCK=8: 175 registers at 4 warps, 78 at 8); the backward at BLOCK=16, 8 warps
-# uses 122 registers. No spills in either. `block=` overrides both.
-FWD_CONFIG = (8, 8)
-BWD_CONFIG = (16, 8)
+# (BLOCK, num_warps) per kernel and upsample factor; not timed on a GPU. From `ptxas -v` for sm_90 (fp32
+# logits): at factor 4 the forward's class loop keeps more live than mask_losses (BLOCK=8: 175 registers at 4
+# warps, 78 at 8); the backward at BLOCK=16, 8 warps uses 122. At factor 1, 32x32-pixel tiles (BLOCK=8) at 8
+# warps use 40 (forward) and 63 (backward); the backward at BLOCK=16 would need 242. No spills in any.
+# `block=` overrides both.
+FWD_CONFIG = {4: (8, 8), 1: (8, 8)}
+BWD_CONFIG = {4: (16, 8), 1: (8, 8)}
 
 
 def _launch_config(config: tuple[int, int], block: int | None) -> tuple[int, int]:
@@ -40,25 +45,27 @@ def _launch_config(config: tuple[int, int], block: int | None) -> tuple[int, int
 
 
 @triton.jit
-def _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index):
-    """The tile's labels (``ignore_index`` outside the valid region) and which pixels count: valid, not
-    ignored, and in ``[0, C)``."""
-    H = 4 * h
-    W = 4 * w
+def _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index, UP: tl.constexpr):
+    """The tile's labels (``ignore_index`` outside the valid region) and which pixels count.
+
+    A pixel counts when it is valid, its label is not ``ignore_index``, and the label is in ``[0, C)``.
+    """
+    H = UP * h
+    W = UP * w
     label = tl.load(labels_ptr + pid_b.to(tl.int64) * H * W + y * W + x, mask=inside, other=ignore_index)
     counted = inside & (label != ignore_index) & (label >= 0) & (label < C)
     return label, counted
 
 
 @triton.jit
-def _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label):
-    """Online log-sum-exp over the C upsampled class logits of every pixel of the tile, and the labelled
-    class's logit (0 where the label is not a class)."""
+def _log_sum_exp(logits_ptr, pid_b, C, h, w, source, label, UP: tl.constexpr):
+    """Online log-sum-exp over the C class logits (upsampled at ``UP = 4``) of every pixel of the tile, and
+    the labelled class's logit (0 where the label is not a class)."""
     run_max = tl.full(label.shape, float("-inf"), tl.float32)
     run_sum = tl.full(label.shape, 0.0, tl.float32)
     picked = tl.full(label.shape, 0.0, tl.float32)
     for c in range(0, C):
-        up = upsample_tile(logits_ptr + (pid_b.to(tl.int64) * C + c) * h * w, stencil)
+        up = load_logits(logits_ptr + (pid_b.to(tl.int64) * C + c) * h * w, source, UP)
         new_max = tl.maximum(run_max, up)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(up - new_max)
         run_max = new_max
@@ -69,7 +76,7 @@ def _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label):
 @triton.jit
 def _class_ce_fwd(
     logits_ptr,  # (B, C, h, w) float32 / bfloat16
-    labels_ptr,  # (B, 4h, 4w) integer
+    labels_ptr,  # (B, UP h, UP w) integer
     valid_ptr,  # (B, 2) int32
     partial_ptr,  # (B, n_tiles, 2) float32 out: sum of CE, number of counted pixels
     C,
@@ -77,16 +84,16 @@ def _class_ce_fwd(
     w,
     n_tiles_w,
     ignore_index,
+    UP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
     n_tiles = tl.num_programs(1)
-    vh, vw = valid_size(valid_ptr, pid_b, h, w)
-    kr, kc = group_block(pid_t, n_tiles_w, BLOCK, BLOCK)
-    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
-    label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index)
-    lse, picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label)
+    vh, vw = valid_size(valid_ptr, pid_b, h, w, UP)
+    y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, False)
+    label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index, UP)
+    lse, picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, source, label, UP)
     ce = lse - picked
     zero = tl.full(inside.shape, 0.0, tl.float32)
     out = partial_ptr + (pid_b.to(tl.int64) * n_tiles + pid_t) * 2
@@ -97,7 +104,7 @@ def _class_ce_fwd(
 @triton.jit
 def _class_ce_bwd(
     logits_ptr,  # (B, C, h, w) float32 / bfloat16
-    labels_ptr,  # (B, 4h, 4w) integer
+    labels_ptr,  # (B, UP h, UP w) integer
     valid_ptr,  # (B, 2) int32
     coef_ptr,  # (B,) float32: upstream gradient / counted pixels
     grad_ptr,  # (B, C, h, w) out, logits' dtype
@@ -106,37 +113,37 @@ def _class_ce_bwd(
     w,
     n_tiles_w,
     ignore_index,
+    UP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
-    vh, vw = valid_size(valid_ptr, pid_b, h, w)
+    vh, vw = valid_size(valid_ptr, pid_b, h, w, UP)
     coef = tl.load(coef_ptr + pid_b)
 
-    # Overlapping blocks, as in mask_losses: BLOCK groups produce BLOCK - 1 low-res rows/cols.
-    kr, kc = group_block(pid_t, n_tiles_w, BLOCK - 1, BLOCK)
-    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
-    label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index)
-    lse, _picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, stencil, label)
+    # At UP = 4, overlapping blocks as in mask_losses: BLOCK groups produce BLOCK - 1 low-res rows/cols.
+    y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, True)
+    label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index, UP)
+    lse, _picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, source, label, UP)
 
     for c in range(0, C):
         plane = (pid_b.to(tl.int64) * C + c) * h * w
-        up = upsample_tile(logits_ptr + plane, stencil)
+        up = load_logits(logits_ptr + plane, source, UP)
         g = coef * (tl.exp(up - lse) - (label == c).to(tl.float32))
         g = tl.where(counted, g, 0.0)
-        # Adjoint of the upsample (kernels/_tile.py): columns, then rows, combining group k with k + 1.
-        store_adjoint(grad_ptr + plane, g, kr, kc, h, w, BLOCK)
+        # At UP = 4 the adjoint of the upsample (kernels/_tile.py): columns, then rows, group k with k + 1.
+        store_grad(grad_ptr + plane, g, source, h, w, UP, BLOCK)
 
 
 class _ClassCEFunction(torch.autograd.Function):
     """Fused forward/backward; saves the inputs and ``(B,)`` counts, never a high-res tensor."""
 
     @staticmethod
-    def forward(ctx, logits, labels, valid_i32, ignore_index, block):
+    def forward(ctx, logits, labels, valid_i32, ignore_index, factor, block):
         b, c, h, w = logits.shape
-        ctx.ignore_index, ctx.block = ignore_index, block
-        block, warps = _launch_config(FWD_CONFIG, block)
-        n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=False)
+        ctx.ignore_index, ctx.factor, ctx.block = ignore_index, factor, block
+        block, warps = _launch_config(FWD_CONFIG[factor], block)
+        n_tiles, n_tiles_w = tile_grid(h, w, block, factor, backward=False)
         partial = torch.empty((b, n_tiles, 2), device=logits.device, dtype=torch.float32)
         if b > 0:
             _class_ce_fwd[(b, n_tiles)](
@@ -149,6 +156,7 @@ class _ClassCEFunction(torch.autograd.Function):
                 w,
                 n_tiles_w,
                 ignore_index,
+                UP=factor,
                 BLOCK=block,
                 num_warps=warps,
             )
@@ -162,10 +170,10 @@ class _ClassCEFunction(torch.autograd.Function):
     def backward(ctx, g_out):
         logits, labels, valid_i32, inv_count = ctx.saved_tensors
         b, c, h, w = logits.shape
-        block, warps = _launch_config(BWD_CONFIG, ctx.block)
+        block, warps = _launch_config(BWD_CONFIG[ctx.factor], ctx.block)
         grad = torch.empty_like(logits)
         coef = (g_out * inv_count).to(torch.float32).contiguous()
-        n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=True)
+        n_tiles, n_tiles_w = tile_grid(h, w, block, ctx.factor, backward=True)
         if b > 0:
             _class_ce_bwd[(b, n_tiles)](
                 logits,
@@ -178,10 +186,11 @@ class _ClassCEFunction(torch.autograd.Function):
                 w,
                 n_tiles_w,
                 ctx.ignore_index,
+                UP=ctx.factor,
                 BLOCK=block,
                 num_warps=warps,
             )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def class_ce(
@@ -193,37 +202,31 @@ def class_ce(
     *,
     block: int | None = None,
 ) -> torch.Tensor:
-    """Per-image mean cross-entropy of the 4x-upsampled class logits against full-resolution labels.
+    """Per-image mean cross-entropy of the class logits, upsampled 4x or not, against the labels.
 
-    Equal to ``kernels.reference.class_ce_reference``: bilinear ``align_corners=False`` upsample to ``(4h,
-    4w)``, mean of ``logsumexp_c(up) - up[label]`` over the pixels inside ``[:vh, :vw]`` whose label is not
+    Equal to ``kernels.reference.class_ce_reference``: the upsample factor ``f`` is 4 for ``(B, 4h, 4w)``
+    labels (bilinear ``align_corners=False``, as ``Sam.postprocess_masks``) and 1 for ``(B, h, w)`` labels;
+    then the mean of ``logsumexp_c(x) - x[label]`` over the pixels inside ``[:vh, :vw]`` whose label is not
     ``ignore_index``; 0 (and zero gradient) for an image with no such pixel.
 
     Args:
         logits: ``(B, C, h, w)`` float32 or bfloat16 low-resolution class logits; computed in float32.
-        labels: ``(B, 4h, 4w)`` integer labels in ``[0, C)`` or ``ignore_index``.
-        valid_hw: ``(B, 2)`` int ``(vh, vw)`` per image, clamped to ``[0, 4h] x [0, 4w]``.
+        labels: ``(B, 4h, 4w)`` or ``(B, h, w)`` integer labels in ``[0, C)`` or ``ignore_index``.
+        valid_hw: ``(B, 2)`` int ``(vh, vw)`` per image, clamped to ``[0, f h] x [0, f w]``.
         ignore_index: label value that counts for nothing.
         backend: ``"auto"`` (CUDA tensors to Triton, others to the reference), ``"triton"`` or ``"torch"``.
-        block: groups of 4x4 high-res pixels per program side (power of two >= 2) for both kernels; ``None``
-            takes ``FWD_CONFIG`` and ``BWD_CONFIG``.
+        block: a program covers ``4 block x 4 block`` label pixels (power of two >= 2) in both kernels;
+            ``None`` takes ``FWD_CONFIG`` and ``BWD_CONFIG``.
 
     Returns:
         ``(B,)`` float32 mean cross-entropy per image.
     """
+    factor = _check_class_inputs(logits, labels, valid_hw)
     if resolve_backend(backend, logits) == "torch":
         return class_ce_reference(logits, labels, valid_hw, ignore_index)
     require_launchable(logits, labels)  # valid_hw is small and moved to the logits' device below
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be (B, C, h, w), got {tuple(logits.shape)}")
-    b, c, h, w = logits.shape
-    if labels.shape != (b, 4 * h, 4 * w) or labels.is_floating_point():
-        want = (b, 4 * h, 4 * w)
-        raise ValueError(f"labels must be integer {want}, got {labels.dtype} {tuple(labels.shape)}")
-    if valid_hw.shape != (b, 2):
-        raise ValueError(f"valid_hw must be {(b, 2)}, got {tuple(valid_hw.shape)}")
     check_triton_args(logits, block)
     valid_i32 = valid_hw.to(device=logits.device, dtype=torch.int32).contiguous()
     return _ClassCEFunction.apply(
-        logits.contiguous(), labels.contiguous(), valid_i32, int(ignore_index), block
+        logits.contiguous(), labels.contiguous(), valid_i32, int(ignore_index), factor, block
     )

@@ -2,7 +2,9 @@
 
 ``kernels.reference.mask_losses_reference`` defines the op; this file computes the same numbers from the
 ``(P, h, w)`` low-resolution logits without ever materialising the ``(P, 4h, 4w)`` upsampled logits or their
-gradient. See ``docs/kernels.md`` for the derivation.
+gradient. See ``docs/kernels.md`` for the derivation. With ``(P, h, w)`` targets (upsample factor 1) the same
+kernels skip the upsample: each program reads a plain block of logits and targets, and the backward writes the
+per-pixel gradient as it is (``kernels/_tile.py``).
 
 Layout of the work. A 4x ``align_corners=False`` upsample maps high-res row ``y = 4k - 2 + r`` (``r`` in 0..3)
 between low-res rows ``k - 1`` and ``k`` with the fixed weights ``(7 - 2r) / 8`` and ``(2r + 1) / 8`` (indices
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import check_triton_args, require_launchable, resolve_backend
-from kernels._tile import group_block, store_adjoint, tile_grid, tile_layout, upsample_tile, valid_size
+from kernels._tile import load_logits, store_grad, tile, tile_grid, valid_size
 from kernels.reference import MaskLosses, _check_mask_inputs, mask_losses_reference
 
 __all__ = ["mask_losses", "min_bytes_moved", "MaskLosses"]
@@ -42,14 +44,16 @@ __all__ = ["mask_losses", "min_bytes_moved", "MaskLosses"]
 _S_FOCAL, _S_CE, _S_MSE, _S_P, _S_T, _S_PT, _S_INTER, _S_UNION = range(8)
 _N_SUMS = 8
 
-# (BLOCK, num_warps) per kernel. Not timed on a GPU (none was available); chosen from `ptxas -v` for sm_90 on
-# the compiled kernels: forward BLOCK=16 at 4 warps spills (255 registers, 52 B spill stores), BLOCK=16 at 8
-# warps needs 150 registers, BLOCK=8 at 4 warps 60 registers and no spills. The forward has no overlap between
-# blocks, so the smaller block costs only a larger partial-sum buffer (35 KiB per 256x256 mask). The backward
-# recomputes one group in BLOCK of each side, so it keeps BLOCK=16 (14% recompute, vs 31% at 8): 118
-# registers at 8 warps, no spills. `block=` on the public function overrides both, for tests and sweeps.
-FWD_CONFIG = (8, 4)
-BWD_CONFIG = (16, 8)
+# (BLOCK, num_warps) per kernel and upsample factor. Not timed on a GPU (none was available); chosen from
+# `ptxas -v` for sm_90 on the compiled kernels (fp32 logits). Factor 4: forward BLOCK=16 at 4 warps spills
+# (255 registers, 52 B spill stores), BLOCK=16 at 8 warps needs 150 registers, BLOCK=8 at 4 warps 60 and no
+# spills. The forward has no overlap between blocks, so the smaller block costs only a larger partial-sum
+# buffer (35 KiB per 256x256 mask). The backward recomputes one group in BLOCK of each side, so it keeps
+# BLOCK=16 (14% recompute, vs 31% at 8): 116 registers at 8 warps, no spills. Factor 1 has no overlap and no
+# stencil: 32x32-pixel tiles (BLOCK=8) at 8 warps need 32 (forward) and 40 (backward) registers, where the
+# backward at BLOCK=16 would need 133. `block=` on the public function overrides both, for tests and sweeps.
+FWD_CONFIG = {4: (8, 4), 1: (8, 8)}
+BWD_CONFIG = {4: (16, 8), 1: (8, 8)}
 
 
 def _launch_config(config: tuple[int, int], block: int | None) -> tuple[int, int]:
@@ -57,18 +61,18 @@ def _launch_config(config: tuple[int, int], block: int | None) -> tuple[int, int
     return config if block is None else (block, 8 if block >= 16 else 4)
 
 
-def _valid_count(valid_i32: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``(P,)`` float32 number of valid high-res pixels per mask (``(vh, vw)`` clamped to the frame)."""
-    vh = valid_i32[:, 0].clamp(0, 4 * h)
-    vw = valid_i32[:, 1].clamp(0, 4 * w)
+def _valid_count(valid_i32: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(P,)`` float32 number of valid target pixels per mask (``(vh, vw)`` clamped to the frame)."""
+    vh = valid_i32[:, 0].clamp(0, height)
+    vw = valid_i32[:, 1].clamp(0, width)
     return (vh * vw).to(torch.float32)
 
 
 @triton.jit
-def _load_targets(targets_ptr, pid_p, y, x, inside, h, w):
+def _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP: tl.constexpr):
     """Foreground flags and the float32 target of the tile's pixels, from one byte per pixel."""
-    H = 4 * h
-    W = 4 * w
+    H = UP * h
+    W = UP * w
     t_raw = tl.load(targets_ptr + pid_p.to(tl.int64) * H * W + y * W + x, mask=inside, other=0)
     is_fg = t_raw != 0
     return is_fg, is_fg.to(tl.float32)
@@ -114,17 +118,17 @@ def _mask_losses_fwd(
     alpha_pos,
     alpha_neg,
     GAMMA: tl.constexpr,
+    UP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_t = tl.program_id(1)
     n_tiles = tl.num_programs(1)
-    vh, vw = valid_size(valid_ptr, pid_p, h, w)
-    # This block's groups, its pixels and the upsampled logits there (kernels/_tile.py).
-    kr, kc = group_block(pid_t, n_tiles_w, BLOCK, BLOCK)
-    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
-    up = upsample_tile(logits_ptr + pid_p.to(tl.int64) * h * w, stencil)
-    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w)
+    vh, vw = valid_size(valid_ptr, pid_p, h, w, UP)
+    # This tile's target pixels and the logits there, upsampled at UP = 4 (kernels/_tile.py).
+    y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, False)
+    up = load_logits(logits_ptr + pid_p.to(tl.int64) * h * w, source, UP)
+    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP)
     _e, _inv, p, _z, _q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA)
     focal = a_t * q_gamma * ce
     d = p - t
@@ -155,23 +159,23 @@ def _mask_losses_bwd(
     alpha_pos,
     alpha_neg,
     GAMMA: tl.constexpr,
+    UP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_t = tl.program_id(1)
-    vh, vw = valid_size(valid_ptr, pid_p, h, w)
+    vh, vw = valid_size(valid_ptr, pid_p, h, w, UP)
     c_focal = tl.load(coef_ptr + 5 * pid_p + 0)
     c_bce = tl.load(coef_ptr + 5 * pid_p + 1)
     c_mse = tl.load(coef_ptr + 5 * pid_p + 2)
     c_dice_t = tl.load(coef_ptr + 5 * pid_p + 3)
     c_dice_1 = tl.load(coef_ptr + 5 * pid_p + 4)
 
-    # Blocks step by BLOCK - 1 groups: the last group of a block only completes the next block's first row.
-    # The upsampled tile and the per-pixel terms are recomputed exactly as the forward computes them.
-    kr, kc = group_block(pid_t, n_tiles_w, BLOCK - 1, BLOCK)
-    y, x, inside, stencil = tile_layout(kr, kc, vh, vw, h, w)
-    up = upsample_tile(logits_ptr + pid_p.to(tl.int64) * h * w, stencil)
-    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w)
+    # At UP = 4, blocks step by BLOCK - 1 groups: the last group of a block only completes the next block's
+    # first row. The logits and the per-pixel terms are recomputed exactly as the forward computes them.
+    y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, True)
+    up = load_logits(logits_ptr + pid_p.to(tl.int64) * h * w, source, UP)
+    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP)
     e, inv, p, z, q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA)
     p_t = tl.where(z >= 0, inv, e * inv)
     # d focal / dz = -a_t q^gamma (gamma p_t ce + q), and dz/dx = +1 for foreground, -1 for background.
@@ -182,8 +186,8 @@ def _mask_losses_bwd(
     g = c_focal * d_focal + c_bce * d + (2.0 * c_mse * d + c_dice_t * t + c_dice_1) * dp
     g = tl.where(inside, g, 0.0)
 
-    # Adjoint of the upsample, gathered per block in registers (kernels/_tile.py).
-    store_adjoint(grad_ptr + pid_p.to(tl.int64) * h * w, g, kr, kc, h, w, BLOCK)
+    # At UP = 4 the adjoint of the upsample, gathered per block in registers (kernels/_tile.py).
+    store_grad(grad_ptr + pid_p.to(tl.int64) * h * w, g, source, h, w, UP, BLOCK)
 
 
 def _alpha_weights(alpha: float) -> tuple[float, float]:
@@ -191,11 +195,11 @@ def _alpha_weights(alpha: float) -> tuple[float, float]:
     return (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
 
 
-def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block):
+def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, factor, block):
     """``(P, h, w)`` logits -> ``(P, 8)`` float32 per-mask sums (see ``_S_*``)."""
     p_count, h, w = logits.shape
-    block, warps = _launch_config(FWD_CONFIG, block)
-    n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=False)
+    block, warps = _launch_config(FWD_CONFIG[factor], block)
+    n_tiles, n_tiles_w = tile_grid(h, w, block, factor, backward=False)
     partial = torch.empty((p_count, n_tiles, _N_SUMS), device=logits.device, dtype=torch.float32)
     if p_count == 0:
         return partial.sum(1)
@@ -211,20 +215,21 @@ def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block):
         a_pos,
         a_neg,
         GAMMA=float(gamma),
+        UP=factor,
         BLOCK=block,
         num_warps=warps,
     )
     return partial.sum(1)
 
 
-def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
+def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, factor, block):
     """Per-mask loss coefficients ``(P, 5)`` -> ``(P, h, w)`` gradient in the logits' dtype."""
     p_count, h, w = logits.shape
     grad = torch.empty_like(logits)
     if p_count == 0:
         return grad
-    block, warps = _launch_config(BWD_CONFIG, block)
-    n_tiles, n_tiles_w = tile_grid(h, w, block, overlap=True)
+    block, warps = _launch_config(BWD_CONFIG[factor], block)
+    n_tiles, n_tiles_w = tile_grid(h, w, block, factor, backward=True)
     a_pos, a_neg = _alpha_weights(alpha)
     _mask_losses_bwd[(p_count, n_tiles)](
         logits,
@@ -238,6 +243,7 @@ def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, block):
         a_pos,
         a_neg,
         GAMMA=float(gamma),
+        UP=factor,
         BLOCK=block,
         num_warps=warps,
     )
@@ -248,10 +254,9 @@ class _MaskLossesFunction(torch.autograd.Function):
     """Fused forward/backward; saves only the inputs and ``(P, 8)`` sums, never a high-res tensor."""
 
     @staticmethod
-    def forward(ctx, logits, targets_u8, valid_i32, alpha, gamma, block):
-        _, h, w = logits.shape
-        sums = _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, block)
-        n = _valid_count(valid_i32, h, w)
+    def forward(ctx, logits, targets_u8, valid_i32, alpha, gamma, factor, block):
+        sums = _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, factor, block)
+        n = _valid_count(valid_i32, *targets_u8.shape[1:])
         inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1.0), torch.zeros_like(n))
         focal = sums[:, _S_FOCAL] * inv_n
         bce = sums[:, _S_CE] * inv_n
@@ -261,7 +266,7 @@ class _MaskLossesFunction(torch.autograd.Function):
         union = sums[:, _S_UNION]
         iou = torch.where(union > 0, sums[:, _S_INTER] / union.clamp(min=1.0), torch.ones_like(union))
         ctx.save_for_backward(logits, targets_u8, valid_i32, sums, inv_n)
-        ctx.alpha, ctx.gamma, ctx.block = alpha, gamma, block
+        ctx.alpha, ctx.gamma, ctx.factor, ctx.block = alpha, gamma, factor, block
         ctx.mark_non_differentiable(iou)
         return focal, bce, dice, mse, iou
 
@@ -276,11 +281,13 @@ class _MaskLossesFunction(torch.autograd.Function):
         coef = torch.stack(
             [g_focal * inv_n, g_bce * inv_n, g_mse * inv_n, g_dice * dice_t, g_dice * dice_1], dim=1
         ).to(torch.float32)
-        grad = _launch_bwd(logits, targets_u8, valid_i32, coef.contiguous(), ctx.alpha, ctx.gamma, ctx.block)
-        return grad, None, None, None, None, None
+        grad = _launch_bwd(
+            logits, targets_u8, valid_i32, coef.contiguous(), ctx.alpha, ctx.gamma, ctx.factor, ctx.block
+        )
+        return grad, None, None, None, None, None, None
 
 
-def _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block):
+def _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, factor, block):
     require_launchable(logits, targets)  # valid_hw is small and moved to the logits' device below
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -290,7 +297,7 @@ def _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block):
         targets_u8 = targets_u8.view(torch.uint8)  # same bytes, no copy
     valid_i32 = valid_hw.to(device=logits.device, dtype=torch.int32).contiguous()
     out = _MaskLossesFunction.apply(
-        logits.contiguous(), targets_u8, valid_i32, float(alpha), float(gamma), block
+        logits.contiguous(), targets_u8, valid_i32, float(alpha), float(gamma), factor, block
     )
     return MaskLosses(*out)
 
@@ -305,49 +312,60 @@ def mask_losses(
     backend: str = "auto",
     block: int | None = None,
 ) -> MaskLosses:
-    """Per-mask focal, BCE, dice, MSE and hard IoU of the 4x-upsampled logits against full-resolution targets.
+    """Per-mask focal, BCE, dice, MSE and hard IoU of the logits, upsampled 4x or not, against the targets.
 
-    Equal to ``kernels.reference.mask_losses_reference`` (which defines it: bilinear ``align_corners=False``
-    upsample to ``(4h, 4w)``, crop to ``[:vh, :vw]`` per mask, means over the valid pixels). An empty valid
-    region gives 0 for every loss, 1 for ``iou``, and zero gradient.
+    Equal to ``kernels.reference.mask_losses_reference``, which defines it: the upsample factor ``f`` is 4
+    for ``(P, 4h, 4w)`` targets (SAM: 256 logits, 1024 input; bilinear ``align_corners=False``, as
+    ``Sam.postprocess_masks``) and 1 for ``(P, h, w)`` targets (LiteMedSAM: the logits are the input frame);
+    then crop to ``[:vh, :vw]`` per mask and take means over the valid pixels. An empty valid region gives 0
+    for every loss, 1 for ``iou``, and zero gradient.
 
     Args:
         logits: ``(P, h, w)`` float32 or bfloat16 low-resolution logits (e.g. ``(P, 256, 256)`` from SAM's
             decoder). The Triton path computes in float32 whatever the input dtype; the gradient comes back in
             the input dtype.
-        targets: ``(P, 4h, 4w)`` bool or uint8 targets in SAM's input frame; nonzero is foreground. Read as
-            one byte per pixel (not bit-packed).
-        valid_hw: ``(P, 2)`` int ``(vh, vw)`` per mask, clamped to ``[0, 4h] x [0, 4w]``.
+        targets: ``(P, 4h, 4w)`` or ``(P, h, w)`` bool or uint8 targets in the model's input frame; nonzero is
+            foreground. Read as one byte per pixel (not bit-packed).
+        valid_hw: ``(P, 2)`` int ``(vh, vw)`` per mask, clamped to ``[0, f h] x [0, f w]``.
         alpha: focal class weight of the foreground (``< 0`` disables it, as in torchvision).
         gamma: focal exponent, ``>= 0``. Each distinct value compiles its own kernel (it is a ``constexpr``).
         backend: ``"auto"`` sends CUDA tensors to Triton and everything else to the torch reference;
             ``"triton"`` forces Triton (on CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the
             reference.
-        block: groups of 4x4 high-res pixels per program side (power of two >= 2; ``16`` means 64x64
-            pixels) for both kernels; ``None`` takes ``FWD_CONFIG`` and ``BWD_CONFIG``.
+        block: a program covers ``4 block x 4 block`` target pixels (``block`` a power of two >= 2; at
+            ``f = 4``, ``block x block`` groups of 4x4 pixels) in both kernels; ``None`` takes
+            ``FWD_CONFIG`` and ``BWD_CONFIG``.
 
     Returns:
         ``MaskLosses(focal, bce, dice, mse, iou)``, each a ``(P,)`` float32 tensor.
     """
-    _check_mask_inputs(logits, targets, valid_hw)
+    factor = _check_mask_inputs(logits, targets, valid_hw)
     if resolve_backend(backend, logits) == "torch":
         return mask_losses_reference(logits, targets, valid_hw, alpha=alpha, gamma=gamma)
-    return _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, block)
+    return _mask_losses_triton(logits, targets, valid_hw, alpha, gamma, factor, block)
 
 
 def min_bytes_moved(
-    p_count: int, h: int, w: int, dtype: torch.dtype = torch.float32, *, backward: bool = True
+    p_count: int,
+    h: int,
+    w: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    backward: bool = True,
+    factor: int = 4,
 ) -> int:
     """Bytes the fused op must move to or from device memory for ``(P, h, w)`` logits (the bandwidth floor).
 
-    Forward: read the logits (``P h w`` elements) and the targets (``16 P h w`` bytes, one byte per pixel).
-    Backward: read both again and write the gradient (``P h w`` elements). Per-mask scalars and the
-    partial-sum buffer (8 floats per 64x64 tile) are below 0.1% and left out. With float32 logits that is
-    ``44 P h w`` bytes for forward + backward (``20 P h w`` forward only); the targets dominate.
+    Forward: read the logits (``P h w`` elements) and the ``(P, f h, f w)`` targets (``f^2 P h w`` bytes,
+    one byte per pixel). Backward: read both again and write the gradient (``P h w`` elements). Per-mask
+    scalars and the partial-sum buffer (8 floats per tile) are left out. With float32 logits that is
+    ``44 P h w`` bytes for forward + backward at ``f = 4`` (``20 P h w`` forward only; the targets
+    dominate), and ``14 P h w`` at ``f = 1``: the bytes of any fused elementwise loss with a backward.
     """
     elem = torch.empty((), dtype=dtype).element_size()
     lowres = p_count * h * w
-    fwd = lowres * elem + 16 * lowres
+    target = factor * factor * lowres
+    fwd = lowres * elem + target
     if not backward:
         return fwd
-    return fwd + lowres * elem + 16 * lowres + lowres * elem
+    return fwd + lowres * elem + target + lowres * elem

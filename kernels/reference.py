@@ -1,14 +1,19 @@
 """Plain-torch references for the fused kernels: these functions *define* the ops, and the tests trust them.
 
-Both ops take SAM's low-resolution logits, upsample them 4x the way ``Sam.postprocess_masks`` does
-(``F.interpolate(..., mode="bilinear", align_corners=False)``), keep the valid (unpadded) top-left region of
-each mask or image, and compute losses there. These references materialise the upsampled ``(P, 4h, 4w)``
-tensor (and autograd keeps it, and its gradient, for the backward); the Triton ops in ``mask_losses.py`` and
-``class_ce.py`` compute the same numbers without it.
+Both ops take SAM's low-resolution ``(h, w)`` logits, bring them to the targets' frame, keep the valid
+(unpadded) top-left region of each mask or image, and compute losses there. The upsample factor ``f`` comes
+from the targets' shape:
+
+- ``f = 4``: targets ``(4h, 4w)``, SAM's case (256 logits, 1024 input). The logits are upsampled the way
+  ``Sam.postprocess_masks`` does (``F.interpolate(..., mode="bilinear", align_corners=False)``). These
+  references materialise the upsampled ``(P, 4h, 4w)`` tensor (and autograd keeps it, and its gradient, for
+  the backward); the Triton ops in ``mask_losses.py`` and ``class_ce.py`` compute the same numbers without it.
+- ``f = 1``: targets ``(h, w)``, a model whose input frame is its logits' (LiteMedSAM: 256 input, 256 logits).
+  The logits are used as they are.
 
 Conventions shared with the Triton ops:
 
-- ``valid_hw[i] = (vh, vw)`` is clamped to ``[0, 4h] x [0, 4w]``; the valid region is ``[:vh, :vw]``.
+- ``valid_hw[i] = (vh, vw)`` is clamped to ``[0, f h] x [0, f w]``; the valid region is ``[:vh, :vw]``.
 - An empty valid region (``vh == 0`` or ``vw == 0``) gives ``focal = bce = mse = dice = 0`` and ``iou = 1``,
   with zero gradient: a mean over no pixels is taken as 0, and the dice and IoU formulas give 0 and 1 by
   themselves.
@@ -25,8 +30,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "FACTORS",
     "MaskLosses",
-    "upsample4",
+    "upsample_factor",
+    "upsample",
     "valid_mask",
     "mask_losses_reference",
     "class_ce_reference",
@@ -54,10 +61,32 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def upsample4(logits: torch.Tensor) -> torch.Tensor:
-    """``(N, C, h, w)`` -> ``(N, C, 4h, 4w)``, bilinear: the first half of ``Sam.postprocess_masks``."""
+FACTORS = (1, 4)
+"""The upsample factors from the logits to the targets that the ops implement."""
+
+
+def upsample_factor(logits_hw: tuple[int, int], frame: tuple[int, ...], what: str) -> int:
+    """The factor from ``(h, w)`` logits to a target frame ending in ``(4h, 4w)`` (4) or ``(h, w)`` (1).
+
+    Raises ``ValueError`` naming ``what`` and both accepted shapes for anything else.
+    """
+    h, w = logits_hw
+    for factor in FACTORS:
+        if tuple(frame[-2:]) == (factor * h, factor * w):
+            return factor
+    raise ValueError(
+        f"{what} must end in ({4 * h}, {4 * w}) (the logits' 4x upsample, SAM's input frame) or ({h}, {w}) "
+        f"(the logits' own resolution) for ({h}, {w}) logits, got {tuple(frame)}"
+    )
+
+
+def upsample(logits: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(N, C, h, w)`` -> ``(N, C, f h, f w)``: bilinear for ``f = 4`` (the first half of
+    ``Sam.postprocess_masks``), the logits themselves for ``f = 1``."""
+    if factor == 1:
+        return logits
     n, c, h, w = logits.shape
-    return F.interpolate(logits, (4 * h, 4 * w), mode="bilinear", align_corners=False)
+    return F.interpolate(logits, (factor * h, factor * w), mode="bilinear", align_corners=False)
 
 
 def valid_mask(valid_hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -95,19 +124,19 @@ def mask_losses_reference(
 
     Args:
         logits: ``(P, h, w)`` float32, bfloat16 or float64 low-resolution mask logits.
-        targets: ``(P, 4h, 4w)`` bool or uint8 ground truth in SAM's input frame (nonzero = foreground).
+        targets: ``(P, 4h, 4w)`` (upsample factor 4) or ``(P, h, w)`` (factor 1) bool or uint8 ground truth
+            in the model's input frame (nonzero = foreground).
         valid_hw: ``(P, 2)`` int, the valid size ``(vh, vw)`` of each mask's input frame, before padding.
         alpha, gamma: the focal loss parameters (torchvision's meaning).
 
     Returns:
         ``MaskLosses`` of ``(P,)`` tensors in float32 (float64 for float64 logits).
     """
-    _check_mask_inputs(logits, targets, valid_hw)
-    p_count, h, w = logits.shape
+    factor = _check_mask_inputs(logits, targets, valid_hw)
     valid_hw = valid_hw.to(logits.device)  # callers often keep the sizes on the host
-    x = upsample4(logits.to(_compute_dtype(logits.dtype))[:, None])[:, 0]  # (P, 4h, 4w)
+    x = upsample(logits.to(_compute_dtype(logits.dtype))[:, None], factor)[:, 0]  # (P, f h, f w)
     t = (targets != 0).to(x.dtype)
-    valid = valid_mask(valid_hw, 4 * h, 4 * w).to(x.dtype)
+    valid = valid_mask(valid_hw, *x.shape[1:]).to(x.dtype)
     n = valid.sum((1, 2))
     inv_n = torch.where(n > 0, 1 / n.clamp(min=1), torch.zeros_like(n))
 
@@ -135,11 +164,12 @@ def class_ce_reference(
     valid_hw: torch.Tensor,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """The definition of ``kernels.class_ce``: per-image mean cross-entropy over the upsampled class logits.
+    """The definition of ``kernels.class_ce``: per-image mean cross-entropy over the (upsampled) class logits.
 
     Args:
         logits: ``(B, C, h, w)`` float32, bfloat16 or float64 low-resolution class logits.
-        labels: ``(B, 4h, 4w)`` integer class ids in ``[0, C)`` or ``ignore_index``.
+        labels: ``(B, 4h, 4w)`` (upsample factor 4) or ``(B, h, w)`` (factor 1) integer class ids in
+            ``[0, C)`` or ``ignore_index``.
         valid_hw: ``(B, 2)`` int valid size of each image's input frame.
         ignore_index: label value that contributes nothing.
 
@@ -152,35 +182,48 @@ def class_ce_reference(
         ValueError: on a label outside ``[0, C)`` that is not ``ignore_index`` (the Triton op ignores such
             labels, since it cannot raise without a device sync).
     """
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be (B, C, h, w), got {tuple(logits.shape)}")
-    b, c, h, w = logits.shape
-    if labels.shape != (b, 4 * h, 4 * w):
-        raise ValueError(f"labels must be {(b, 4 * h, 4 * w)}, got {tuple(labels.shape)}")
-    if valid_hw.shape != (b, 2):
-        raise ValueError(f"valid_hw must be {(b, 2)}, got {tuple(valid_hw.shape)}")
+    factor = _check_class_inputs(logits, labels, valid_hw)
+    c = logits.shape[1]
     labels = labels.long()
-    counted = valid_mask(valid_hw.to(labels.device), 4 * h, 4 * w) & (labels != ignore_index)
+    counted = valid_mask(valid_hw.to(labels.device), *labels.shape[1:]) & (labels != ignore_index)
     bad = counted & ((labels < 0) | (labels >= c))
     if bool(bad.any()):
         raise ValueError(f"labels outside [0, {c}) other than ignore_index={ignore_index}")
-    x = upsample4(logits.to(_compute_dtype(logits.dtype)))  # (B, C, 4h, 4w)
+    x = upsample(logits.to(_compute_dtype(logits.dtype)), factor)  # (B, C, f h, f w)
     safe = torch.where(counted, labels, torch.zeros_like(labels))
-    ce = F.cross_entropy(x, safe, reduction="none")  # (B, 4h, 4w)
+    ce = F.cross_entropy(x, safe, reduction="none")  # (B, f h, f w)
     counted = counted.to(x.dtype)
     n = counted.sum((1, 2))
     return (ce * counted).sum((1, 2)) / n.clamp(min=1)
 
 
-def _check_mask_inputs(logits: torch.Tensor, targets: torch.Tensor, valid_hw: torch.Tensor) -> None:
+def _check_mask_inputs(logits: torch.Tensor, targets: torch.Tensor, valid_hw: torch.Tensor) -> int:
+    """Raise a ``ValueError`` on inputs ``mask_losses`` does not take; return the upsample factor."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be (P, h, w), got {tuple(logits.shape)}")
     p_count, h, w = logits.shape
-    if targets.shape != (p_count, 4 * h, 4 * w):
-        raise ValueError(f"targets must be {(p_count, 4 * h, 4 * w)}, got {tuple(targets.shape)}")
+    if targets.dim() != 3 or targets.shape[0] != p_count:
+        raise ValueError(f"targets must be ({p_count}, H, W) for {p_count} masks, got {tuple(targets.shape)}")
+    factor = upsample_factor((h, w), targets.shape, "targets")
     if targets.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"targets must be bool or uint8, got {targets.dtype}")
     if valid_hw.shape != (p_count, 2) or valid_hw.is_floating_point():
         raise ValueError(
             f"valid_hw must be an int ({p_count}, 2) tensor, got {valid_hw.dtype} {tuple(valid_hw.shape)}"
         )
+    return factor
+
+
+def _check_class_inputs(logits: torch.Tensor, labels: torch.Tensor, valid_hw: torch.Tensor) -> int:
+    """Raise a ``ValueError`` on inputs ``class_ce`` does not take; return the upsample factor."""
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, C, h, w), got {tuple(logits.shape)}")
+    b, _, h, w = logits.shape
+    if labels.dim() != 3 or labels.shape[0] != b or labels.is_floating_point():
+        raise ValueError(f"labels must be integer ({b}, H, W), got {labels.dtype} {tuple(labels.shape)}")
+    factor = upsample_factor((h, w), labels.shape, "labels")
+    if valid_hw.shape != (b, 2) or valid_hw.is_floating_point():
+        raise ValueError(
+            f"valid_hw must be an int ({b}, 2) tensor, got {valid_hw.dtype} {tuple(valid_hw.shape)}"
+        )
+    return factor

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "BF16",
+    "FACTORS",
     "FP32",
     "GPU_DTYPES",
     "assert_close",
@@ -31,6 +32,9 @@ SEED_VARIABLE = "SAMTUNE_TEST_SEED"
 # (atol, rtol) of the Triton ops against the reference: float32 logits, and bfloat16 logits.
 FP32 = pytest.param((1e-6, 1e-4), id="atol=1e-06,rtol=1e-04")
 BF16 = pytest.param((1e-2, 1e-2), id="atol=1e-02,rtol=1e-02")
+# The upsample factors from the logits to the targets: (4h, 4w) targets (SAM) and (h, w) ones (LiteMedSAM,
+# whose logits are its input frame).
+FACTORS = pytest.mark.parametrize("factor", [4, 1], ids=["x4", "x1"])
 # ("dtype,tol") cases of the GPU full-size tests.
 GPU_DTYPES = [
     pytest.param(torch.float32, FP32.values[0], id="fp32-" + FP32.id),

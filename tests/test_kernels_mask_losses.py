@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import (
     BF16,
+    FACTORS,
     FP32,
     GPU_DTYPES,
     assert_close,
@@ -55,8 +56,11 @@ def make_valid(kind: str, p_count: int, height: int, width: int, gen: torch.Gene
     return torch.tensor(rows, dtype=torch.int64).reshape(p_count, 2)
 
 
-def make_inputs(p_count, h, w, *, seed, valid="mixed", targets="random", dtype=torch.float32, device="cpu"):
-    """Logits with a spread of confidences, blob-ish targets, and valid sizes; reproducible from ``seed``."""
+def make_inputs(
+    p_count, h, w, *, seed, factor=4, valid="mixed", targets="random", dtype=torch.float32, device="cpu"
+):
+    """``(P, h, w)`` logits with a spread of confidences, ``(P, factor h, factor w)`` blob-ish targets, and
+    valid sizes; reproducible from ``seed``."""
     # Drawn on the target device (P=512 x 1024^2 targets would take a while on the CPU); the same seed gives
     # different draws on CPU and CUDA, which is fine: the seed reproduces a failure on the device it ran on.
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -64,15 +68,16 @@ def make_inputs(p_count, h, w, *, seed, valid="mixed", targets="random", dtype=t
     logits = torch.randn(p_count, h, w, **kw) * torch.rand(p_count, 1, 1, **kw).mul(6).add(0.5)
     if targets == "random":
         # Low-res noise upsampled and thresholded: blobs with edges, like real masks, plus pixel noise.
-        blobs = F.interpolate(torch.randn(p_count, 1, h, w, **kw), (4 * h, 4 * w), mode="bilinear")[:, 0]
-        tgt = (blobs + 0.3 * torch.randn(p_count, 4 * h, 4 * w, **kw)) > 0
+        frame = (factor * h, factor * w)
+        blobs = F.interpolate(torch.randn(p_count, 1, h, w, **kw), frame, mode="bilinear")[:, 0]
+        tgt = (blobs + 0.3 * torch.randn(p_count, *frame, **kw)) > 0
     elif targets == "empty":
-        tgt = torch.zeros(p_count, 4 * h, 4 * w, dtype=torch.bool, device=device)
+        tgt = torch.zeros(p_count, factor * h, factor * w, dtype=torch.bool, device=device)
     elif targets == "full":
-        tgt = torch.ones(p_count, 4 * h, 4 * w, dtype=torch.bool, device=device)
+        tgt = torch.ones(p_count, factor * h, factor * w, dtype=torch.bool, device=device)
     else:
         raise ValueError(targets)
-    valid_hw = make_valid(valid, p_count, 4 * h, 4 * w, torch.Generator().manual_seed(seed))
+    valid_hw = make_valid(valid, p_count, factor * h, factor * w, torch.Generator().manual_seed(seed))
     weights = torch.rand(len(LOSS_NAMES), p_count, **kw) + 0.5  # upstream gradient of each loss
     return logits.to(dtype), tgt, valid_hw.to(device), weights
 
@@ -99,14 +104,19 @@ def compare(out, grad, ref_out, ref_grad, atol, rtol, context):
 
 
 def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0) -> MaskLosses:
-    """The definition, literally: upsample, crop each mask to ``[:vh, :vw]``, apply torchvision's losses."""
+    """The definition, literally: upsample 4x to ``(4h, 4w)`` targets (not at all to ``(h, w)`` ones), crop
+    each mask to ``[:vh, :vw]``, apply torchvision's losses."""
     from torchvision.ops import sigmoid_focal_loss
 
     p_count, h, w = logits.shape
-    up = F.interpolate(logits.double()[:, None], (4 * h, 4 * w), mode="bilinear", align_corners=False)[:, 0]
+    frame = tuple(targets.shape[1:])
+    up = logits.double()
+    if frame == (4 * h, 4 * w):
+        up = F.interpolate(up[:, None], frame, mode="bilinear", align_corners=False)[:, 0]
+    assert up.shape[1:] == frame, (logits.shape, targets.shape)
     rows = {name: [] for name in MaskLosses._fields}
     for i in range(p_count):
-        vh, vw = (min(max(int(v), 0), s) for v, s in zip(valid_hw[i], (4 * h, 4 * w)))
+        vh, vw = (min(max(int(v), 0), s) for v, s in zip(valid_hw[i], frame))
         x = up[i, :vh, :vw]
         t = (targets[i, :vh, :vw] != 0).double()
         if x.numel() == 0:
@@ -127,11 +137,12 @@ def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0) -> Mask
     return MaskLosses(*(torch.stack(rows[name]).to(torch.float64) for name in MaskLosses._fields))
 
 
+@FACTORS
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 3, 17), (7, 5, 4)], ids=lambda s: "P{}_h{}_w{}".format(*s))
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 1.5), (0.6, 0.0)])
-def test_reference_matches_float64_definition(shape, alpha, gamma, seed):
-    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, dtype=torch.float64)
-    context = f"shape={shape} alpha={alpha} gamma={gamma} seed={seed}"
+def test_reference_matches_float64_definition(shape, alpha, gamma, factor, seed):
+    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, factor=factor, dtype=torch.float64)
+    context = f"shape={shape} factor={factor} alpha={alpha} gamma={gamma} seed={seed}"
     ref = run(logits, targets, valid_hw, weights, backend="torch", alpha=alpha, gamma=gamma)
 
     x = logits.clone().requires_grad_()
@@ -145,9 +156,13 @@ def test_reference_matches_float64_definition(shape, alpha, gamma, seed):
     compare(*ref32, ref[0], ref[1], 1e-6, 1e-4, context + " float32")
 
 
-def test_reference_gradcheck(seed):
-    logits, targets, valid_hw, _ = make_inputs(3, 2, 3, seed=seed, dtype=torch.float64)
-    valid_hw = torch.tensor([[8, 12], [5, 7], [1, 12]])
+@FACTORS
+def test_reference_gradcheck(factor, seed):
+    logits, targets, valid_hw, _ = make_inputs(3, 2, 3, seed=seed, factor=factor, dtype=torch.float64)
+    # Full, partial, and a single row, in the targets' frame.
+    valid_hw = torch.tensor([[2, 3], [2, 2], [1, 3]]) * factor - torch.tensor(
+        [[0, 0], [factor // 2, 1], [0, 0]]
+    )
 
     def losses(x):
         return tuple(mask_losses_reference(x, targets, valid_hw))[:4]
@@ -155,11 +170,12 @@ def test_reference_gradcheck(seed):
     assert torch.autograd.gradcheck(losses, (logits.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@FACTORS
 @pytest.mark.interpreter
-def test_empty_valid_region_convention():
+def test_empty_valid_region_convention(factor):
     """No valid pixel: every loss 0, iou 1, zero gradient, on both backends."""
-    logits, targets, _, weights = make_inputs(2, 3, 4, seed=0, targets="full")
-    valid_hw = torch.tensor([[0, 16], [12, 0]])
+    logits, targets, _, weights = make_inputs(2, 3, 4, seed=0, factor=factor, targets="full")
+    valid_hw = torch.tensor([[0, 4 * factor], [3 * factor, 0]])
     for backend in ("torch", "triton"):
         out, grad = run(logits, targets, valid_hw, weights, backend=backend)
         for name in LOSS_NAMES:
@@ -173,7 +189,8 @@ def test_empty_valid_region_convention():
 # h, w in {1, 3, 17, 64} and P in {1, 3, 7}, chosen so every size meets every other at least once while the
 # interpreter (tens of ms per program, whatever its size) keeps the file near a minute on 2 cores. Every shape
 # gets the "mixed" valid regions (random, full, empty, single row/col, oversize); the cheap ones also get
-# all-full, all-single-row and all-single-column.
+# all-full, all-single-row and all-single-column. At factor 1 the default tiles are 32 pixels wide, so the
+# sides of 64 put tile seams inside the masks.
 SHAPES = [(1, 1, 1), (3, 1, 17), (7, 3, 3), (1, 3, 64), (3, 17, 1), (1, 64, 3), (3, 17, 17), (7, 1, 64)]
 CHEAP = SHAPES[:6]
 CASES = [
@@ -184,42 +201,55 @@ CASES = [
 ]
 
 
+@FACTORS
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("shape,valid", CASES, ids=["P{}_h{}_w{}-{}".format(*s, v) for s, v in CASES])
 @pytest.mark.interpreter
-def test_triton_matches_reference(shape, valid, tol, seed):
-    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, valid=valid)
-    context = f"shape={shape} valid={valid_hw.tolist()} seed={seed}"
+def test_triton_matches_reference(shape, valid, factor, tol, seed):
+    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, factor=factor, valid=valid)
+    context = f"shape={shape} factor={factor} valid={valid_hw.tolist()} seed={seed}"
     got = run(logits, targets, valid_hw, weights, backend="triton")
     want = run(logits, targets, valid_hw, weights, backend="torch")
     compare(*got, *want, *tol, context)
 
 
+# (shape, factor, block): a program covers 4 block x 4 block target pixels, so at factor 1 the masks must be
+# larger to hold as many seams.
+SEAMS = [
+    ((2, 5, 9), 4, 2),
+    ((3, 17, 9), 4, 4),
+    ((1, 33, 40), 4, 8),
+    ((2, 20, 36), 1, 2),
+    ((3, 17, 40), 1, 4),
+    ((1, 70, 33), 1, 8),
+]
+
+
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize(
-    "shape,block",
-    [((2, 5, 9), 2), ((3, 17, 9), 4), ((1, 33, 40), 8)],
-    ids=["P2_h5_w9-b2", "P3_h17_w9-b4", "P1_h33_w40-b8"],
+    "shape,factor,block", SEAMS, ids=["P{}_h{}_w{}-x{}-b{}".format(*s, f, b) for s, f, b in SEAMS]
 )
 @pytest.mark.interpreter
-def test_triton_tile_seams(shape, block, tol, seed):
-    """Small blocks put many tile seams (and the overlapping backward blocks) inside small masks."""
-    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed)
-    context = f"shape={shape} block={block} valid={valid_hw.tolist()} seed={seed}"
+def test_triton_tile_seams(shape, factor, block, tol, seed):
+    """Small blocks put many tile seams (and at factor 4 the overlapping backward blocks) inside small
+    masks."""
+    logits, targets, valid_hw, weights = make_inputs(*shape, seed=seed, factor=factor)
+    context = f"shape={shape} factor={factor} block={block} valid={valid_hw.tolist()} seed={seed}"
     got = run(logits, targets, valid_hw, weights, backend="triton", block=block)
     want = run(logits, targets, valid_hw, weights, backend="torch")
     compare(*got, *want, *tol, context)
 
 
+@FACTORS
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("targets", ["empty", "full"])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8], ids=["bool", "uint8"])
 @pytest.mark.interpreter
-def test_triton_constant_targets(targets, dtype, tol, seed):
-    logits, tgt, valid_hw, weights = make_inputs(3, 3, 17, seed=seed, targets=targets)
+def test_triton_constant_targets(targets, dtype, factor, tol, seed):
+    logits, tgt, valid_hw, weights = make_inputs(3, 3, 17, seed=seed, factor=factor, targets=targets)
     if dtype == torch.uint8:
         tgt = tgt.to(torch.uint8) * 7  # any nonzero byte is foreground
-    context = f"targets={targets} {dtype} seed={seed}"
+    context = f"targets={targets} {dtype} factor={factor} seed={seed}"
     compare(
         *run(logits, tgt, valid_hw, weights, backend="triton"),
         *run(logits, tgt, valid_hw, weights, backend="torch"),
@@ -228,15 +258,16 @@ def test_triton_constant_targets(targets, dtype, tol, seed):
     )
 
 
+@FACTORS
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 @pytest.mark.interpreter
-def test_triton_each_gradient(loss, tol, seed):
+def test_triton_each_gradient(loss, factor, tol, seed):
     """Each loss's gradient on its own, so a small term cannot hide behind a large one."""
-    logits, targets, valid_hw, _ = make_inputs(3, 3, 17, seed=seed)
+    logits, targets, valid_hw, _ = make_inputs(3, 3, 17, seed=seed, factor=factor)
     weights = torch.zeros(len(LOSS_NAMES), 3)
     weights[LOSS_NAMES.index(loss)] = torch.tensor([1.0, -0.5, 2.0])
-    context = f"d{loss} seed={seed}"
+    context = f"d{loss} factor={factor} seed={seed}"
     compare(
         *run(logits, targets, valid_hw, weights, backend="triton"),
         *run(logits, targets, valid_hw, weights, backend="torch"),
@@ -245,12 +276,13 @@ def test_triton_each_gradient(loss, tol, seed):
     )
 
 
+@FACTORS
 @pytest.mark.parametrize("tol", [FP32])
 @pytest.mark.parametrize("alpha,gamma", [(-1.0, 2.0), (0.6, 0.0), (0.25, 1.5), (0.25, 3.0)])
 @pytest.mark.interpreter
-def test_triton_focal_parameters(alpha, gamma, tol, seed):
-    logits, targets, valid_hw, weights = make_inputs(3, 3, 5, seed=seed)
-    context = f"alpha={alpha} gamma={gamma} seed={seed}"
+def test_triton_focal_parameters(alpha, gamma, factor, tol, seed):
+    logits, targets, valid_hw, weights = make_inputs(3, 3, 5, seed=seed, factor=factor)
+    context = f"alpha={alpha} gamma={gamma} factor={factor} seed={seed}"
     compare(
         *run(logits, targets, valid_hw, weights, backend="triton", alpha=alpha, gamma=gamma),
         *run(logits, targets, valid_hw, weights, backend="torch", alpha=alpha, gamma=gamma),
@@ -259,36 +291,40 @@ def test_triton_focal_parameters(alpha, gamma, tol, seed):
     )
 
 
+@FACTORS
 @pytest.mark.parametrize("tol", [BF16])
 @pytest.mark.interpreter
-def test_triton_bfloat16(tol, seed):
+def test_triton_bfloat16(factor, tol, seed):
     """bf16 logits: both sides compute in float32 from the same bf16 values; the gradient comes back bf16."""
-    logits, targets, valid_hw, weights = make_inputs(3, 17, 3, seed=seed, dtype=torch.bfloat16)
+    logits, targets, valid_hw, weights = make_inputs(3, 17, 3, seed=seed, factor=factor, dtype=torch.bfloat16)
     got = run(logits, targets, valid_hw, weights, backend="triton")
     want = run(logits, targets, valid_hw, weights, backend="torch")
     assert got[1].dtype == torch.bfloat16
     assert got[0].focal.dtype == torch.float32
-    compare(*got, *want, *tol, f"bf16 seed={seed}")
+    compare(*got, *want, *tol, f"bf16 factor={factor} seed={seed}")
 
 
+@FACTORS
 @pytest.mark.interpreter
-def test_triton_confident_logits_are_precise():
+def test_triton_confident_logits_are_precise(factor):
     """|logit| up to 40: the kernel's log1p and 1 - p_t keep the precision that 1 - sigmoid would lose."""
     logits = torch.linspace(-40, 40, 3 * 5).reshape(1, 3, 5)
-    targets = torch.zeros(1, 12, 20, dtype=torch.bool)
-    targets[:, :, 10:] = True  # right half foreground: confident and right there, confident and wrong left
-    valid_hw = torch.tensor([[12, 20]])
+    targets = torch.zeros(1, 3 * factor, 5 * factor, dtype=torch.bool)
+    # Right half foreground: confident and right there, confident and wrong on the left.
+    targets[:, :, (5 * factor) // 2 :] = True
+    valid_hw = torch.tensor([[3 * factor, 5 * factor]])
     weights = torch.ones(len(LOSS_NAMES), 1)
     got = run(logits, targets, valid_hw, weights, backend="triton")
     want = run(logits.double(), targets, valid_hw, weights.double(), backend="torch")
-    compare(*got, *want, 1e-6, 1e-4, "confident logits vs float64")
+    compare(*got, *want, 1e-6, 1e-4, f"confident logits vs float64, factor={factor}")
 
 
+@FACTORS
 @pytest.mark.interpreter
-def test_convergence_same_loss_curve(seed):
+def test_convergence_same_loss_curve(factor, seed):
     """Optimising the same tiny logits with the fused op and with the reference gives the same loss curve."""
-    logits, targets, valid_hw, _ = make_inputs(2, 6, 5, seed=seed)
-    valid_hw = torch.tensor([[24, 20], [17, 9]])
+    logits, targets, valid_hw, _ = make_inputs(2, 6, 5, seed=seed, factor=factor)
+    valid_hw = torch.tensor([[6 * factor, 5 * factor], [6 * factor - 1, 2 * factor + 1]])
     curves = {}
     for backend in ("triton", "torch"):
         x = logits.clone().requires_grad_()
@@ -304,15 +340,17 @@ def test_convergence_same_loss_curve(seed):
             opt.step()
             curve.append(loss.item())
         curves[backend] = torch.tensor(curve)
-    assert_close(curves["triton"], curves["torch"], atol=1e-6, rtol=1e-4, what=f"loss curve seed={seed}")
+    context = f"loss curve factor={factor} seed={seed}"
+    assert_close(curves["triton"], curves["torch"], atol=1e-6, rtol=1e-4, what=context)
     assert curves["torch"][-1] < 0.5 * curves["torch"][0], curves["torch"]
 
 
 # ---------------------------------------------------------------- dispatch, validation, helpers
 
 
-def test_auto_on_cpu_is_the_reference(seed):
-    logits, targets, valid_hw, weights = make_inputs(3, 3, 4, seed=seed)
+@FACTORS
+def test_auto_on_cpu_is_the_reference(factor, seed):
+    logits, targets, valid_hw, weights = make_inputs(3, 3, 4, seed=seed, factor=factor)
     got = run(logits, targets, valid_hw, weights, backend="auto")
     want = run(logits, targets, valid_hw, weights, backend="torch")
     for a, b in zip(got[0], want[0]):
@@ -329,14 +367,21 @@ def test_triton_on_cpu_needs_the_interpreter():
         kernels.mask_losses(logits, targets, valid_hw, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(
     "bad",
-    ["targets_shape", "targets_dtype", "valid_shape", "valid_float", "logits_rank"],
+    ["targets_shape", "targets_factor_2", "targets_dtype", "valid_shape", "valid_float", "logits_rank"],
 )
-def test_input_validation(bad):
+def test_input_validation(bad, backend):
+    """Bad inputs raise a ValueError before any kernel runs, on either backend."""
     logits, targets, valid_hw, _ = make_inputs(2, 3, 4, seed=0)
+    match = None
     if bad == "targets_shape":
         targets = targets[:, :-1]
+        match = r"targets must end in \(12, 16\) .* or \(3, 4\) .*got \(2, 11, 16\)"
+    elif bad == "targets_factor_2":
+        targets = targets[:, ::2, ::2]  # a 2x upsample is not one the kernels implement
+        match = r"got \(2, 6, 8\)"
     elif bad == "targets_dtype":
         targets = targets.float()
     elif bad == "valid_shape":
@@ -345,13 +390,14 @@ def test_input_validation(bad):
         valid_hw = valid_hw.float()
     elif bad == "logits_rank":
         logits = logits[None]
-    with pytest.raises(ValueError):
-        kernels.mask_losses(logits, targets, valid_hw, backend="torch")
+    with pytest.raises(ValueError, match=match):
+        kernels.mask_losses(logits, targets, valid_hw, backend=backend)
 
 
+@FACTORS
 @pytest.mark.interpreter
-def test_no_masks():
-    logits, targets, valid_hw, weights = make_inputs(0, 3, 4, seed=0)
+def test_no_masks(factor):
+    logits, targets, valid_hw, weights = make_inputs(0, 3, 4, seed=0, factor=factor)
     for backend in ("torch", "triton"):
         out, grad = run(logits, targets, valid_hw, weights, backend=backend)
         assert all(t.shape == (0,) for t in out) and grad.shape == (0, 3, 4)
@@ -367,18 +413,21 @@ def test_min_bytes_moved():
     # 256x256 fp32 logits and 1024x1024 uint8 targets per mask: 44 bytes per low-res pixel forward + backward.
     assert kernels.min_bytes_moved(256, 256, 256) == 44 * 256 * 256 * 256
     assert kernels.min_bytes_moved(1, 256, 256, torch.bfloat16, backward=False) == 18 * 256 * 256
+    # 256x256 targets (factor 1): logits read twice (fp32), gradient written, targets read twice.
+    assert kernels.min_bytes_moved(3, 256, 256, factor=1) == (3 * 4 + 2) * 3 * 256 * 256
 
 
+@FACTORS
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
-def test_kernels_compile_for_sm90(which, dtype):
+def test_kernels_compile_for_sm90(which, dtype, factor):
     """The compiled (not interpreted) kernels lower to sm_90 code at their launch configs, without atomics
     and without register spills: catches what the interpreter lets through."""
     kernel, (block, warps) = {
-        "fwd": (ml_module._mask_losses_fwd, ml_module.FWD_CONFIG),
-        "bwd": (ml_module._mask_losses_bwd, ml_module.BWD_CONFIG),
+        "fwd": (ml_module._mask_losses_fwd, ml_module.FWD_CONFIG[factor]),
+        "bwd": (ml_module._mask_losses_bwd, ml_module.BWD_CONFIG[factor]),
     }[which]
-    check_sm90(kernel, dtype, {"GAMMA": 2.0, "BLOCK": block}, warps)
+    check_sm90(kernel, dtype, {"GAMMA": 2.0, "UP": factor, "BLOCK": block}, warps)
 
 
 # ---------------------------------------------------------------- GPU only
@@ -400,22 +449,23 @@ def _reference_in_chunks(logits, targets, valid_hw, weights, chunk=32):
     return MaskLosses(*(torch.cat(parts) for parts in zip(*outs))), torch.cat(grads)
 
 
+@FACTORS
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", GPU_DTYPES)
-def test_gpu_full_size(dtype, tol, seed, cuda_device):
+def test_gpu_full_size(dtype, tol, factor, seed, cuda_device):
     logits, targets, valid_hw, weights = make_inputs(
-        512, 256, 256, seed=seed, dtype=dtype, device=cuda_device
+        512, 256, 256, seed=seed, factor=factor, dtype=dtype, device=cuda_device
     )
     out, grad = run(logits, targets, valid_hw, weights, backend="auto")
     assert grad.dtype == dtype
     want, want_grad = _reference_in_chunks(logits, targets, valid_hw, weights)
-    compare(
-        out, grad.float(), want, want_grad.to(grad.dtype).float(), *tol, f"P=512 256x256 {dtype} seed={seed}"
-    )
+    context = f"P=512 256x256 factor={factor} {dtype} seed={seed}"
+    compare(out, grad.float(), want, want_grad.to(grad.dtype).float(), *tol, context)
 
 
 @pytest.mark.gpu
 def test_gpu_peak_memory_is_small(seed, cuda_device):
+    """Factor 4, where the reference materialises (P, 1024, 1024) tensors that the fused op never makes."""
     logits, targets, valid_hw, weights = make_inputs(64, 256, 256, seed=seed, device=cuda_device)
     peaks = {}
     for backend in ("triton", "torch"):
