@@ -23,9 +23,10 @@ demo: venv
 
 # Triton fixes interpreted vs compiled when it decorates a kernel, at import, so the kernel tests that run
 # Triton's CPU interpreter (marked `interpreter`) get a pytest call of their own with TRITON_INTERPRET=1 set
-# from the start. Each call's failure fails the target.
+# from the start. Each call's failure fails the target. A -m here replaces pyproject's `-m 'not slow'`, so the
+# first call repeats it.
 test: venv
-	$(BIN)/python -m pytest -q -m "not interpreter"
+	$(BIN)/python -m pytest -q -m "not slow and not interpreter"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpreter tests/test_kernels_*.py
 
 lint: venv
