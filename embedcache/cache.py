@@ -115,10 +115,11 @@ class Cache:
                 block = self.embeddings[a:b]
             except Exception as e:  # a checksum, shard-index or truncation error from zarr
                 raise CacheError(self._bad_embeddings(a, b, f"unreadable ({type(e).__name__}: {e})")) from e
-            # never-written (or deleted) chunks read as the NaN fill value; training on them is silently wrong
-            # (0.5 ms per image for the check against ~5 ms to read it)
-            if not np.isfinite(block).all():
-                raise CacheError(self._bad_embeddings(a, b, "missing or holds non-finite values"))
+            # a never-written (or deleted) chunk reads as the NaN fill value throughout, and training on it is
+            # silently wrong; its first value tells (isfinite over all of it measured 1.1 ms per image against
+            # 1.4 ms to read one; written values are crc32c-checked and verified finite at build time)
+            if np.isnan(block.reshape(block.shape[0], -1)[:, 0]).any():
+                raise CacheError(self._bad_embeddings(a, b, "missing (read as the NaN fill value)"))
             out[order[run]] = block[sorted_idx[run] - a]
         return out
 

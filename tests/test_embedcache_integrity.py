@@ -133,6 +133,16 @@ def test_deleted_chunk_files_are_named_not_read_as_fill(reference, tmp_path):
         open_cache(bad2)
 
 
+def test_a_shard_deleted_after_opening_is_not_read_as_nan(reference, tmp_path):
+    _, ref = reference
+    bad = _copy(ref, tmp_path)
+    c = open_cache(bad)
+    shard_file(bad, 1).unlink()
+    c.read_embeddings([0, 1, 4])
+    with pytest.raises(CacheError, match=rf"{shard_file(bad, 1)}: embeddings of images 2..3 missing"):
+        c.read_embeddings([2, 3])
+
+
 def test_a_format_1_cache_is_refused_with_a_rebuild_hint(reference, tmp_path):
     _, ref = reference
     old = _copy(ref, tmp_path)
