@@ -49,6 +49,7 @@ from embedcache.store import (
     write_metadata,
     write_shard,
 )
+from embedcache.tap import tap_description
 
 __all__ = [
     "BadDataError",
@@ -127,8 +128,13 @@ class BuildConfig:
     """Replace an existing cache at ``out`` instead of resuming it or refusing."""
     progress: bool = True
     """Show a tqdm progress bar with images/s."""
+    tail_blocks: int = 0
+    """A partial cache: also store the tokens entering the encoder's last ``tail_blocks`` blocks
+    (``embedcache.tap``), so the trainer can adapt those blocks. 0: embeddings only."""
 
     def __post_init__(self):
+        if self.tail_blocks < 0:
+            raise ValueError(f"tail_blocks must be >= 0, got {self.tail_blocks}")
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
         if self.coco is not None:
@@ -213,6 +219,9 @@ def _prepare(
         },
         layout={"images_per_shard": cfg.images_per_shard},
     )
+    tap = _tap_description(cfg)
+    if tap is not None:
+        signature["tap"] = tap  # a resume with another tap point is refused like any other difference
     signature = _json_roundtrip(signature)
     out = cfg.out
     staging = out.with_name(f".{out.name}.preparing")  # ours alone: we hold the build lock
@@ -287,7 +296,13 @@ def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: P
         preset=get_preset(cfg.model_type),
         max_pixels=cfg.max_pixels,
     )
-    write_metadata(group, meta, images_per_shard=cfg.images_per_shard)
+    tap = signature.get("tap")
+    write_metadata(
+        group,
+        meta,
+        images_per_shard=cfg.images_per_shard,
+        tap_shape=None if tap is None else tuple(tap["shape"]),
+    )
     group.attrs.update(
         status="prepared",
         prepare_report={
@@ -298,6 +313,21 @@ def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: P
             "seconds": round(time.perf_counter() - t0, 3),
         },
     )
+
+
+def _tap_description(cfg: BuildConfig) -> dict | None:
+    """The tap point of a partial cache (``embedcache.tap``), from a weightless copy of the encoder."""
+    if cfg.tail_blocks == 0:
+        return None
+    if get_preset(cfg.model_type).encoder.kind == "tiny_vit":
+        encoder = build_sam(cfg.model_type).image_encoder  # small; its init reads tensor values: not on meta
+    else:
+        with torch.device("meta"):  # shapes only: vit_h's 630M weights neither allocated nor initialised
+            encoder = build_sam(cfg.model_type).image_encoder
+    try:
+        return tap_description(encoder, cfg.tail_blocks)
+    except ValueError as e:
+        raise ValueError(f"--tail-blocks {cfg.tail_blocks} does not fit model {cfg.model_type}: {e}") from e
 
 
 def _json_roundtrip(d: dict) -> dict:
@@ -393,9 +423,10 @@ def _build(cfg: BuildConfig, ctx: ProcessContext) -> dict:
         if jobs:
             sam = build_sam(cfg.model_type, checkpoint, seed=cfg.init_seed).to(device)
 
-            def write(k: int, embeddings: np.ndarray, seconds: float) -> None:
+            def write(k: int, outputs: tuple[np.ndarray, ...], seconds: float) -> None:
+                tap = outputs[1] if cfg.tail_blocks else None
                 try:
-                    write_shard(group, k, embeddings, seconds=seconds, run=run, rank=ctx.rank)
+                    write_shard(group, k, outputs[0], tap=tap, seconds=seconds, run=run, rank=ctx.rank)
                 except OSError as e:
                     if e.filename is None:  # a failed write() (ENOSPC) names no file; the shard's is the one
                         e.filename = str(shard_file(cfg.out, k))
@@ -412,6 +443,7 @@ def _build(cfg: BuildConfig, ctx: ProcessContext) -> dict:
                 workers=cfg.workers,
                 progress=cfg.progress,
                 desc=f"encode rank {ctx.rank}" if ctx.world_size > 1 else "encode",
+                tail_blocks=cfg.tail_blocks,
             )
         ctx.barrier()
         if ctx.is_main:

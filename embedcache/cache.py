@@ -11,7 +11,7 @@ import zarr
 from embedcache import masks as mk
 from embedcache.presets import get_preset
 from embedcache.signature import FORMAT_VERSION
-from embedcache.store import read_strings, shard_file, storage_files
+from embedcache.store import TAP_ARRAY, read_strings, shard_file, storage_files
 
 FRAMES = ("original", "input", "lowres")
 
@@ -67,6 +67,9 @@ class Cache:
         self.image_size = self.preset.image_size
         self.build_report: dict = dict(group.attrs.get("build_report", {}))
         self.embeddings: zarr.Array = group["embeddings"]
+        # a partial cache's (N, 64, 64, C) float16 tokens entering the encoder's last tail_blocks blocks
+        self.tap_tokens: zarr.Array | None = group.get(TAP_ARRAY, None)
+        self.tail_blocks = int(self.signature["tap"]["blocks"]) if "tap" in self.signature else 0
         self.num_images = int(self.embeddings.shape[0])
         self.images_per_shard = int(self.embeddings.shards[0])
 
@@ -98,35 +101,48 @@ class Cache:
 
     def read_embeddings(self, idx) -> np.ndarray:
         """``(n, 256, 64, 64)`` float16 embeddings of the image indices ``idx`` (any int sequence)."""
+        return self._read_images("embeddings", idx)
+
+    def read_tap(self, idx) -> np.ndarray:
+        """``(n, 64, 64, C)`` float16 tap tokens of the image indices ``idx`` (a partial cache only)."""
+        if self.tap_tokens is None:
+            raise CacheError(
+                f"{self.path}: not a partial cache (no tap tokens); rebuild it with --tail-blocks K"
+            )
+        return self._read_images(TAP_ARRAY, idx)
+
+    def _read_images(self, name: str, idx) -> np.ndarray:
+        """Rows ``idx`` of the per-image array ``name``, in the order asked."""
+        array = self.group[name]
         idx = np.asarray(idx, np.int64).reshape(-1)
         if idx.size == 0:
-            return np.zeros((0, *self.embeddings.shape[1:]), np.float16)
+            return np.zeros((0, *array.shape[1:]), np.float16)
         if idx.min() < 0 or idx.max() >= self.num_images:
             raise IndexError(f"image index out of range 0..{self.num_images - 1}")
         # Contiguous runs as basic slices: zarr 3.1's orthogonal (fancy) selection on a sharded array measured
         # ~25x slower (109 ms vs 4.5 ms per image on isbi2012, docs/cache-format.md).
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
-        out = np.empty((idx.size, *self.embeddings.shape[1:]), np.float16)
+        out = np.empty((idx.size, *array.shape[1:]), np.float16)
         breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
         for run in np.split(np.arange(idx.size), breaks):
             a, b = int(sorted_idx[run[0]]), int(sorted_idx[run[-1]]) + 1
             try:
-                block = self.embeddings[a:b]
+                block = array[a:b]
             except Exception as e:  # a checksum, shard-index or truncation error from zarr
-                raise CacheError(self._bad_embeddings(a, b, f"unreadable ({type(e).__name__}: {e})")) from e
+                raise CacheError(self._bad_images(name, a, b, f"unreadable ({type(e).__name__}: {e})")) from e
             # a never-written (or deleted) chunk reads as the NaN fill value throughout, and training on it is
             # silently wrong; its first value tells (isfinite over all of it measured 1.1 ms per image against
             # 1.4 ms to read one; written values are crc32c-checked and verified finite at build time)
             if np.isnan(block.reshape(block.shape[0], -1)[:, 0]).any():
-                raise CacheError(self._bad_embeddings(a, b, "missing (read as the NaN fill value)"))
+                raise CacheError(self._bad_images(name, a, b, "missing (read as the NaN fill value)"))
             out[order[run]] = block[sorted_idx[run] - a]
         return out
 
-    def _bad_embeddings(self, a: int, b: int, what: str) -> str:
+    def _bad_images(self, name: str, a: int, b: int, what: str) -> str:
         s = self.images_per_shard
-        files = ", ".join(str(shard_file(self.path, k)) for k in range(a // s, (b - 1) // s + 1))
-        return f"{files}: embeddings of images {a}..{b - 1} {what}; run `embedcache verify {self.path}`"
+        files = ", ".join(str(shard_file(self.path, k, name)) for k in range(a // s, (b - 1) // s + 1))
+        return f"{files}: {name} of images {a}..{b - 1} {what}; run `embedcache verify {self.path}`"
 
     def image_indices(self, split: str) -> np.ndarray:
         """``(n,)`` int64 indices of the images in ``"train"``, ``"val"`` or ``"all"``."""

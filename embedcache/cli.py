@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--tail-blocks",
+        type=int,
+        default=0,
+        help="partial cache: also store the tokens entering the encoder's last K blocks (encoder adapters)",
+    )
     i = sub.add_parser("info", help="print a cache's signature, counts and size")
     i.add_argument("cache", type=Path)
     i.add_argument("--json", action="store_true", help="print the signature and build report as JSON")
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_pixels=args.max_pixels,
                     overwrite=args.overwrite,
                     progress=not args.no_progress,
+                    tail_blocks=args.tail_blocks,
                 )
             )
             if os.environ.get("RANK", "0") == "0":  # one summary per multi-process build, not one per rank

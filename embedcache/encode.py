@@ -30,6 +30,7 @@ from tqdm import tqdm
 from embedcache.images import BadInput, load_image
 from embedcache.preprocess import resize, to_model_input
 from embedcache.presets import Preset
+from embedcache.tap import encode_with_tap
 
 EXIT_AFTER_SHARDS_ENV = "EMBEDCACHE_TEST_EXIT_AFTER_SHARDS"
 """Test hook: a process that has written this many shards in this run dies with ``os._exit(75)`` at once, as a
@@ -60,7 +61,7 @@ def _load(path: Path, preset: Preset) -> np.ndarray:
 class _ShardWriter:
     """A thread that gathers each shard's batches and hands the whole shard to ``write``."""
 
-    def __init__(self, write: Callable[[int, np.ndarray, float], None]):
+    def __init__(self, write: Callable[[int, tuple[np.ndarray, ...], float], None]):
         self.write = write
         self.q: queue.Queue = queue.Queue(maxsize=2)  # bounds memory to ~2 shards in flight
         self.error: BaseException | None = None
@@ -80,12 +81,11 @@ class _ShardWriter:
                 continue  # drain after a failure so put() never blocks forever
             shard, parts, seconds = item
             try:
-                arrays = []
-                for host, event in parts:
+                for _, event in parts:
                     if event is not None:
                         event.synchronize()
-                    arrays.append(host.numpy())
-                self.write(shard, np.concatenate(arrays), seconds)
+                outputs = zip(*(hosts for hosts, _ in parts))  # per output: its batches, in order
+                self.write(shard, tuple(np.concatenate([h.numpy() for h in o]) for o in outputs), seconds)
                 self.written += 1
                 if self.exit_after and self.written >= self.exit_after:
                     os._exit(75)
@@ -103,7 +103,7 @@ def encode_shards(
     sam: Sam,
     preset: Preset,
     jobs: list[ShardJob],
-    write: Callable[[int, np.ndarray, float], None],
+    write: Callable[[int, tuple[np.ndarray, ...], float], None],
     *,
     device: torch.device,
     compute_dtype: torch.dtype,
@@ -111,8 +111,12 @@ def encode_shards(
     workers: int,
     progress: bool,
     desc: str = "encode",
+    tail_blocks: int = 0,
 ) -> dict:
-    """Encode every job's images and call ``write(shard, (n, 256, 64, 64) float16, seconds)`` once per shard.
+    """Encode every job's images and call ``write(shard, outputs, seconds)`` once per shard.
+
+    ``outputs`` is ``((n, 256, 64, 64) float16 embeddings,)``, plus the ``(n, 64, 64, C)`` float16 tokens
+    entering the last ``tail_blocks`` encoder blocks when ``tail_blocks > 0`` (``embedcache.tap``).
 
     Batches never cross a shard boundary, so a shard's values do not depend on which other shards a run
     encodes (resumed and uninterrupted builds are bit-identical). Returns ``{"images", "seconds"}``.
@@ -148,18 +152,23 @@ def encode_shards(
                     try:
                         with torch.inference_mode(), autocast:
                             x = to_model_input(images, preset, device)
-                            y = sam.image_encoder(x).to(torch.float16)
+                            if tail_blocks:
+                                ys = encode_with_tap(sam.image_encoder, x, tail_blocks)
+                            else:
+                                ys = (sam.image_encoder(x),)
+                            ys = tuple(y.to(torch.float16) for y in ys)
                     except RuntimeError as e:  # name the images; the traceback alone names none
                         names = ", ".join(str(p) for p in job.paths[b0 : b0 + n])
                         raise RuntimeError(f"encoding {names} (shard {job.shard}) failed: {e}") from e
                     if cuda:
-                        host = torch.empty(y.shape, dtype=torch.float16, pin_memory=True)
-                        host.copy_(y, non_blocking=True)
+                        hosts = tuple(torch.empty(y.shape, dtype=torch.float16, pin_memory=True) for y in ys)
+                        for host, y in zip(hosts, ys):
+                            host.copy_(y, non_blocking=True)
                         event = torch.cuda.Event()
                         event.record()
-                        parts.append((host, event))
+                        parts.append((hosts, event))
                     else:
-                        parts.append((y, None))
+                        parts.append((ys, None))
                     bar.update(n)
                 writer.put(job.shard, parts, time.perf_counter() - t_shard)
         finally:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from embedcache.cache import open_cache
+from embedcache.store import TAP_ARRAY
 
 
 def disk_bytes(path: Path, sub: str | None = None) -> int:
@@ -25,6 +26,7 @@ def info_text(path: str | Path) -> str:
     total = disk_bytes(c.path)
     emb = disk_bytes(c.path, "embeddings")
     obj = disk_bytes(c.path, "objects")
+    tap = disk_bytes(c.path, TAP_ARRAY) if c.tap_tokens is not None else 0
     n, m = c.num_images, c.num_objects
     ds, pp = s["dataset"], s["preprocessing"]
     lines = [
@@ -32,6 +34,13 @@ def info_text(path: str | Path) -> str:
         f"format       v{s['format_version']}, embeddings {s['storage_dtype']} (N, 256, 64, 64), "
         f"{c.images_per_shard} images/shard",
         f"model        {s['model_type']}  checkpoint {s['checkpoint']}  compute {s['compute_dtype']}",
+        "tap          "
+        + (
+            f"tokens entering {s['tap']['enters']} (last {s['tap']['blocks']} block(s)), "
+            f"{s['tap']['dtype']} (N, {', '.join(map(str, s['tap']['shape']))})"
+            if "tap" in s
+            else "none (full cache: --tail-blocks 0)"
+        ),
         f"encoder      {json.dumps(s['encoder'])}",
         f"preprocess   input {pp['image_size']}x{pp['image_size']}, resize {pp['resize']}, "
         f"normalise {pp['normalize']}"
@@ -49,9 +58,10 @@ def info_text(path: str | Path) -> str:
     ]
     lines += [f"  - {b['path']}: {b['reason']}" for b in r.get("skipped", [])[:20]]
     lines += [
-        f"size         {_mib(total)} on disk: embeddings {_mib(emb)}, objects {_mib(obj)}, "
-        f"other {_mib(total - emb - obj)}",
-        f"per image    {total / max(n, 1) / 1024:.1f} KiB total, {emb / max(n, 1) / 1024:.1f} KiB embedding",
+        f"size         {_mib(total)} on disk: embeddings {_mib(emb)}, tap tokens {_mib(tap)}, "
+        f"objects {_mib(obj)}, other {_mib(total - emb - tap - obj)}",
+        f"per image    {total / max(n, 1) / 1024:.1f} KiB total, {emb / max(n, 1) / 1024:.1f} KiB embedding, "
+        f"{tap / max(n, 1) / 1024:.1f} KiB tap tokens",
         f"per object   {obj / max(m, 1):.1f} bytes (box, class, areas, masks in original + input frame)",
         f"build        {r.get('prepare_seconds')} s prepare, {r.get('encode_seconds_sum')} s encode "
         f"({r.get('images_per_second')} images/s), {len(r.get('runs', []))} run(s), "

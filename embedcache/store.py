@@ -4,6 +4,9 @@
 
     X.zarr/                       group; attributes: signature, status, runs, build_report
       embeddings      (N, 256, 64, 64) float16   chunk = 1 image, shard = images_per_shard images, fill NaN
+      tap_tokens      (N, 64, 64, C) float16     partial caches only (--tail-blocks k > 0): the tokens
+                                                 entering the encoder's last k blocks (embedcache.tap);
+                                                 chunked and sharded as embeddings
       original_size   (N, 2) int32               (H, W)
       input_size      (N, 2) int32               (h, w) after resizing the long side to 1024
       image_id        (N,) str                   file stem or COCO image id
@@ -28,9 +31,9 @@ Every chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec, last in each 
 sharding codec checksums each shard's index the same way), so a flipped byte anywhere fails the read that
 touches it, and ``embedcache verify`` reads every chunk.
 
-A shard of ``embeddings`` is one file written whole by one process; ``shard_done[k]`` is set only after that
-write returns (zarr's LocalStore writes to a temporary file and renames it, so a shard file is never seen
-half-written), so a set marker is the only thing a resumed build trusts.
+A shard of ``embeddings`` (and of ``tap_tokens``) is one file written whole by one process; ``shard_done[k]``
+is set only after that write returns (zarr's LocalStore writes to a temporary file and renames it, so a shard
+file is never seen half-written), so a set marker is the only thing a resumed build trusts.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from embedcache.models import PROMPT_EMBED_DIM
 
 EMBED_SHAPE = (PROMPT_EMBED_DIM, 64, 64)
+TAP_ARRAY = "tap_tokens"
 MASK_BITS_CHUNK = 1 << 20  # bytes per chunk of the ragged mask array: ~0.1 ms to decompress, few files
 # zarr v3's default compressor (zstd level 0), then a checksum of the compressed bytes: zstd alone does not
 # notice every flipped byte
@@ -76,7 +80,9 @@ def _small(group: zarr.Group, name: str, data: np.ndarray) -> None:
         arr[...] = data
 
 
-def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> None:
+def write_metadata(
+    group: zarr.Group, meta: dict, *, images_per_shard: int, tap_shape: tuple[int, int, int] | None = None
+) -> None:
     """Create every array of the layout; fill all but ``embeddings`` (and the markers) from ``meta``.
 
     ``meta`` holds numpy arrays under the names of the layout (``objects/...`` for the object arrays).
@@ -101,16 +107,19 @@ def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> N
         if bits.size:
             arr[:] = bits
     s = images_per_shard
-    group.create_array(
-        "embeddings",
-        shape=(n, *EMBED_SHAPE),
-        dtype=np.float16,
-        chunks=(1, *EMBED_SHAPE),  # one image per chunk: any image is readable on its own
-        shards=(s, *EMBED_SHAPE),  # one shard = one writer's unit of work = one file
-        # fp16 activations barely compress: raw chunks plus a 4-byte crc32c each
-        compressors=Crc32cCodec(),
-        fill_value=np.float16("nan"),  # a never-written chunk reads as NaN, which verify catches
-    )
+    for name, shape in (("embeddings", EMBED_SHAPE), (TAP_ARRAY, tap_shape)):
+        if shape is None:  # tap_tokens: partial caches only
+            continue
+        group.create_array(
+            name,
+            shape=(n, *shape),
+            dtype=np.float16,
+            chunks=(1, *shape),  # one image per chunk: any image is readable on its own
+            shards=(s, *shape),  # one shard = one writer's unit of work = one file
+            # fp16 activations barely compress: raw chunks plus a 4-byte crc32c each
+            compressors=Crc32cCodec(),
+            fill_value=np.float16("nan"),  # a never-written chunk reads as NaN, which verify catches
+        )
     ns = num_shards(n, s)
     for name, dtype, fill in (
         ("shard_done", np.int32, 0),
@@ -121,15 +130,27 @@ def write_metadata(group: zarr.Group, meta: dict, *, images_per_shard: int) -> N
 
 
 def write_shard(
-    group: zarr.Group, k: int, embeddings: np.ndarray, *, seconds: float, run: int, rank: int
+    group: zarr.Group,
+    k: int,
+    embeddings: np.ndarray,
+    *,
+    tap: np.ndarray | None = None,
+    seconds: float,
+    run: int,
+    rank: int,
 ) -> None:
-    """Write shard ``k``'s ``(n, 256, 64, 64)`` float16 embeddings whole, then its done marker (last)."""
+    """Write shard ``k``'s ``(n, 256, 64, 64)`` float16 embeddings (and a partial cache's ``(n, 64, 64, C)``
+    tap tokens) whole, then its done marker (last)."""
     arr = group["embeddings"]
     s = arr.shards[0]
     sl = shard_slice(k, s, arr.shape[0])
     if embeddings.shape != (sl.stop - sl.start, *EMBED_SHAPE):
         raise ValueError(f"shard {k}: got embeddings of shape {embeddings.shape}")
+    if (tap is None) != (TAP_ARRAY not in group) or (tap is not None and tap.shape[0] != sl.stop - sl.start):
+        raise ValueError(f"shard {k}: tap tokens {None if tap is None else tap.shape} do not fit this cache")
     arr[sl] = embeddings
+    if tap is not None:
+        group[TAP_ARRAY][sl] = tap
     group["shard_seconds"][k] = seconds
     group["shard_rank"][k] = rank
     group["shard_done"][k] = run  # last: only now is the shard trusted
@@ -142,9 +163,10 @@ def storage_files(arr: zarr.Array, folder: Path) -> list[Path]:
     return [Path(folder) / arr.metadata.encode_chunk_key(c) for c in np.ndindex(*grid)]
 
 
-def shard_file(path: Path, k: int) -> Path:
-    """The file holding shard ``k`` of ``embeddings`` (zarr v3 default chunk key encoding ``c/k/0/0/0``)."""
-    return Path(path) / "embeddings" / "c" / str(k) / "0" / "0" / "0"
+def shard_file(path: Path, k: int, array: str = "embeddings") -> Path:
+    """The file holding shard ``k`` of ``embeddings`` (or ``tap_tokens``; zarr v3 default chunk key encoding
+    ``c/k/0/0/0``)."""
+    return Path(path) / array / "c" / str(k) / "0" / "0" / "0"
 
 
 def remove_partial_files(root: Path) -> int:

@@ -70,32 +70,40 @@ def _check_embeddings(c: Cache, problems: list[str]) -> None:
     s, n = c.images_per_shard, c.num_images
     done = np.asarray(c.group["shard_done"][...])
     for k in range(-(-n // s)):
-        sl = shard_slice(k, s, n)
         if done[k] <= 0:
             problems.append(f"shard {k}: not marked done")
-        if not shard_file(c.path, k).is_file():
-            problems.append(f"shard {k} (images {sl.start}..{sl.stop - 1}): shard file missing")
-            continue
-        try:
-            block = c.embeddings[sl]  # decodes every chunk of the shard: checks its and the index's crc32c
-        except Exception as e:
-            where = f"shard {k} ({shard_file(c.path, k)})"
-            bad = []
-            for i in range(sl.start, sl.stop):
-                try:
-                    c.embeddings[i]
-                except Exception as e_i:
-                    bad.append(f"image {i} ({type(e_i).__name__}: {e_i})")
-            problems.append(
-                f"{where}: unreadable, " + ("; ".join(bad) if bad else f"{type(e).__name__}: {e}")
-            )
-            continue
-        bad = ~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
-        for i in np.flatnonzero(bad):
-            problems.append(f"image {sl.start + i} ({c.image_id[sl.start + i]}): non-finite embedding values")
-        allzero = ~block.reshape(block.shape[0], -1).any(axis=1)
-        for i in np.flatnonzero(allzero):
-            problems.append(f"image {sl.start + i} ({c.image_id[sl.start + i]}): embedding is all zeros")
+        for name, what, array in (
+            ("embeddings", "embedding", c.embeddings),
+            ("tap_tokens", "tap tokens", c.tap_tokens),
+        ):
+            if array is not None:
+                _check_shard(c, k, name, what, array, problems)
+
+
+def _check_shard(c: Cache, k: int, name: str, what: str, array, problems: list[str]) -> None:
+    """Shard ``k`` of the per-image array ``name`` (embeddings, or a partial cache's tap tokens)."""
+    sl = shard_slice(k, c.images_per_shard, c.num_images)
+    if not shard_file(c.path, k, name).is_file():
+        problems.append(f"shard {k} (images {sl.start}..{sl.stop - 1}): {name} shard file missing")
+        return
+    try:
+        block = array[sl]  # decodes every chunk of the shard: checks its and the index's crc32c
+    except Exception as e:
+        where = f"shard {k} ({shard_file(c.path, k, name)})"
+        bad = []
+        for i in range(sl.start, sl.stop):
+            try:
+                array[i]
+            except Exception as e_i:
+                bad.append(f"image {i} ({type(e_i).__name__}: {e_i})")
+        problems.append(f"{where}: unreadable, " + ("; ".join(bad) if bad else f"{type(e).__name__}: {e}"))
+        return
+    bad = ~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
+    for i in np.flatnonzero(bad):
+        problems.append(f"image {sl.start + i} ({c.image_id[sl.start + i]}): non-finite {what} values")
+    allzero = ~block.reshape(block.shape[0], -1).any(axis=1)
+    for i in np.flatnonzero(allzero):
+        problems.append(f"image {sl.start + i} ({c.image_id[sl.start + i]}): {what} is all zeros")
 
 
 def _check_objects(c: Cache, problems: list[str]) -> None:
