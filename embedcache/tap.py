@@ -17,6 +17,7 @@ embeddings as ``encoder(x)`` bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -79,31 +80,45 @@ def prefix_forward(encoder: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class Tail:
+    """The modules a tail runs, shared with (not copied from) the encoder."""
+
+    blocks: list[nn.Module]
+    """The last ``k`` blocks, in order."""
+    neck: nn.Module
+    """The encoder's neck: ``(B, C, 64, 64)`` -> ``(B, 256, 64, 64)``."""
+    sequence: bool
+    """True when the blocks take ``(B, h * w, C)`` token sequences (TinyViT), False for ``(B, h, w, C)``."""
+
+
+def split_tail(encoder: nn.Module, k: int) -> Tail:
+    """The tail of ``k`` blocks of ``encoder`` (``ValueError`` when it has fewer)."""
+    return Tail(blocks=tail_block_modules(encoder, k), neck=encoder.neck, sequence=_is_tiny_vit(encoder))
+
+
 def _plain(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block(x)
 
 
-def tail_forward(
-    encoder: nn.Module,
+def run_tail(
+    tail: Tail,
     tap: torch.Tensor,
-    k: int,
     run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _plain,
 ) -> torch.Tensor:
     """The tail: ``(B, 64, 64, C)`` tap tokens -> ``(B, 256, 64, 64)`` image embeddings.
 
+    ``tail`` is a ``Tail`` or anything with the same three attributes (``trainer.encoder_tail``);
     ``run_block(block, x)`` runs one block (the trainer passes activation checkpointing here).
     """
-    blocks = tail_block_modules(encoder, k)
     b, h, w, c = tap.shape
-    x = tap.reshape(b, h * w, c) if _is_tiny_vit(encoder) else tap
-    for blk in blocks:
+    x = tap.reshape(b, h * w, c) if tail.sequence else tap
+    for blk in tail.blocks:
         x = run_block(blk, x)
-    if _is_tiny_vit(encoder):
-        x = x.view(b, h, w, c)
-    return encoder.neck(x.permute(0, 3, 1, 2))
+    return tail.neck(x.reshape(b, h, w, c).permute(0, 3, 1, 2))
 
 
 def encode_with_tap(encoder: nn.Module, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``encoder(x)`` and the tap tokens on the way: ``(B, 256, 64, 64)`` and ``(B, 64, 64, C)``."""
     tap = prefix_forward(encoder, x, k)
-    return tail_forward(encoder, tap, k), tap
+    return run_tail(split_tail(encoder, k), tap), tap

@@ -13,7 +13,7 @@ from embedcache.build import CacheExistsError
 from embedcache.encode import EXIT_AFTER_SHARDS_ENV
 from embedcache.info import info_text
 from embedcache.models import build_sam
-from embedcache.tap import tail_forward
+from embedcache.tap import run_tail, split_tail
 from embedcache.verify import verify
 
 
@@ -52,7 +52,7 @@ def test_tap_tokens_run_through_the_tail_give_the_stored_embeddings(caches):
     encoder = build_sam("vit_tiny").image_encoder
     idx = np.arange(c.num_images)
     with torch.no_grad():
-        got = tail_forward(encoder, torch.from_numpy(c.read_tap(idx)).float(), 1)
+        got = run_tail(split_tail(encoder, 1), torch.from_numpy(c.read_tap(idx)).float())
     want = torch.from_numpy(c.read_embeddings(idx)).float()
     rel = float((got - want).norm() / want.norm())
     assert rel < 2e-3, rel

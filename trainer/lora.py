@@ -1,4 +1,5 @@
-"""LoRA adapters on the mask decoder's attention projections, merged back into plain ``nn.Linear`` on export.
+"""LoRA adapters on the mask decoder's attention projections (and, through ``trainer.encoder_tail``, on the
+image encoder's tail blocks), merged back into plain ``nn.Linear`` on export.
 
 A small module of our own rather than peft: the decoder has 28 attention projections in 7 ``Attention``
 blocks, and what we need is (1) adapters that leave SAM's module names in place, so checkpoints and the
@@ -55,12 +56,12 @@ def add_lora(module: nn.Module, rank: int, alpha: float) -> int:
 
 
 def merge_lora(module: nn.Module) -> int:
-    """Replace every ``LoRALinear`` under ``module`` by its merged ``nn.Linear``; returns how many."""
+    """Replace every ``LoRALinear`` under ``module`` (decoder projections, encoder ``qkv``) by its merged
+    ``nn.Linear``; returns how many."""
     n = 0
-    for attn in [m for m in module.modules() if isinstance(m, Attention)]:
-        for name in PROJECTIONS:
-            layer = getattr(attn, name)
-            if isinstance(layer, LoRALinear):
-                setattr(attn, name, layer.merged())
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
                 n += 1
     return n
