@@ -45,8 +45,35 @@ class ModelConfig:
     1)."""
     semantic_prompt: str = "none"
     """Semantic task only: ``none`` (prompt-free) or ``box`` (the whole image's input box as the prompt)."""
+    encoder_tail_blocks: int = 0
+    """Train the image encoder's last k blocks (their adapters) and its neck, run on a partial cache's tap
+    tokens (``embedcache build --tail-blocks k``, the same k). 0: the encoder is frozen (decoder-only)."""
+    encoder_adapter: Literal["none", "lora", "conv_lora"] = "none"
+    """Adapter on the tail blocks' attention ``qkv``: ``lora`` (merged into SAM's weights on export) or
+    ``conv_lora`` (exported beside them); ``none`` trains the neck only."""
+    encoder_rank: int = 4
+    """Rank of the encoder adapters."""
+    encoder_alpha: float = 4.0
+    """Encoder adapter scale numerator: the update is ``(alpha / rank) * B (...)``."""
+    conv_lora_scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    """Conv-LoRA: one convolution expert per scale (its upsampling factor); the expert count is their
+    number. The default is the public implementation's 8 experts at scales 1..8."""
+    conv_lora_balance: float = 0.01
+    """Conv-LoRA: weight of the router's load-balancing loss, added to the task's loss."""
+    encoder_checkpoint: bool = True
+    """Recompute each tail block in backward instead of keeping its activations (bounded memory)."""
 
     def __post_init__(self):
+        self.conv_lora_scales = tuple(int(s) for s in self.conv_lora_scales)
+        if self.encoder_tail_blocks < 0 or self.encoder_rank < 1:
+            raise ValueError("model.encoder_tail_blocks must be >= 0 and model.encoder_rank >= 1")
+        if self.encoder_adapter != "none" and self.encoder_tail_blocks == 0:
+            raise ValueError(
+                f"model.encoder_adapter={self.encoder_adapter} needs model.encoder_tail_blocks >= 1 "
+                "(and a cache built with the same --tail-blocks)"
+            )
+        if not self.conv_lora_scales or min(self.conv_lora_scales) < 1 or self.conv_lora_balance < 0:
+            raise ValueError("model.conv_lora_scales must be integers >= 1; conv_lora_balance >= 0")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model.model_type={self.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
         if self.lora_rank < 0:
@@ -55,9 +82,12 @@ class ModelConfig:
             raise ValueError(f"model.task must be 'instance' or 'semantic', got {self.task!r}")
         if self.semantic_prompt not in ("none", "box"):
             raise ValueError(f"model.semantic_prompt must be 'none' or 'box', got {self.semantic_prompt!r}")
-        if not (self.train_mask_decoder or self.train_prompt_encoder or self.lora_rank):
+        if not (
+            self.train_mask_decoder or self.train_prompt_encoder or self.lora_rank or self.encoder_tail_blocks
+        ):
             raise ValueError(
-                "nothing trains: set model.train_mask_decoder, train_prompt_encoder or lora_rank"
+                "nothing trains: set model.train_mask_decoder, train_prompt_encoder, lora_rank or "
+                "encoder_tail_blocks"
             )
 
 
@@ -303,6 +333,8 @@ def _matches(v, t) -> bool:
         return any(type(v) is type(a) and v == a for a in get_args(t))
     if origin is tuple:
         args = get_args(t)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+            return isinstance(v, list | tuple) and all(_matches(x, args[0]) for x in v)
         return isinstance(v, list | tuple) and len(v) == len(args) and all(map(_matches, v, args))
     if t is type(None):
         return v is None
@@ -323,6 +355,8 @@ def _describe(t) -> str:
         return " or ".join(_describe(a) for a in get_args(t))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(t))
+    if origin is tuple and get_args(t)[-1] is Ellipsis:
+        return f"a list of {_describe(get_args(t)[0])} values"
     if origin is tuple:
         return f"a list of {len(get_args(t))} values ({', '.join(_describe(a) for a in get_args(t))})"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}

@@ -28,7 +28,8 @@ class Batch:
     """One micro-batch. Object tensors have ``P`` rows, image tensors ``B``."""
 
     embeddings: torch.Tensor
-    """``(B, 256, 64, 64)`` float16 image embeddings."""
+    """``(B, 256, 64, 64)`` float16 image embeddings, or the ``(B, 64, 64, C)`` tap tokens the model's
+    encoder tail turns into them (``ImageStore``)."""
     image_index: torch.Tensor
     """``(P,)`` int64 image of each object, into ``embeddings``."""
     mask_pixels: torch.Tensor
@@ -150,15 +151,17 @@ def image_file(cache, i: int) -> str:
     return str(path)
 
 
-def pick_residency(cache, positions: np.ndarray, cfg: DataConfig, device: torch.device) -> str:
+def pick_residency(
+    cache, positions: np.ndarray, cfg: DataConfig, device: torch.device, *, tail_blocks: int = 0
+) -> str:
     """Resolve ``auto``: ``device`` when the images fit in a quarter of free GPU memory, else ``host``
     when they
     fit in a quarter of RAM, else ``stream``. An explicit mode is kept (``device`` on CPU means ``host``)."""
     if cfg.residency != "auto":
         return "host" if cfg.residency == "device" and device.type != "cuda" else cfg.residency
-    need = (
-        len(positions) * EMBEDDING_BYTES
-    )  # only embeddings are kept resident; masks are packed bits already
+    # only embeddings (or tap tokens) are kept resident; masks are packed bits already
+    per_image = int(np.prod(cache.tap_tokens.shape[1:])) * 2 if tail_blocks else EMBEDDING_BYTES
+    need = len(positions) * per_image
     if device.type == "cuda" and need < torch.cuda.mem_get_info(device)[0] // 4:
         return "device"
     try:
@@ -172,22 +175,33 @@ class ImageStore:
     """Per-image reads with a residency mode: ``stream`` reads Zarr every time, ``host`` keeps each image's
     embedding in RAM after its first read, ``device`` keeps it on the GPU. Object masks are read from the
     cache's packed in-memory bits either way, unpacked to box crops on the reader threads and pasted into
-    full input-frame masks on the step's device (``Batch.to``)."""
+    full input-frame masks on the step's device (``Batch.to``).
 
-    def __init__(self, cache, residency: str, device: torch.device):
+    For a model with an encoder tail of ``tail_blocks`` blocks (``trainer.encoder_tail``) the store reads the
+    partial cache's tap tokens instead of the embeddings; the cache must have been built with that many."""
+
+    def __init__(self, cache, residency: str, device: torch.device, *, tail_blocks: int = 0):
+        if tail_blocks and cache.tail_blocks != tail_blocks:
+            raise ValueError(
+                f"{cache.path}: model.encoder_tail_blocks={tail_blocks} needs a cache built with "
+                f"--tail-blocks {tail_blocks}; this one has "
+                + (f"--tail-blocks {cache.tail_blocks}" if cache.tail_blocks else "no tap tokens")
+            )
         self.cache = cache
         self.residency = residency
         self.device = device
+        self._read = cache.read_tap if tail_blocks else cache.read_embeddings
         self._resident: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def embeddings(self, idx: np.ndarray) -> torch.Tensor:
-        """``(n, 256, 64, 64)`` float16 (on the GPU in ``device`` mode, else on the host)."""
+        """``(n, 256, 64, 64)`` float16 embeddings, or ``(n, 64, 64, C)`` tap tokens with an encoder tail (on
+        the GPU in ``device`` mode, else on the host)."""
         if self.residency == "stream":
-            return torch.from_numpy(np.ascontiguousarray(self.cache.read_embeddings(idx)))
+            return torch.from_numpy(np.ascontiguousarray(self._read(idx)))
         missing = [int(i) for i in idx if int(i) not in self._resident]
         if missing:
-            read = torch.from_numpy(np.ascontiguousarray(self.cache.read_embeddings(np.asarray(missing))))
+            read = torch.from_numpy(np.ascontiguousarray(self._read(np.asarray(missing))))
             if self.residency == "device":
                 read = read.to(self.device)
             with self._lock:

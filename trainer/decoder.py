@@ -116,14 +116,20 @@ class Decoded(NamedTuple):
 class PromptedDecoder(nn.Module):
     """What trains: SAM's prompt encoder and mask decoder (and, in semantic mode, the class head).
 
-    The image encoder is not part of it: training reads its outputs from the cache and never runs it.
+    The image encoder is not part of it: training reads its outputs from the cache and never runs it. With
+    an ``encoder_tail`` (``trainer.encoder_tail``: the encoder's last blocks and neck, with adapters) the
+    cache gives the tokens entering those blocks instead, and the tail turns them into the embeddings,
+    once per image per call, inside ``forward`` (so DDP sees its parameters).
     """
 
-    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, semantic_head=None):
+    def __init__(
+        self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, semantic_head=None, encoder_tail=None
+    ):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.semantic_head = semantic_head
+        self.encoder_tail = encoder_tail
 
     def forward(
         self, embeddings: torch.Tensor, image_index: torch.Tensor, prompts: Prompts | None
@@ -131,13 +137,16 @@ class PromptedDecoder(nn.Module):
         """``P`` objects of ``B`` images through one prompt-encoder and one mask-decoder call.
 
         Args:
-            embeddings: ``(B, 256, 64, 64)`` image embeddings.
+            embeddings: ``(B, 256, 64, 64)`` image embeddings; with an encoder tail, the ``(B, 64, 64, C)``
+                tap tokens it turns into them.
             image_index: ``(P,)`` int64, the image of each object (semantic mode: ``arange(B)``).
             prompts: the prompts of the ``P`` objects, or ``None`` for none at all (a prompt-free semantic
                 head: no sparse tokens, SAM's no-mask dense embedding).
 
         One ``forward`` for both tasks, so that DDP wraps either.
         """
+        if self.encoder_tail is not None:
+            embeddings = self.encoder_tail(embeddings)
         pe = self.prompt_encoder
         if prompts is None:
             sparse = embeddings.new_zeros((image_index.shape[0], 0, pe.embed_dim)).float()

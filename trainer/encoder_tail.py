@@ -73,6 +73,10 @@ class EncoderTail(nn.Module):
         self.neck = tail.neck
         self.sequence = tail.sequence
         self.checkpoint_blocks = checkpoint_blocks
+        self.noise_seed: int | None = None
+        """Seed of Conv-LoRA's router noise in the next training ``forward`` (set per micro-step by the
+        session), so that a step's draws are a pure function of the step and resume is exact. Torch's
+        global generator carries them, because checkpointing replays its state when it recomputes a block."""
 
     def train(self, mode: bool = True) -> EncoderTail:
         """Train mode everywhere except batch norm (TinyViT's convolutions), which keeps its pretrained
@@ -86,7 +90,11 @@ class EncoderTail(nn.Module):
 
     def forward(self, tap: torch.Tensor) -> torch.Tensor:
         grad = self.training and torch.is_grad_enabled() and self.checkpoint_blocks
-        return run_tail(self, tap.float(), _checkpointed if grad else _plain)
+        if not (self.training and self.noise_seed is not None):
+            return run_tail(self, tap.float(), _checkpointed if grad else _plain)
+        with torch.random.fork_rng(devices=[tap.device] if tap.is_cuda else []):
+            torch.manual_seed(self.noise_seed)
+            return run_tail(self, tap.float(), _checkpointed if grad else _plain)
 
     def balance_loss(self) -> torch.Tensor:
         """The Conv-LoRA routers' load-balancing loss of the latest ``forward`` (0 without Conv-LoRA)."""

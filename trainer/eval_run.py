@@ -40,7 +40,7 @@ def eval_run(
     start = build_trainable(build_start_sam(cfg), cfg).eval()
     tuned.to(device)
     start.to(device)
-    store = ImageStore(cache, "host", device)
+    store = ImageStore(cache, "host", device, tail_blocks=cfg.model.encoder_tail_blocks)
     images = cache.image_indices("val")
     if cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]

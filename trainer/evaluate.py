@@ -58,6 +58,8 @@ def predict_objects(
     ih, iw = (int(v) for v in cache.input_size[image])
     oh, ow = (int(v) for v in cache.original_size[image])
     emb = store.embeddings(np.array([image])).to(device).float()
+    if model.encoder_tail is not None:  # the store gave tap tokens: the tail makes the embedding, once
+        emb = model.encoder_tail(emb)
     pe = model.prompt_encoder
     image_pe = pe.get_dense_pe()
     out = []

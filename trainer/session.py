@@ -187,8 +187,9 @@ def setup(
     val_images = cache.image_indices("val")
     if cfg.run.val_max_images:
         val_images = val_images[: cfg.run.val_max_images]
-    residency = pick_residency(cache, train_images, cfg.data, device)
-    store = ImageStore(cache, residency, device)
+    tail = cfg.model.encoder_tail_blocks
+    residency = pick_residency(cache, train_images, cfg.data, device, tail_blocks=tail)
+    store = ImageStore(cache, residency, device, tail_blocks=tail)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(batches(cfg.run.seed, 0, len(train_images), world, rank, cfg.data.images_per_batch))
     if per_epoch == 0:
@@ -284,7 +285,14 @@ def train_step(s: Session) -> StepStats:
         )
         # accumulate: no gradient all-reduce until the last micro-batch of the step
         with accelerator.accumulate(s.model):
+            tail = accelerator.unwrap_model(s.model).encoder_tail
+            if tail is not None:
+                tail.noise_seed = g.initial_seed() + 1  # Conv-LoRA's router noise: per micro-step, like g
             loss, logged = s.task.loss(s.model, batch, g, accelerator)
+            if tail is not None and cfg.model.encoder_adapter == "conv_lora":
+                # the routers learn only from their balance loss (trainer.conv_lora), whatever the task
+                balance = tail.balance_loss()
+                loss, logged = loss + balance, {**logged, "conv_lora_balance": balance.detach()}
             every = accelerator.gather(loss.detach().float().reshape(1))
             if not bool(torch.isfinite(every).all()):  # the one host read of the loss per micro-batch
                 latest = ckpt.latest_checkpoint(s.out)
