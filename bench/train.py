@@ -211,6 +211,9 @@ def run(ctx: Context) -> Section:
                 },
             )
         )
+    from bench.adapt import add_rows
+
+    add_rows(ctx, sec)  # encoder adaptation: partial-cache tails against decoder-only and full-encoder LoRA
     naive = _naive(ctx, size, cache_path, data, sec)
     if naive is not None:
         rates["naive loop"] = naive
