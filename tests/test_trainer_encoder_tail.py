@@ -197,3 +197,34 @@ def test_conv_lora_router_noise_spreads_load_and_its_loss_trains_the_router():
     assert set(choices.tolist()) == {0, 1, 2, 3}  # zero-initialised gates: noise alone picks, evenly-ish
     layer.eval()
     assert set(layer.router(z)[0].tolist()) == {0}  # no noise in eval: ties go to the first expert
+
+
+def _preset_params():
+    from embedcache.presets import MODEL_TYPES
+
+    fast = {"vit_tiny", "lite_medsam", "mobile_sam", "vit_t"}  # the ViT-B/L/H encoders take minutes on CPU
+    return [pytest.param(m, marks=() if m in fast else pytest.mark.slow) for m in MODEL_TYPES]
+
+
+@pytest.mark.parametrize("model_type", _preset_params())
+def test_every_preset_splits_exactly_and_its_zero_init_tails_reproduce_the_embeddings(model_type):
+    """Random weights and a random input at the preset's size: the split is the encoder's own forward, and
+    every tail length from the float16 tap, with either adapter at zero init, gives the embeddings."""
+    from embedcache.presets import get_preset
+    from embedcache.tap import tail_candidates
+
+    with warnings.catch_warnings():  # TinyViT presets import timm, which warns about its own moved modules
+        warnings.simplefilter("ignore", FutureWarning)
+        encoder = build_sam(model_type).image_encoder
+    side = get_preset(model_type).image_size
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    n = len(tail_candidates(encoder))
+    with torch.no_grad():
+        full = encoder(x)
+        for k in sorted({1, n}):
+            embeddings, tap = encode_with_tap(encoder, x, k)
+            assert torch.equal(embeddings, full), k
+            for adapter in ("lora", "conv_lora"):
+                got = _tail(copy.deepcopy(encoder), k, adapter).train()(tap.half())
+                rel = _rel(got, full.half())
+                assert rel < 2e-3, (k, adapter, rel)
