@@ -23,7 +23,8 @@ class NaiveLoop:
     """One tutorial-style pass over some images of a cache's source dataset."""
 
     def __init__(self, sam: Sam, cache, images: list[int], device: torch.device, *, data: Path):
-        """``data``: the folder the cache was built from (``cache.image_path`` is relative to it)."""
+        """``images``: cache images with objects (``Cache.images_with_objects``). ``data``: the folder the
+        cache was built from (``cache.image_path`` is relative to it)."""
         from embedcache.images import load_image
 
         self.sam = sam.to(device)
@@ -36,10 +37,7 @@ class NaiveLoop:
         self.load_image = load_image
         self.items = []
         for i in images:
-            start, stop = cache.object_range(int(i))
-            objs = np.arange(start, stop)
-            if len(objs) == 0:
-                continue
+            objs = np.arange(*cache.object_range(int(i)))
             path = Path(data) / str(cache.image_path[int(i)])
             masks = [torch.from_numpy(m).float() for m in cache.masks(objs, "original")]
             self.items.append((path, cache.objects.box[objs], masks))

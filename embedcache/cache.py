@@ -228,9 +228,7 @@ def open_group_checked(path: str | Path) -> zarr.Group:
 
 
 def open_cache(path: str | Path) -> Cache:
-    """Open a complete cache; raises ``CacheError`` naming the path if it is missing, incomplete or
-    invalid.
-    """
+    """Open a complete cache; ``CacheError`` naming the path if it is missing, incomplete or invalid."""
     path = Path(path)
     group = open_group_checked(path)
     version = group.attrs["signature"].get("format_version")

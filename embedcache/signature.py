@@ -11,7 +11,7 @@ A signature is a JSON dict::
     storage_dtype    "float16"
     compute_dtype    "float32" or "bfloat16": what the encoder ran in (bf16 autocast on GPU)
     dataset          fingerprint (sha256 over every input file), reader settings, split definition
-    layout           images_per_shard, num_images, num_objects, num_shards
+    layout           images_per_shard (the counts are in the build report: they follow from the data)
 
 The build report (counts, skipped items, timings) is stored beside it under ``build_report``; it describes a
 run, so it is not part of what must match when resuming.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +43,35 @@ def test_config_overrides_and_validation(tmp_path):
         load_config(None, ["data.residency=disk"])
     with pytest.raises(ValueError, match="section.field=value"):
         load_config(None, ["lr=1"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.task=panoptic",
+        "model.semantic_prompt=point",
+        "data.residency=disk",
+        "loss.backend=cuda",
+        "optim.optimizer=sgd",
+        "optim.schedule=linear",
+        "optim.mixed_precision=fp16",
+    ],
+)
+def test_config_choices_are_checked_from_the_literal_annotations(override):
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} must be one of \S+\|\S+, got '{value}'"):
+        load_config(None, [override])
+
+
+def test_config_is_frozen_and_task_choices_are_the_registry():
+    from trainer.config import ModelConfig
+    from trainer.task import TASKS
+
+    assert set(typing.get_args(typing.get_type_hints(ModelConfig)["task"])) == set(TASKS)
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.num_classes = 3  # type: ignore[misc]
+    assert Config().optim.betas == (0.9, 0.999) and isinstance(load_config(None, []).optim.betas, tuple)
 
 
 def test_shipped_configs_load_and_start_with_their_command():

@@ -1,9 +1,12 @@
 """The ``trainer`` command: ``run``, ``eval``, ``export``, ``demo``.
 
-trainer run --cache train.zarr --config configs/tutorial.yaml [optim.lr=3e-4 ...] --out runs/NAME [--resume]
-accelerate launch -m trainer run ...           (same command, many processes/GPUs) trainer eval --cache
-train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval] trainer export runs/NAME --out sam_tuned.pth
-[--which best] trainer demo --out demo
+::
+
+    trainer run --cache train.zarr --config configs/tutorial.yaml --out runs/NAME [--resume] [optim.lr=3e-4]
+    accelerate launch -m trainer run ...     (the same command, many processes/GPUs)
+    trainer eval --cache train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval]
+    trainer export runs/NAME --out sam_tuned.pth [--which best]
+    trainer demo --out demo
 """
 
 from __future__ import annotations

@@ -19,7 +19,19 @@ import yaml
 from embedcache.models import MODEL_TYPES
 
 
-@dataclass(kw_only=True)
+def check_choices(section: Any) -> None:
+    """Every ``Literal[...]`` field of a config section holds one of its choices, read from the annotation.
+
+    Raises ``ValueError`` naming ``section.field``, the bad value and the choices.
+    """
+    name = _SECTION_NAMES[type(section)]
+    for f, hint in get_type_hints(type(section)).items():
+        value = getattr(section, f)
+        if get_origin(hint) is Literal and value not in get_args(hint):
+            raise ValueError(f"{name}.{f} must be one of {'|'.join(get_args(hint))}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which SAM to start from, and which of its parts train."""
 
@@ -37,13 +49,13 @@ class ModelConfig:
     """Rank of LoRA adapters on the decoder's attention projections; 0 means no LoRA."""
     lora_alpha: float = 8.0
     """LoRA scale numerator: the update is ``(alpha / rank) * B @ A``."""
-    task: str = "instance"
-    """``instance``: one prompted mask per object. ``semantic``: one output token per class, trained with
-    ce."""
+    task: Literal["instance", "semantic"] = "instance"
+    """The task (``trainer.task.TASKS``). ``instance``: one prompted mask per object. ``semantic``: one output
+    token per class, trained with ``loss.ce``."""
     num_classes: int = 0
-    """Semantic task only: number of classes including background 0 (0 means max class id in the cache +
-    1)."""
-    semantic_prompt: str = "none"
+    """Semantic task only: classes including background 0. 0 means the cache's largest class id + 1, which
+    the run resolves and records in its config."""
+    semantic_prompt: Literal["none", "box"] = "none"
     """Semantic task only: ``none`` (prompt-free) or ``box`` (the whole image's input box as the prompt)."""
     encoder_tail_blocks: int = 0
     """Train the image encoder's last k blocks (their adapters) and its neck, run on a partial cache's tap
@@ -64,7 +76,9 @@ class ModelConfig:
     """Recompute each tail block in backward instead of keeping its activations (bounded memory)."""
 
     def __post_init__(self):
-        self.conv_lora_scales = tuple(int(s) for s in self.conv_lora_scales)
+        # YAML gives a list; a frozen section stores the tuple it means (part of validation, not a change)
+        object.__setattr__(self, "conv_lora_scales", tuple(int(s) for s in self.conv_lora_scales))
+        check_choices(self)
         if self.encoder_tail_blocks < 0 or self.encoder_rank < 1:
             raise ValueError("model.encoder_tail_blocks must be >= 0 and model.encoder_rank >= 1")
         if self.encoder_adapter != "none" and self.encoder_tail_blocks == 0:
@@ -78,10 +92,6 @@ class ModelConfig:
             raise ValueError(f"model.model_type={self.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
-        if self.task not in ("instance", "semantic"):
-            raise ValueError(f"model.task must be 'instance' or 'semantic', got {self.task!r}")
-        if self.semantic_prompt not in ("none", "box"):
-            raise ValueError(f"model.semantic_prompt must be 'none' or 'box', got {self.semantic_prompt!r}")
         if not (
             self.train_mask_decoder or self.train_prompt_encoder or self.lora_rank or self.encoder_tail_blocks
         ):
@@ -91,7 +101,7 @@ class ModelConfig:
             )
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """How images and objects are read from the cache and grouped into steps."""
 
@@ -99,24 +109,23 @@ class DataConfig:
     """B: images per micro-batch on each process."""
     max_objects: int = 8
     """K: at most this many objects per image per step, a fresh random subset each epoch."""
-    residency: str = "auto"
-    """``stream`` (read Zarr every epoch), ``host`` (RAM after first read), ``device`` (GPU once),
-    ``auto``."""
+    residency: Literal["stream", "host", "device", "auto"] = "auto"
+    """Where embeddings live: ``stream`` (read from Zarr every epoch), ``host`` (RAM after the first read),
+    ``device`` (the GPU, read once), or ``auto`` (the first of device, host that fits; else stream)."""
     readers: int = 2
     """Background reader threads."""
     prefetch: int = 4
     """Micro-batches read ahead of the training loop."""
 
     def __post_init__(self):
+        check_choices(self)
         if self.images_per_batch < 1 or self.max_objects < 1:
             raise ValueError("data.images_per_batch and data.max_objects must be >= 1")
-        if self.residency not in ("stream", "host", "device", "auto"):
-            raise ValueError(f"data.residency must be stream|host|device|auto, got {self.residency!r}")
         if self.readers < 1 or self.prefetch < 1:
             raise ValueError("data.readers and data.prefetch must be >= 1")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptConfig:
     """The prompt mix, drawn fresh every step from a generator seeded by (seed, step, process)."""
 
@@ -129,8 +138,7 @@ class PromptConfig:
     pos_points: int = 1
     """Positive points sampled inside the mask, for point-prompted objects."""
     neg_points: int = 0
-    """Negative points sampled outside the mask but inside its box (grown by 10%), for point-prompted
-    objects."""
+    """Negative points for point-prompted objects: outside the mask, inside its box grown by 10%."""
     box_points: int = 0
     """Extra positive points added to box-prompted objects."""
     corrective_rounds: int = 0
@@ -138,8 +146,8 @@ class PromptConfig:
     mask_prompt: bool = False
     """Feed the previous round's low-res logits back as the mask prompt in corrective rounds."""
     multimask: bool = False
-    """Predict SAM's 3 masks and back-propagate the one with the least loss (SAM does this for ambiguous
-    prompts)."""
+    """Predict SAM's 3 masks and back-propagate the one with the least loss, as SAM does for ambiguous
+    prompts."""
 
     def __post_init__(self):
         if not 0.0 <= self.box_fraction <= 1.0:
@@ -156,7 +164,7 @@ class PromptConfig:
             )
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class LossConfig:
     """Weights of the named loss terms; the loss of an object is the weighted sum, averaged over objects."""
 
@@ -169,30 +177,29 @@ class LossConfig:
     bce: float = 0.0
     """Binary cross-entropy with logits."""
     mse: float = 0.0
-    """MSE between sigmoid probabilities and the target (differentiable, unlike the tutorial's
-    thresholded form)."""
+    """MSE between sigmoid probabilities and the target: differentiable, unlike the tutorial's thresholded
+    form (see ``trainer.losses``)."""
     ce: float = 0.0
     """Multi-class cross-entropy (semantic task)."""
     focal_alpha: float = 0.25
     """Focal loss alpha."""
     focal_gamma: float = 2.0
     """Focal loss gamma."""
-    backend: str = "auto"
+    backend: Literal["auto", "torch", "triton"] = "auto"
     """``kernels`` backend: ``auto`` (Triton on CUDA, torch reference elsewhere), ``torch``, ``triton``."""
 
     def __post_init__(self):
+        check_choices(self)
         weights = (self.focal, self.dice, self.iou_head, self.bce, self.mse, self.ce)
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("loss weights must be >= 0 and at least one > 0")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"loss.backend must be auto|torch|triton, got {self.backend!r}")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """Optimiser, schedule, accumulation, clipping and precision."""
 
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "adam"] = "adamw"
     """``adamw`` or ``adam`` (the classic tutorial's)."""
     lr: float = 1e-4
     """Peak learning rate."""
@@ -202,7 +209,7 @@ class OptimConfig:
     """Adam betas."""
     warmup_steps: int = 10
     """Linear warm-up from 0 to ``lr`` over this many optimiser steps."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     """``cosine`` decay to ``min_lr_ratio * lr`` after warm-up, or ``constant``."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine)."""
@@ -210,22 +217,18 @@ class OptimConfig:
     """Micro-batches per optimiser step."""
     clip_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
-    mixed_precision: str = "auto"
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``no``."""
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.optimizer not in ("adamw", "adam"):
-            raise ValueError(f"optim.optimizer must be adamw or adam, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(f"optim.mixed_precision must be auto|bf16|no, got {self.mixed_precision!r}")
+        # YAML gives a list; a frozen section stores the tuple it means (part of validation, not a change)
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        check_choices(self)
         if self.lr <= 0 or self.grad_accum < 1 or self.warmup_steps < 0 or self.clip_norm < 0:
             raise ValueError("optim: lr > 0, grad_accum >= 1, warmup_steps >= 0, clip_norm >= 0")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Length of the run, evaluation and checkpoint cadence."""
 
@@ -255,9 +258,13 @@ class RunConfig:
             raise ValueError("run cadences must be >= 0")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    """Everything one training run needs besides the cache and the output folder."""
+    """Everything one training run needs besides the cache and the output folder.
+
+    Every section is frozen: a validated config never changes. Where the cache fills a field in (the
+    semantic task's ``num_classes``), the run makes a new config with ``dataclasses.replace``.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model and what trains."""
@@ -287,6 +294,7 @@ _SECTION_TYPES = {
     "optim": OptimConfig,
     "run": RunConfig,
 }
+_SECTION_NAMES = {cls: name for name, cls in _SECTION_TYPES.items()}
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -329,8 +337,6 @@ def _matches(v, t) -> bool:
     origin = get_origin(t)
     if origin in (Union, types.UnionType):
         return any(_matches(v, a) for a in get_args(t))
-    if origin is Literal:
-        return any(type(v) is type(a) and v == a for a in get_args(t))
     if origin is tuple:
         args = get_args(t)
         if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
@@ -346,15 +352,14 @@ def _matches(v, t) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool)
     if t is str:
         return isinstance(v, str)
-    return True  # any other type is left to the section's __post_init__
+    # any other type is left to the section's __post_init__ (a Literal's choices: check_choices)
+    return True
 
 
 def _describe(t) -> str:
     origin = get_origin(t)
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(t))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(t))
     if origin is tuple and get_args(t)[-1] is Ellipsis:
         return f"a list of {_describe(get_args(t)[0])} values"
     if origin is tuple:

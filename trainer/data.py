@@ -154,9 +154,9 @@ def image_file(cache, i: int) -> str:
 def pick_residency(
     cache, positions: np.ndarray, cfg: DataConfig, device: torch.device, *, tail_blocks: int = 0
 ) -> str:
-    """Resolve ``auto``: ``device`` when the images fit in a quarter of free GPU memory, else ``host``
-    when they
-    fit in a quarter of RAM, else ``stream``. An explicit mode is kept (``device`` on CPU means ``host``)."""
+    """Resolve ``auto``: ``device`` when the images fit in a quarter of free GPU memory, else ``host`` when
+    they fit in a quarter of RAM, else ``stream``. An explicit mode is kept; ``device`` on CPU means ``host``.
+    """
     if cfg.residency != "auto":
         return "host" if cfg.residency == "device" and device.type != "cuda" else cfg.residency
     # only embeddings (or tap tokens) are kept resident; masks are packed bits already

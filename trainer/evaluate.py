@@ -25,8 +25,7 @@ PROMPT_TYPES = ("box", "point")
 def postprocess(
     low_res: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """``Sam.postprocess_masks``: ``(n, C, 256, 256)`` logits -> ``(n, C, H, W)`` logits at the original
-    size."""
+    """``Sam.postprocess_masks``: ``(n, C, 256, 256)`` logits -> ``(n, C, H, W)`` logits at original size."""
     x = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
     x = x[..., : input_hw[0], : input_hw[1]]
     return F.interpolate(x, original_hw, mode="bilinear", align_corners=False)
@@ -100,20 +99,17 @@ def evaluate(
     model.eval()
     cache = store.cache
     records = []  # (object index, prompt type, iou, dice)
-    for image in images[accelerator.process_index :: accelerator.num_processes]:
-        image = int(image)
+    mine = images[accelerator.process_index :: accelerator.num_processes]
+    for image in np.intersect1d(mine, cache.images_with_objects("all")).tolist():
         start, stop = cache.object_range(image)
-        if stop == start:
-            continue
         gts = cache.masks(np.arange(start, stop), "original")
         for t, prompt in enumerate(PROMPT_TYPES):
             preds = predict_objects(model, store, image, prompt, accelerator.device, chunk)
             for j, (p, g) in enumerate(zip(preds, gts)):
                 records.append((start + j, t, *iou_and_dice(p, g)))
     gathered = accelerator.gather_for_metrics(records, use_gather_object=True)
-    unique = {
-        (r[0], r[1]): r for r in gathered
-    }  # each object is scored once; the dict guards against repeats
+    # each object is scored once; the dict guards against repeats
+    unique = {(r[0], r[1]): r for r in gathered}
     result = {}
     for t, prompt in enumerate(PROMPT_TYPES):
         rows = [r for r in unique.values() if r[1] == t]

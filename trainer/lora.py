@@ -1,11 +1,14 @@
 """LoRA adapters on the mask decoder's attention projections (and, through ``trainer.encoder_tail``, on the
 image encoder's tail blocks), merged back into plain ``nn.Linear`` on export.
 
-A small module of our own rather than peft: the decoder has 28 attention projections in 7 ``Attention``
-blocks, and what we need is (1) adapters that leave SAM's module names in place, so checkpoints and the
-exported state dict keep segment_anything's keys, (2) an exact merge into ``nn.Linear`` for export, and (3)
-nothing else. peft's wrapping renames every key (``base_model.model...``) and its merge API differs across
-versions; the 40 lines here are easy to read and to test.
+A small module of our own rather than peft. What we need is (1) an adapter that wraps any ``nn.Linear``
+in place (the decoder's 28 projections today; the image encoder's fused ``qkv`` next), (2) an exact merge
+back into ``nn.Linear``, so that the exported state dict has segment_anything's keys and nothing else
+(``tests/test_trainer_run.py`` loads it strictly), and (3) nothing more. During training both this module
+and peft add keys (here ``q_proj.base.weight``, ``q_proj.lora_a``; peft ``qkv.base_layer.weight``,
+``qkv.lora_A.default.weight``, seen with peft 0.21), and both merge them away. peft would add a
+dependency on transformers (``import peft`` imports it: 6.3-6.8 s after torch on the 2-core build machine)
+for 40 lines, and Conv-LoRA is not in peft, so it needs a module of its own either way.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class LoRALinear(nn.Module):
-    """``base(x) + (alpha / rank) * x @ A.T @ B.T``; B starts at zero, so the wrapped layer starts
-    unchanged."""
+    """``base(x) + (alpha / rank) * x @ A.T @ B.T``. B starts at zero: the wrapped layer starts unchanged."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()

@@ -4,11 +4,12 @@ The per-pixel work (4x bilinear upsampling of the ``(256, 256)`` logits and ever
 ``kernels.mask_losses`` and ``kernels.class_ce``: a fused Triton kernel on CUDA, the torch reference
 elsewhere. This file only weights and combines the ``(P,)`` per-object terms.
 
-Why ``mse`` is on sigmoid probabilities: the often-copied tutorial loss ``MSE(normalize(threshold(x, 0, 0)),
-gt)`` has zero gradient. ``threshold(x, 0, 0)`` is ``x`` where ``x > 0`` and a constant 0 elsewhere, and
-``normalize`` over SAM's single-mask channel divides each pixel by its own magnitude, giving exactly 1 where
-``x > 0`` and 0 elsewhere: a step function of the logits, flat almost everywhere. Its gradient is 0 (up to
-rounding), so such a run never moves the weights it claims to tune (``tests/test_trainer_losses.py`` shows
+Why ``mse`` is on sigmoid probabilities: the often-copied tutorial loss
+``MSE(normalize(threshold(x, 0, 0)), gt)`` has zero gradient. ``threshold(x, 0, 0)`` is ``x`` where
+``x > 0`` and a constant 0 elsewhere, and ``normalize`` over SAM's single-mask channel divides each pixel by
+its own magnitude, giving exactly 1 where ``x > 0`` and 0 elsewhere: a step function of the logits, flat
+almost everywhere. Its gradient is 0 (up to rounding), so such a run never moves the weights it claims to
+tune (``test_tutorial_threshold_normalize_mse_has_zero_gradient`` in ``tests/test_trainer_units.py`` shows
 it). ``mean((sigmoid(x) - gt) ** 2)`` is the smooth version of the same idea and does train.
 """
 
@@ -29,10 +30,9 @@ def instance_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The loss of ``P`` objects with ``M`` candidate masks each (M = 1, or 3 for multimask).
 
-    With ``M > 1`` only the candidate with the least mask loss is back-propagated, as SAM does; the IoU
-    head is
-    trained on all ``M`` candidates (MSE against each candidate's real IoU), so it learns to rank them, which
-    the point evaluation relies on.
+    With ``M > 1`` only the candidate with the least mask loss is back-propagated, as SAM does. The IoU head
+    is trained on all ``M`` candidates (MSE against each candidate's real IoU), so it learns to rank them,
+    which the point evaluation relies on.
 
     Args:
         logits: ``(P, M, 256, 256)`` low-res mask logits.

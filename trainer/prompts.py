@@ -58,9 +58,8 @@ def jitter_boxes(
         boxes: ``(P, 4)`` float32 xyxy in the input frame.
         valid_hw: ``(P, 2)`` input size (h, w); the result stays inside it and keeps x2 > x1, y2 > y1.
     """
-    side = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1).repeat(
-        1, 2
-    )  # (P, 4) w,h,w,h
+    # (P, 4): w, h, w, h
+    side = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1).repeat(1, 2)
     noise = torch.randn(boxes.shape, generator=g, device=boxes.device) * side * cfg.box_jitter
     noise = noise.clamp(-cfg.box_jitter_max_px, cfg.box_jitter_max_px)
     out = boxes + noise
@@ -112,8 +111,8 @@ def valid_region(valid_hw: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def initial_prompts(
     masks: torch.Tensor, boxes: torch.Tensor, valid_hw: torch.Tensor, cfg: PromptConfig, g: torch.Generator
 ) -> Prompts:
-    """The first-round prompts of a step: a jittered box for a ``box_fraction`` of objects, points for
-    the rest.
+    """The first-round prompts of a step: a jittered box for a ``box_fraction`` of objects, points for the
+    rest.
 
     Args:
         masks: ``(P, 1024, 1024)`` bool targets in the input frame.

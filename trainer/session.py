@@ -29,7 +29,7 @@ from trainer.data import ImageStore, Prefetcher, pick_residency
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, trainable_parameters
 from trainer.order import batches
 from trainer.prompts import step_generator
-from trainer.task import Task, make_task
+from trainer.task import TASKS, Task, make_task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -138,7 +138,8 @@ def setup(
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     # refuse a cache made by another model before anything is built: its embeddings mean nothing here
     check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
-    cfg = make_task(cfg).resolve(cfg, cache)
+    # fields the cache decides (semantic: num_classes) make a new config; the validated one never changes
+    cfg = TASKS[cfg.model.task].resolve(cfg, cache)
     task = make_task(cfg)
     cuda = torch.cuda.is_available() if cpu is None else not cpu
     precision = cfg.optim.mixed_precision
