@@ -97,9 +97,8 @@ class FolderReader:
         negative = labels < 0
         if self.ignore_index is not None:
             negative &= labels != self.ignore_index
-        if (
-            negative.any()
-        ):  # e.g. -1 in an int16 map: instance relabelling would make the background an object
+        # e.g. -1 in an int16 map: instance relabelling would make the background an object
+        if negative.any():
             raise BadInput(
                 record.mask_path,
                 f"mask holds negative labels (min {int(labels[negative].min())}); labels must be >= 0, "
