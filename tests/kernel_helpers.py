@@ -102,13 +102,21 @@ def assert_close(
 
 
 def assert_grad_close(
-    actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = ""
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    what: str = "",
+    scale: float | None = None,
 ) -> None:
-    """``assert_close`` for gradients with ``atol`` taken relative to the largest expected gradient.
+    """``assert_close`` for gradients with ``atol`` taken relative to a gradient scale.
 
-    Means over N pixels make gradients O(1/N), so the absolute floor is ``atol * max|expected| + 1e-12``.
+    Means over N pixels make gradients O(1/N), so the absolute floor is ``atol * scale + 1e-12``; ``scale``
+    defaults to the largest expected gradient.
     """
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    if scale is None:
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
     assert_close(actual, expected, atol=atol * scale + 1e-12, rtol=rtol, what=what)
 
 

@@ -91,13 +91,20 @@ def run(logits, targets, valid_hw, weights, *, backend, **kw) -> tuple[MaskLosse
     return MaskLosses(*(t.detach() for t in out)), grad
 
 
-def compare(out, grad, ref_out, ref_grad, atol, rtol, context):
+def compare(out, grad, ref_out, ref_grad, atol, rtol, context, grad_scale=None):
     for name in MaskLosses._fields:
         assert_close(
             getattr(out, name), getattr(ref_out, name), atol=atol, rtol=rtol, what=f"{name} {context}"
         )
     # Means over N pixels make gradients O(1/N): the absolute floor is taken relative to the largest one.
-    assert_grad_close(grad, ref_grad, atol=atol, rtol=rtol, what=f"grad {context}")
+    assert_grad_close(grad, ref_grad, atol=atol, rtol=rtol, what=f"grad {context}", scale=grad_scale)
+
+
+def unsaturated_grad_scale(weights: torch.Tensor, valid_hw: torch.Tensor, factor: int) -> float:
+    """The largest gradient a logit can get from a mask that is not saturated: ``factor**2`` target pixels'
+    worth of the summed loss weights over the mask's valid pixel count, for the ``(L, P)`` weights."""
+    pixels = valid_hw.clamp(min=0).prod(dim=1).clamp(min=1).to(weights.dtype)
+    return float((weights.sum(0) * factor**2 / pixels).max())
 
 
 # ---------------------------------------------------------------- the reference against the definition
@@ -151,9 +158,14 @@ def test_reference_matches_float64_definition(shape, alpha, gamma, factor, seed)
     (want_grad,) = torch.autograd.grad(total, x)
     compare(*ref, MaskLosses(*(t.detach() for t in want)), want_grad, 1e-12, 1e-10, context)
 
-    # The float32 reference is the float64 one, rounded.
+    # The float32 reference is the float64 one, rounded. Its autograd forms p - t and p (1 - p) from a float32
+    # sigmoid, which resolves p near 0 or 1 only to an absolute 2^-24: a confident logit's tiny gradient carries
+    # that absolute error, so the gradient floor is taken against an unsaturated logit's gradient size instead
+    # of the largest expected one (the Triton kernel avoids that cancellation: test_triton_confident_logits_are_
+    # precise holds it to the default floor).
     ref32 = run(logits.float(), targets, valid_hw, weights.float(), backend="torch", alpha=alpha, gamma=gamma)
-    compare(*ref32, ref[0], ref[1], 1e-6, 1e-4, context + " float32")
+    scale = unsaturated_grad_scale(weights, valid_hw, factor)
+    compare(*ref32, ref[0], ref[1], 1e-6, 1e-4, context + " float32", grad_scale=scale)
 
 
 @FACTORS
