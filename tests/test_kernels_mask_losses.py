@@ -158,11 +158,11 @@ def test_reference_matches_float64_definition(shape, alpha, gamma, factor, seed)
     (want_grad,) = torch.autograd.grad(total, x)
     compare(*ref, MaskLosses(*(t.detach() for t in want)), want_grad, 1e-12, 1e-10, context)
 
-    # The float32 reference is the float64 one, rounded. Its autograd forms p - t and p (1 - p) from a float32
-    # sigmoid, which resolves p near 0 or 1 only to an absolute 2^-24: a confident logit's tiny gradient carries
-    # that absolute error, so the gradient floor is taken against an unsaturated logit's gradient size instead
-    # of the largest expected one (the Triton kernel avoids that cancellation: test_triton_confident_logits_are_
-    # precise holds it to the default floor).
+    # The float32 reference is the float64 one, rounded. Its autograd forms p - t and p (1 - p) from a
+    # float32 sigmoid, which resolves p near 0 or 1 only to an absolute 2^-24: a confident logit's tiny
+    # gradient carries that absolute error, so the gradient floor is taken against an unsaturated logit's
+    # gradient size instead of the largest expected one (the Triton kernel avoids that cancellation, and
+    # test_triton_confident_logits_are_precise holds it to the default floor).
     ref32 = run(logits.float(), targets, valid_hw, weights.float(), backend="torch", alpha=alpha, gamma=gamma)
     scale = unsaturated_grad_scale(weights, valid_hw, factor)
     compare(*ref32, ref[0], ref[1], 1e-6, 1e-4, context + " float32", grad_scale=scale)
