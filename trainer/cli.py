@@ -5,6 +5,7 @@
     trainer run --cache train.zarr --config configs/tutorial.yaml --out runs/NAME [--resume] [optim.lr=3e-4]
     accelerate launch -m trainer run ...     (the same command, many processes/GPUs)
     trainer eval --cache train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval]
+    trainer eval --cache test.zarr --checkpoint lite_medsam --checkpoint tuned.pth [--split all] --out DIR
     trainer export runs/NAME --out sam_tuned.pth [--which best]
     trainer demo --out demo
 """
@@ -31,11 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     r.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.lr=3e-4 run.steps=500")
 
-    e = sub.add_parser("eval", help="validate a run's tuned model and its starting model")
+    e = sub.add_parser("eval", help="score a run's start and tuned models and/or any checkpoints on a cache")
     e.add_argument("--cache", required=True)
-    e.add_argument("--run", required=True, help="a trainer run folder")
+    e.add_argument("--run", default=None, help="a trainer run folder: its starting model and its tuned model")
+    e.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="another model, repeatable: an official name (lite_medsam, vit_b, ...), a SAM state dict "
+        "such as `trainer export` writes, or a run folder",
+    )
+    e.add_argument("--split", default="val", choices=("val", "train", "all"), help="cache images to score")
     e.add_argument("--which", default="best", help="best (default), last, or a step number")
-    e.add_argument("--out", default=None, help="where metrics.json and overlays go (default RUN/eval)")
+    e.add_argument("--out", default=None, help="for metrics.json, table.md and figures (default RUN/eval)")
+    e.add_argument("--overlays", type=int, default=None, help="overlay figures to draw (default: the run's)")
 
     x = sub.add_parser("export", help="write the tuned model as a full SAM state dict")
     x.add_argument("run", help="a trainer run folder")
@@ -74,9 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from trainer.eval_run import eval_run
 
-            result = eval_run(args.cache, args.run, which=args.which, out=args.out)
+            result = eval_run(
+                args.cache,
+                args.run,
+                checkpoints=tuple(args.checkpoint),
+                which=args.which,
+                split=args.split,
+                out=args.out,
+                overlays=args.overlays,
+            )
             if result:
-                _print_metrics(result["metrics"])
+                print(result["table"], end="")
+                print("\n".join(result["files"]))
         elif args.command == "export":
             from trainer.export import export
 

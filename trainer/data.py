@@ -34,7 +34,7 @@ class Batch:
     """``(P,)`` int64 image of each object, into ``embeddings``."""
     mask_pixels: torch.Tensor
     """``(S,)`` uint8 (0/1): each object's input-frame mask inside its ``mask_boxes`` box, row-major,
-    concatenated. S is the summed box area, far below ``P * 1024**2`` for most objects."""
+    concatenated. S is the summed box area, far below ``P * side**2`` for most objects."""
     mask_boxes: torch.Tensor
     """``(P, 4)`` int64 xyxy boxes of those crops in the input frame (x2, y2 exclusive)."""
     boxes: torch.Tensor
@@ -47,10 +47,12 @@ class Batch:
     """``(B,)`` int64 image indices in the cache."""
     image_valid_hw: torch.Tensor
     """``(B, 2)`` int64 input size of each image."""
+    side: int
+    """The preset's square input frame side S in pixels (1024 for SAM, 256 for LiteMedSAM)."""
     labels: torch.Tensor | None = None
-    """``(B, 1024, 1024)`` int64 class map in the input frame (-100 in the padding); semantic task only."""
+    """``(B, S, S)`` int64 class map in the input frame (-100 in the padding); semantic task only."""
     masks: torch.Tensor | None = None
-    """``(P, 1024, 1024)`` bool target masks in the input frame, assembled by ``to`` on the step's device
+    """``(P, S, S)`` bool target masks in the input frame, assembled by ``to`` on the step's device
     from the crops, so only the crops cross the host-device link. ``None`` until then, and for semantic
     batches (their targets are ``labels``)."""
 
@@ -60,7 +62,7 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         """All tensors on ``device``, copied without blocking the host (from pinned memory), and the
-        ``(P, 1024, 1024)`` target masks pasted together there from the crops."""
+        ``(P, S, S)`` target masks pasted together there from the crops."""
         moved = Batch(
             **{
                 f.name: _map(getattr(self, f.name), lambda t: t.to(device, non_blocking=True))
@@ -68,7 +70,7 @@ class Batch:
             }
         )
         if moved.masks is None and moved.labels is None:  # a semantic batch's targets are its labels
-            moved.masks = paste_crops(moved.mask_pixels, moved.mask_boxes)
+            moved.masks = paste_crops(moved.mask_pixels, moved.mask_boxes, moved.side)
         return moved
 
     @property
@@ -77,14 +79,14 @@ class Batch:
 
 
 def _map(v, fn):
-    return None if v is None else fn(v)
+    return fn(v) if isinstance(v, torch.Tensor) else v
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if t.device.type == "cpu" else t  # device-resident embeddings are already there
 
 
-def paste_crops(pixels: torch.Tensor, boxes: torch.Tensor, side: int = 1024) -> torch.Tensor:
+def paste_crops(pixels: torch.Tensor, boxes: torch.Tensor, side: int) -> torch.Tensor:
     """Full masks from crops, on the crops' device.
 
     Args:
@@ -233,7 +235,7 @@ def read_batch(
     valid = cache.input_size[images].astype(np.int64)
     labels = None
     if semantic:
-        lab = np.zeros((len(images), 1024, 1024), np.int64)
+        lab = np.zeros((len(images), cache.image_size, cache.image_size), np.int64)
         for b, j in zip(image_index, obj):
             (x1, y1, x2, y2), crop = cache.input_mask_crop(int(j))
             lab[b, y1:y2, x1:x2][crop] = cache.objects.class_id[j]
@@ -251,6 +253,7 @@ def read_batch(
         object_ids=torch.from_numpy(obj),
         image_ids=torch.from_numpy(np.asarray(images, np.int64)),
         image_valid_hw=torch.from_numpy(valid),
+        side=cache.image_size,
         labels=labels,
     )
 

@@ -1,4 +1,21 @@
-"""``trainer eval``: a run's tuned model and its starting model, on the validation images, in one file."""
+"""``trainer eval``: any models scored on any split of a cache, side by side in one table.
+
+The models come from a run folder (``--run``: its starting model ``start`` and its tuned model ``tuned``) and
+from ``--checkpoint`` specs, each one of:
+
+- an official name (``lite_medsam``, ``vit_b``, ...), fetched and checked as ``embedcache build`` does;
+- a SAM state dict file, such as ``trainer export`` writes, built as the cache's preset;
+- another run folder: its tuned model, labelled with the folder's name.
+
+Every model sees the same objects with the same prompts (``trainer.evaluate``). A cache holds embeddings of
+one image encoder, so a checkpoint file is scored only if its image encoder is the cache's, tensor for
+tensor: an export with LoRA merged into the encoder is scored through its run folder (which reads the partial
+cache's tap tokens through the tuned encoder tail) instead.
+
+Outputs in ``OUT``: ``metrics.json`` (per model and prompt type: mIoU, dice, IoU quantiles and every object's
+IoU), ``table.md``, ``iou_distributions.png`` and, for the first two models, ``overlays/<image>.png``
+(image, ground truth, first model, second model).
+"""
 
 from __future__ import annotations
 
@@ -8,52 +25,145 @@ import torch
 from accelerate import Accelerator
 
 from embedcache import open_cache
+from embedcache.models import build_sam
 from embedcache.signature import check_compatible
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.data import ImageStore
+from trainer.decoder import PromptedDecoder
+from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, evaluate
+from trainer.instance import box_overlays
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
+from trainer.plots import iou_distributions
 from trainer.task import make_task
+
+
+def _run_models(cache, run: Path, which: str, device: torch.device) -> tuple[list[Contender], object]:
+    """A run's ``start`` and ``tuned`` models on ``cache`` (signature checked), and the run's config."""
+    weights = ckpt.resolve_weights(run, which)
+    cfg = load_config(weights.parent / "config.yaml")
+    check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
+    store = ImageStore(cache, "host", device, tail_blocks=cfg.model.encoder_tail_blocks)
+    _, tuned = tuned_sam(cfg, weights)
+    start = build_trainable(build_start_sam(cfg), cfg).eval()
+    return [Contender("start", start.to(device), store), Contender("tuned", tuned.to(device), store)], cfg
+
+
+def _cache_encoder(cache) -> dict[str, torch.Tensor]:
+    """The image encoder weights ``cache`` was built with, from its signature's checkpoint id."""
+    from embedcache.weights import OFFICIAL, fetch
+
+    model_type, ck = cache.signature["model_type"], cache.signature["checkpoint"]
+    if ck.startswith("random-init:"):
+        return build_sam(model_type, None, seed=int(ck.split(":")[1])).image_encoder.state_dict()
+    for name, official in OFFICIAL.items():
+        if official.sha256 == ck and official.model_type == model_type:
+            return build_sam(model_type, fetch(name)).image_encoder.state_dict()
+    raise ValueError(
+        f"{cache.path}: built from a checkpoint that is not an official one (sha256 {ck[:16]}...), so a "
+        "checkpoint file cannot be checked against its encoder here; score runs with --run instead"
+    )
+
+
+def _checkpoint_model(cache, spec: str, which: str, device: torch.device, encoder: dict) -> Contender:
+    """One ``--checkpoint`` spec as a model on ``cache``; see the module docstring."""
+    from embedcache.weights import resolve_checkpoint
+
+    path = Path(spec)
+    if path.is_dir():
+        contenders, _ = _run_models(cache, path, which, device)
+        return contenders[1]._replace(label=path.name)
+    model_type = cache.signature["model_type"]
+    sam = build_sam(model_type, resolve_checkpoint(spec))
+    for key, value in sam.image_encoder.state_dict().items():
+        if not torch.equal(value, encoder[key]):
+            raise ValueError(
+                f"{spec}: its image encoder differs from the one {cache.path} was built with (first at "
+                f"image_encoder.{key}), so the cached embeddings do not describe this model; an export of an "
+                "encoder-adapted run is scored through its run folder (--checkpoint RUN or --run RUN)"
+            )
+    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder).eval().to(device)
+    label = spec if not path.is_file() else path.stem
+    return Contender(label, model, ImageStore(cache, "host", device))
+
+
+def metrics_table(metrics: dict[str, dict]) -> str:
+    """Markdown: one row per model and prompt type with mIoU, dice, the IoU quantiles and the object count."""
+    qs = [str(q) for q in IOU_QUANTILES]
+    head = ["model", "prompt", "mIoU", "dice", *(f"IoU p{round(float(q) * 100)}" for q in qs), "objects"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, per_prompt in metrics.items():
+        for prompt, m in per_prompt.items():
+            quantiles = m.get("iou_quantiles", {})  # semantic metrics have none: no per-object IoU
+            cells = [label, prompt, f"{m['miou']:.3f}", f"{m['dice']:.3f}"]
+            cells += [f"{quantiles[q]:.3f}" if q in quantiles else "-" for q in qs]
+            cells.append(str(m.get("n_objects", m.get("n_images", "-"))))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def eval_run(
     cache_path: str | Path,
-    run: str | Path,
+    run: str | Path | None = None,
     *,
+    checkpoints: tuple[str, ...] = (),
     which: str = "best",
+    split: str = "val",
     out: str | Path | None = None,
     overlays: int | None = None,
 ) -> dict:
-    """Write ``OUT/metrics.json`` (``tuned`` and ``start``, per prompt type) and ``OUT/overlays/*.png``.
+    """Score a run's models and/or ``checkpoints`` on the ``split`` images of a cache and write ``out``.
 
-    Returns ``{"metrics": ..., "files": [...]}`` on the main process, ``{}`` elsewhere.
+    Returns ``{"metrics", "table", "files"}`` on the main process, ``{}`` elsewhere. ``metrics`` maps each
+    model label to its per-prompt metrics (``trainer.evaluate.evaluate`` with ``per_object``), plus
+    ``split``, ``cache`` and, with a run, ``weights``.
     """
-    run = Path(run)
-    out = Path(out) if out else run / "eval"
-    weights = ckpt.resolve_weights(run, which)
-    cfg = load_config(weights.parent / "config.yaml")
+    if run is None and not checkpoints:
+        raise ValueError("trainer eval needs --run RUN and/or at least one --checkpoint")
+    if run is None and out is None:
+        raise ValueError("trainer eval without --run needs --out (where metrics.json goes)")
+    out = Path(out) if out else Path(run) / "eval"
     cache = open_cache(cache_path)
-    check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    _, tuned = tuned_sam(cfg, weights)
-    start = build_trainable(build_start_sam(cfg), cfg).eval()
-    tuned.to(device)
-    start.to(device)
-    store = ImageStore(cache, "host", device, tail_blocks=cfg.model.encoder_tail_blocks)
-    images = cache.image_indices("val")
-    if cfg.run.val_max_images:
+    contenders, cfg = _run_models(cache, Path(run), which, device) if run else ([], None)
+    if checkpoints:
+        if cfg is not None and cfg.model.task != "instance":
+            raise ValueError("--checkpoint models are scored on instance prompts; this run is semantic")
+        encoder = None if all(Path(s).is_dir() for s in checkpoints) else _cache_encoder(cache)
+        contenders += [_checkpoint_model(cache, s, which, device, encoder) for s in checkpoints]
+    labels = [c.label for c in contenders]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two models would share a label in the table: {labels}")
+    images = cache.image_indices(split)
+    if cfg is not None and split == "val" and cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]
-    task = make_task(cfg)
-    metrics = {
-        "tuned": task.validate(tuned, store, images, accelerator),
-        "start": task.validate(start, store, images, accelerator),
-    }
-    metrics.update(weights=str(weights), cache=str(cache_path))
+    if cfg is not None and cfg.model.task != "instance":
+        task = make_task(cfg)
+        scores = {c.label: task.validate(c.model, c.store, images, accelerator) for c in contenders}
+    else:
+        task = None
+        scores = {
+            c.label: evaluate(c.model, c.store, images, accelerator, per_object=True) for c in contenders
+        }
     if not accelerator.is_main_process:
         return {}
     out.mkdir(parents=True, exist_ok=True)
+    metrics = {**scores, "split": split, "cache": str(cache_path)}
+    if run:
+        metrics["weights"] = str(ckpt.resolve_weights(Path(run), which))
     ckpt.write_json(out / "metrics.json", metrics)
-    n = cfg.run.overlays if overlays is None else overlays
-    files = [out / "metrics.json", *task.overlays(out / "overlays", store, images, start, tuned, n)]
-    return {"metrics": metrics, "files": [str(f) for f in files]}
+    table = metrics_table(scores)
+    (out / "table.md").write_text(table)
+    files = [out / "metrics.json", out / "table.md"]
+    per_object = {
+        label: {p: m[p]["ious"] for p in PROMPT_TYPES if "ious" in m.get(p, {})}
+        for label, m in scores.items()
+    }
+    if any(per_object.values()):
+        files.append(iou_distributions(per_object, out / "iou_distributions.png"))
+    n = (cfg.run.overlays if cfg is not None else 4) if overlays is None else overlays
+    if len(contenders) >= 2:
+        draw = task.overlays if task is not None else box_overlays
+        files += draw(out / "overlays", images, contenders[0], contenders[1], n)
+    return {"metrics": metrics, "table": table, "files": [str(f) for f in files]}

@@ -11,6 +11,8 @@ Each process scores a disjoint share of the images; ``gather_for_metrics`` colle
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,10 +25,14 @@ PROMPT_TYPES = ("box", "point")
 
 
 def postprocess(
-    low_res: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]
+    low_res: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int], side: int
 ) -> torch.Tensor:
-    """``Sam.postprocess_masks``: ``(n, C, 256, 256)`` logits -> ``(n, C, H, W)`` logits at original size."""
-    x = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
+    """``Sam.postprocess_masks`` for a ``side x side`` input frame: ``(n, C, 256, 256)`` logits ->
+    ``(n, C, H, W)`` logits at original size (upsampled to the input frame, cropped to the image's
+    ``input_hw``, resized).
+
+    With ``side=256`` (LiteMedSAM) the first step is the identity, as in LiteMedSAM's own postprocessing."""
+    x = F.interpolate(low_res, (side, side), mode="bilinear", align_corners=False)
     x = x[..., : input_hw[0], : input_hw[1]]
     return F.interpolate(x, original_hw, mode="bilinear", align_corners=False)
 
@@ -82,16 +88,37 @@ def predict_objects(
         else:
             best = iou[:, 1:].argmax(1) + 1
             low = masks[torch.arange(len(obj), device=device), best][:, None]
-        full = postprocess(low.float(), (ih, iw), (oh, ow))[:, 0] > 0
+        full = postprocess(low.float(), (ih, iw), (oh, ow), cache.image_size)[:, 0] > 0
         out.extend(full.cpu().numpy())
     return out
 
 
+class Contender(NamedTuple):
+    """A model to score or draw, with its label and the store it reads (embeddings, or tap tokens for a model
+    with an encoder tail)."""
+
+    label: str
+    model: PromptedDecoder
+    store: ImageStore
+
+
+IOU_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+"""The per-object IoU quantiles ``evaluate`` reports beside the mean: a mean hides a few failed objects."""
+
+
 @torch.no_grad()
 def evaluate(
-    model: PromptedDecoder, store: ImageStore, images: np.ndarray, accelerator, *, chunk: int = 32
+    model: PromptedDecoder,
+    store: ImageStore,
+    images: np.ndarray,
+    accelerator,
+    *,
+    chunk: int = 32,
+    per_object: bool = False,
 ) -> dict:
-    """Per prompt type ``{"miou", "dice", "n_objects"}`` over all objects of ``images`` (cache indices).
+    """Per prompt type ``{"miou", "dice", "n_objects", "iou_quantiles"}`` over all objects of ``images``
+    (cache indices); ``iou_quantiles`` maps each of ``IOU_QUANTILES`` to that quantile of the per-object IoUs.
+    With ``per_object`` each prompt type also has ``object_ids`` and ``ious``, sorted by object.
 
     Runs on every process with a disjoint share of the images; every process returns the same result.
     """
@@ -112,11 +139,17 @@ def evaluate(
     unique = {(r[0], r[1]): r for r in gathered}
     result = {}
     for t, prompt in enumerate(PROMPT_TYPES):
-        rows = [r for r in unique.values() if r[1] == t]
+        rows = sorted(r for r in unique.values() if r[1] == t)
+        ious = [r[2] for r in rows]
         result[prompt] = {
-            "miou": float(np.mean([r[2] for r in rows])) if rows else float("nan"),
+            "miou": float(np.mean(ious)) if rows else float("nan"),
             "dice": float(np.mean([r[3] for r in rows])) if rows else float("nan"),
             "n_objects": len(rows),
+            "iou_quantiles": {
+                str(q): (float(np.quantile(ious, q)) if rows else float("nan")) for q in IOU_QUANTILES
+            },
         }
+        if per_object:
+            result[prompt].update(object_ids=[int(r[0]) for r in rows], ious=[float(v) for v in ious])
     model.train(was_training)
     return result

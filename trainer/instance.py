@@ -15,7 +15,7 @@ from torch import nn
 
 from trainer.config import Config
 from trainer.data import Batch, ImageStore, image_file
-from trainer.evaluate import evaluate, iou_and_dice, predict_objects
+from trainer.evaluate import Contender, evaluate, iou_and_dice, predict_objects
 from trainer.losses import instance_loss
 from trainer.plots import overlay
 from trainer.prompts import corrective_click, initial_prompts
@@ -77,31 +77,33 @@ class InstanceTask:
         return metrics["box"]["miou"]
 
     def overlays(
-        self, folder: Path, store: ImageStore, images: np.ndarray, start: nn.Module, tuned: nn.Module, n: int
+        self, folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int
     ) -> list[Path]:
-        """Ground truth, starting model and tuned model on box prompts, one PNG per image with objects."""
-        cache, device = store.cache, store.device
-        shown = np.intersect1d(images, cache.images_with_objects("all"))[:n].tolist()
-        if shown:
-            folder.mkdir(parents=True, exist_ok=True)
-        written = []
-        for i in shown:
-            lo, hi = cache.object_range(i)
-            gt = cache.masks(np.arange(lo, hi), "original")
-            before = predict_objects(start, store, i, "box", device)
-            after = predict_objects(tuned, store, i, "box", device)
-            path = folder / f"{cache.image_id[i]}.png"
-            scores = tuple(
-                float(np.mean([iou_and_dice(p, g)[0] for p, g in zip(m, gt)])) for m in (before, after)
-            )
-            overlay(
-                gt,
-                before,
-                after,
-                path,
-                image_path=image_file(cache, i),
-                title=str(cache.image_id[i]),
-                scores=scores,
-            )
-            written.append(path)
-        return written
+        return box_overlays(folder, images, first, second, n)
+
+
+def box_overlays(folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int) -> list[Path]:
+    """Image, ground truth and two models on box prompts, one PNG per image with objects, for up to ``n`` of
+    ``images`` (cache indices); the files written."""
+    cache = first.store.cache
+    shown = np.intersect1d(images, cache.images_with_objects("all"))[:n].tolist()
+    if shown:
+        folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in shown:
+        lo, hi = cache.object_range(i)
+        gt = cache.masks(np.arange(lo, hi), "original")
+        masks = [predict_objects(c.model, c.store, i, "box", c.store.device) for c in (first, second)]
+        path = folder / f"{cache.image_id[i]}.png"
+        scores = tuple(float(np.mean([iou_and_dice(p, g)[0] for p, g in zip(m, gt)])) for m in masks)
+        overlay(
+            gt,
+            *masks,
+            path,
+            image_path=image_file(cache, i),
+            title=str(cache.image_id[i]),
+            labels=(first.label, second.label),
+            scores=scores,
+        )
+        written.append(path)
+    return written

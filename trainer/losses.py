@@ -1,4 +1,5 @@
-"""The named loss terms, computed at SAM's full 1024-pixel input resolution by ``kernels``.
+"""The named loss terms, computed at the full input resolution (S x S: 1024 for SAM, 256 for LiteMedSAM) by
+``kernels``, which upsample SAM's 256x256 logits 4x or not at all to match.
 
 The per-pixel work (4x bilinear upsampling of the ``(256, 256)`` logits and every term) is
 ``kernels.mask_losses`` and ``kernels.class_ce``: a fused Triton kernel on CUDA, the torch reference
@@ -37,7 +38,7 @@ def instance_loss(
     Args:
         logits: ``(P, M, 256, 256)`` low-res mask logits.
         iou_pred: ``(P, M)`` predicted IoU.
-        targets: ``(P, 1024, 1024)`` bool masks in the input frame.
+        targets: ``(P, S, S)`` bool masks in the input frame.
         valid_hw: ``(P, 2)`` int input size (h, w) of each object's image.
 
     Returns:
@@ -80,7 +81,7 @@ def semantic_loss(
 
     Args:
         logits: ``(B, C, 256, 256)`` class logits.
-        labels: ``(B, 1024, 1024)`` int64 class ids in the input frame, -100 where ignored.
+        labels: ``(B, S, S)`` int64 class ids in the input frame, -100 where ignored.
         valid_hw: ``(B, 2)`` int input size.
     """
     b, c, h, w = logits.shape

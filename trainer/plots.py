@@ -45,32 +45,62 @@ def _colour(instances: list[np.ndarray], shape: tuple[int, int], background: np.
 
 def overlay(
     gt: list[np.ndarray],
-    start: list[np.ndarray],
-    tuned: list[np.ndarray],
+    first: list[np.ndarray],
+    second: list[np.ndarray],
     out: str | Path,
     *,
     image_path: str | None = None,
     title: str = "",
+    labels: tuple[str, str] = ("starting model", "tuned"),
     scores: tuple[float, float] | None = None,
 ) -> Path:
-    """GT, starting-model and tuned masks (box prompts) side by side -> PNG."""
+    """Image, ground truth and two models' masks (box prompts) side by side -> PNG.
+
+    ``gt``, ``first`` and ``second`` are lists of ``(H, W)`` bool masks, one per object; ``labels`` name the
+    two models and ``scores`` their mIoU on this image. The image panel is grey when ``image_path`` is missing
+    or of another size than the masks.
+    """
     shape = gt[0].shape
     background = None
     if image_path and Path(image_path).is_file():
         img = Image.open(image_path).convert("RGB")
         if img.size == (shape[1], shape[0]):
             background = np.asarray(img)
-    names = ["ground truth", "starting model", "tuned"]
+    names = ["image", "ground truth", *labels]
     if scores:
-        names[1] += f" (mIoU {scores[0]:.2f})"
-        names[2] += f" (mIoU {scores[1]:.2f})"
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), dpi=100)
-    for ax, name, masks in zip(axes, names, (gt, start, tuned)):
+        names[2] += f" (mIoU {scores[0]:.2f})"
+        names[3] += f" (mIoU {scores[1]:.2f})"
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), dpi=100)
+    for ax, name, masks in zip(axes, names, ([], gt, first, second)):
         ax.imshow(_colour(masks, shape, background))
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
+
+
+def iou_distributions(per_model: dict[str, dict[str, list[float]]], out: str | Path) -> Path:
+    """Per-object IoU distributions, one panel per prompt type, one box per model -> PNG.
+
+    ``per_model`` maps a model label to ``{prompt type: [per-object IoU, ...]}``.
+    """
+    prompts = sorted({p for d in per_model.values() for p in d})
+    fig, axes = plt.subplots(1, len(prompts), figsize=(4.2 * len(prompts), 3.6), dpi=100, squeeze=False)
+    for ax, prompt in zip(axes[0], prompts):
+        labels = [m for m in per_model if per_model[m].get(prompt)]
+        data = [per_model[m][prompt] for m in labels]
+        ax.boxplot(data, showmeans=True, whis=(5, 95))
+        for k, d in enumerate(data, start=1):  # every object as a dot, jittered sideways
+            jitter = np.random.default_rng(k).uniform(-0.12, 0.12, len(d))
+            ax.scatter(np.full(len(d), k) + jitter, d, s=6, alpha=0.4, color="tab:blue")
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8, rotation=15)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("IoU per object")
+        ax.set_title(f"{prompt} prompts", fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

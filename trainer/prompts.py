@@ -1,4 +1,5 @@
-"""Prompt sampling in SAM's 1024-pixel input frame: jittered boxes, points, corrective clicks, eval prompts.
+"""Prompt sampling in the preset's input frame (S x S pixels: 1024 for SAM, 256 for LiteMedSAM): jittered
+boxes, points, corrective clicks, eval prompts.
 
 Training prompts are drawn fresh every step from a ``torch.Generator`` seeded by ``(seed, step, rank)``, so a
 resumed run draws the same prompts as an uninterrupted one without saving any RNG state. All objects of a step
@@ -115,7 +116,7 @@ def initial_prompts(
     rest.
 
     Args:
-        masks: ``(P, 1024, 1024)`` bool targets in the input frame.
+        masks: ``(P, S, S)`` bool targets in the input frame.
         boxes: ``(P, 4)`` float32 tight boxes in the input frame.
         valid_hw: ``(P, 2)`` int input size (h, w) of each object's image.
     """
@@ -157,7 +158,7 @@ def corrective_click(
 
     Args:
         low_res_logits: ``(P, 256, 256)`` the previous round's chosen mask logits (detached).
-        masks: ``(P, 1024, 1024)`` bool targets.
+        masks: ``(P, S, S)`` bool targets.
     """
     p, h, w = masks.shape
     pred = (

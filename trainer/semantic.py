@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import Config
 from trainer.data import Batch, ImageStore
 from trainer.decoder import PromptedDecoder
-from trainer.evaluate import postprocess
+from trainer.evaluate import Contender, postprocess
 from trainer.losses import semantic_loss
 from trainer.prompts import Prompts
 
@@ -105,7 +104,7 @@ def evaluate_semantic(
         emb = store.embeddings(np.array([image])).to(accelerator.device).float()
         valid_hw = torch.tensor([[ih, iw]], device=accelerator.device)
         logits = class_logits(model, emb, valid_hw, model.semantic_head.prompt)
-        pred = postprocess(logits.float(), (ih, iw), (oh, ow)).argmax(1)[0].cpu().numpy()
+        pred = postprocess(logits.float(), (ih, iw), (oh, ow), cache.image_size).argmax(1)[0].cpu().numpy()
         gt = np.zeros((oh, ow), np.int64)
         start, stop = cache.object_range(image)
         for j, m in zip(range(start, stop), cache.masks(np.arange(start, stop), "original")):
@@ -143,25 +142,29 @@ def semantic_sidecar(path: str | Path) -> Path:
 class SemanticSegmenter(nn.Module):
     """A SAM (image encoder, prompt encoder, decoder) plus a ``SemanticHead``: image -> class map."""
 
-    def __init__(self, sam: nn.Module, head: SemanticHead):
+    def __init__(self, sam: nn.Module, head: SemanticHead, model_type: str):
         super().__init__()
         self.sam = sam
         self.head = head
+        self.model_type = model_type
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` int64 class map at the original resolution."""
-        from segment_anything import SamPredictor
+        from trainer.predictor import Predictor
 
-        predictor = SamPredictor(self.sam)
+        predictor = Predictor(self.sam, self.model_type)
         predictor.set_image(image)
-        ih, iw = predictor.input_size
         decoder = PromptedDecoder(self.sam.prompt_encoder, self.sam.mask_decoder, self.head)
-        valid_hw = torch.tensor([[ih, iw]], device=predictor.device)
+        valid_hw = torch.tensor([predictor.input_size], device=predictor.device)
         logits = class_logits(decoder, predictor.features, valid_hw, self.head.prompt)
-        logits = F.interpolate(logits, (1024, 1024), mode="bilinear", align_corners=False)[..., :ih, :iw]
-        logits = F.interpolate(logits, predictor.original_size, mode="bilinear", align_corners=False)
-        return logits.argmax(1)[0].cpu().numpy()
+        side = predictor.preset.image_size
+        return (
+            postprocess(logits, predictor.input_size, predictor.original_size, side)
+            .argmax(1)[0]
+            .cpu()
+            .numpy()
+        )
 
 
 def load_semantic_segmenter(model_type: str, exported: str | Path) -> SemanticSegmenter:
@@ -172,7 +175,7 @@ def load_semantic_segmenter(model_type: str, exported: str | Path) -> SemanticSe
     side = torch.load(semantic_sidecar(exported), map_location="cpu", weights_only=True)
     head = SemanticHead(sam.mask_decoder, int(side["num_classes"]), side["prompt"])
     head.load_state_dict(side["state_dict"])
-    return SemanticSegmenter(sam, head.eval()).eval()
+    return SemanticSegmenter(sam, head.eval(), model_type).eval()
 
 
 class SemanticTask:
@@ -217,6 +220,6 @@ class SemanticTask:
         return metrics["semantic"]["miou"]
 
     def overlays(
-        self, folder: Path, store: ImageStore, images: np.ndarray, start: nn.Module, tuned: nn.Module, n: int
+        self, folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int
     ) -> list[Path]:
         return []  # the instance overlays draw objects; a class-map figure is not written yet

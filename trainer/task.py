@@ -22,13 +22,14 @@ if TYPE_CHECKING:
     from embedcache.cache import Cache
     from trainer.config import Config
     from trainer.data import Batch, ImageStore
+    from trainer.evaluate import Contender
 
 
 class Task(Protocol):
     """One kind of training; built from the resolved config by ``make_task``."""
 
     reads_labels: ClassVar[bool]
-    """The loader builds ``(B, 1024, 1024)`` class maps (``Batch.labels``) instead of object masks."""
+    """The loader builds ``(B, S, S)`` class maps (``Batch.labels``; S the input side), not object masks."""
 
     @staticmethod
     def resolve(cfg: Config, cache: Cache) -> Config:
@@ -62,9 +63,9 @@ class Task(Protocol):
         ...
 
     def overlays(
-        self, folder: Path, store: ImageStore, images: np.ndarray, start: nn.Module, tuned: nn.Module, n: int
+        self, folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int
     ) -> list[Path]:
-        """Figures of up to ``n`` of ``images``, starting model against tuned model; the files written."""
+        """Figures of up to ``n`` of ``images``, ``first`` model against ``second``; the files written."""
         ...
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, load_config, save_config, to_dict
+from trainer.evaluate import Contender
 from trainer.plots import loss_curve
 from trainer.session import Session, StepStats, setup, train_step
 
@@ -191,7 +192,13 @@ def finish(s: Session) -> dict:
     if s.cfg.run.overlays and state.step == s.cfg.run.steps:
         tuned = s.accelerator.unwrap_model(s.model)
         val = s.cache.image_indices("val")
-        files += s.task.overlays(out / "overlays", s.store, val, s.start_model, tuned, s.cfg.run.overlays)
+        files += s.task.overlays(
+            out / "overlays",
+            val,
+            Contender("starting model", s.start_model, s.store),
+            Contender("tuned", tuned, s.store),
+            s.cfg.run.overlays,
+        )
     return {"metrics": metrics, "files": [str(f) for f in files]}
 
 
