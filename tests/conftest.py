@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(compiled)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the checkout; tests that use it skip when it is absent."""
     if not SHARED_DATA.is_dir():

@@ -32,7 +32,7 @@ def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
-def _lite_medsam_upstream_input(image: np.ndarray) -> torch.Tensor:
+def lite_medsam_upstream_input(image: np.ndarray) -> torch.Tensor:
     """``CVPR24_LiteMedSAM_infer.py``'s preprocessing: ``(H, W, 3)`` uint8 -> ``(1, 3, 256, 256)``."""
     import cv2
 
@@ -60,7 +60,7 @@ def test_lite_medsam_cache_equals_upstream(shared_data, tmp_path, upstream_lite_
     for i in range(cache.num_images):
         image = load_image(data / cache.image_path[i])
         with torch.inference_mode():
-            ref = upstream_lite_medsam.image_encoder(_lite_medsam_upstream_input(image))[0].numpy()
+            ref = upstream_lite_medsam.image_encoder(lite_medsam_upstream_input(image))[0].numpy()
         err = _rel_err(cache.read_embeddings([i])[0], ref)
         assert err < REL_ERR, f"{cache.image_path[i]}: rel err {err:.2e}"
 
@@ -93,7 +93,7 @@ def test_lite_medsam_box_masks_equal_upstream(shared_data, upstream_lite_medsam)
             return sam.postprocess_masks(low, new_hw, (h, w))[0, 0].numpy() > 0
 
     ours = masks(sam, to_model_input([resize(image, preset)], preset, torch.device("cpu")))
-    ref = masks(upstream_lite_medsam, _lite_medsam_upstream_input(image))
+    ref = masks(upstream_lite_medsam, lite_medsam_upstream_input(image))
     assert ours.any() and (ours != ref).mean() < 1e-3, f"{(ours != ref).sum()} pixels differ"
 
 

@@ -83,7 +83,7 @@ def _checkpoint_model(cache, spec: str, which: str, device: torch.device, encode
                 "encoder-adapted run is scored through its run folder (--checkpoint RUN or --run RUN)"
             )
     model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder).eval().to(device)
-    label = spec if not path.is_file() else path.stem
+    label = spec if not path.is_file() else path.name
     return Contender(label, model, ImageStore(cache, "host", device))
 
 
