@@ -12,10 +12,12 @@ Conv-LoRA cannot be merged into the weights (its expert is chosen per input), so
 Predict with the adapters::
 
     from trainer.adapted import load_adapted_sam
-    from segment_anything import SamPredictor
+    from trainer.predictor import Predictor
 
-    sam = load_adapted_sam("vit_b", "tuned.pth")  # finds tuned.conv_lora.pth beside it
-    predictor = SamPredictor(sam)  # set_image / predict as usual (1024-input presets)
+    sam = load_adapted_sam("lite_medsam", "tuned.pth")  # finds tuned.conv_lora.pth beside it
+    predictor = Predictor(sam, "lite_medsam")  # set_image / predict as SamPredictor, any preset
+
+(``segment_anything.SamPredictor(sam)`` works too for SAM's own 1024-input presets.)
 """
 
 from __future__ import annotations
