@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the .pth to write")
     x.add_argument("--which", default="best", help="best (default), last, or a step number")
 
-    d = sub.add_parser("demo", help="synthetic data -> vit_tiny cache -> train -> eval -> export, on CPU")
+    d = sub.add_parser("demo", help="LiteMedSAM tuned on synthetic cells on CPU, packaged vs tuned")
     d.add_argument("--out", default="demo", help="folder for everything the demo writes")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     return p
