@@ -24,25 +24,13 @@ from embedcache.models import build_sam
 from embedcache.preprocess import resize, to_model_input
 from embedcache.presets import PRESETS
 from embedcache.synthetic import make_image
+from trainer.demo import upstream_input as lite_medsam_upstream_input
 
 REL_ERR = 2e-3  # the issue's bound, on the whole embedding
 
 
 def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
-
-
-def lite_medsam_upstream_input(image: np.ndarray) -> torch.Tensor:
-    """``CVPR24_LiteMedSAM_infer.py``'s preprocessing: ``(H, W, 3)`` uint8 -> ``(1, 3, 256, 256)``."""
-    import cv2
-
-    h, w = image.shape[:2]
-    scale = 256 / max(h, w)
-    size = (int(w * scale + 0.5), int(h * scale + 0.5))
-    img = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    img = (img - img.min()) / np.clip(img.max() - img.min(), a_min=1e-8, a_max=None)
-    img = np.pad(img, ((0, 256 - img.shape[0]), (0, 256 - img.shape[1]), (0, 0)))
-    return torch.tensor(img).float().permute(2, 0, 1)[None]
 
 
 @pytest.fixture(scope="module")
