@@ -7,9 +7,10 @@ device code for them is shared (``kernels/_tile.py``); here each program also lo
 - Forward: one program per (image, block of groups). A loop over classes keeps an online log-sum-exp per
   high-res pixel and picks the labelled class's logit; the program writes ``(sum of CE, count)`` for its tile.
 - Backward: one program per (image, overlapping block of groups). A first class loop recomputes the
-  log-sum-exp, a second one forms ``softmax_c - [label == c]`` per pixel for class ``c``, takes the adjoint of
-  the upsample on the tile and writes the low-res gradient of class ``c``. No atomics, nothing at full
-  resolution is stored; the price is ``2 C`` interpolations per pixel in the backward.
+  softmax statistics, a second one forms ``softmax_c - [label == c]`` per pixel for class ``c`` (for the
+  labelled class as minus the other classes' share, so confident pixels keep their precision), takes the
+  adjoint of the upsample on the tile and writes the low-res gradient of class ``c``. No atomics, nothing at
+  full resolution is stored; the price is ``2 C`` interpolations per pixel in the backward.
 
 With ``(B, h, w)`` labels (upsample factor 1) the same kernels read the logits and write their gradient as
 they are, on plain pixel blocks (``kernels/_tile.py``).
@@ -32,9 +33,9 @@ __all__ = ["class_ce"]
 
 # (BLOCK, num_warps) per kernel and upsample factor; not timed on a GPU. From `ptxas -v` for sm_90 (fp32
 # logits): at factor 4 the forward's class loop keeps more live than mask_losses (BLOCK=8: 175 registers at 4
-# warps, 78 at 8); the backward at BLOCK=16, 8 warps uses 122. At factor 1, 32x32-pixel tiles (BLOCK=8) at 8
-# warps use 40 (forward) and 63 (backward); the backward at BLOCK=16 would need 242. No spills in any.
-# `block=` overrides both.
+# warps, 78 at 8); the backward at BLOCK=16, 8 warps uses 161 (122 before it kept the other classes' sum for
+# a precise labelled-class gradient). At factor 1, 32x32-pixel tiles (BLOCK=8) at 8 warps use 40 (forward)
+# and 72 (backward). No spills in any. `block=` overrides both.
 FWD_CONFIG = {4: (8, 8), 1: (8, 8)}
 BWD_CONFIG = {4: (16, 8), 1: (8, 8)}
 
@@ -58,19 +59,28 @@ def _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index, UP: tl.
 
 
 @triton.jit
-def _log_sum_exp(logits_ptr, pid_b, C, h, w, source, label, UP: tl.constexpr):
-    """Online log-sum-exp over the C class logits (upsampled at ``UP = 4``) of every pixel of the tile, and
-    the labelled class's logit (0 where the label is not a class)."""
+def _softmax_stats(logits_ptr, pid_b, C, h, w, source, label, UP: tl.constexpr):
+    """Online softmax statistics over the C class logits (upsampled at ``UP = 4``) of every pixel of the tile:
+    the running max ``m``, ``sum_c exp(x_c - m)``, the same sum without the labelled class, and the labelled
+    class's logit (0 where the label is not a class).
+
+    The sum without the labelled class gives ``1 - softmax_label`` without cancelling near 1: a confident
+    pixel's gradient keeps its relative precision (``exp(x - lse) - 1`` would lose it to the rounding of lse).
+    """
     run_max = tl.full(label.shape, float("-inf"), tl.float32)
     run_sum = tl.full(label.shape, 0.0, tl.float32)
+    other_sum = tl.full(label.shape, 0.0, tl.float32)
     picked = tl.full(label.shape, 0.0, tl.float32)
     for c in range(0, C):
         up = load_logits(logits_ptr + (pid_b.to(tl.int64) * C + c) * h * w, source, UP)
         new_max = tl.maximum(run_max, up)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(up - new_max)
+        rescale = tl.exp(run_max - new_max)
+        term = tl.exp(up - new_max)
+        run_sum = run_sum * rescale + term
+        other_sum = other_sum * rescale + tl.where(label == c, 0.0, term)
         run_max = new_max
         picked = tl.where(label == c, up, picked)
-    return run_max + tl.log(run_sum), picked
+    return run_max, run_sum, other_sum, picked
 
 
 @triton.jit
@@ -93,8 +103,8 @@ def _class_ce_fwd(
     vh, vw = valid_size(valid_ptr, pid_b, h, w, UP)
     y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, False)
     label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index, UP)
-    lse, picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, source, label, UP)
-    ce = lse - picked
+    run_max, run_sum, _other_sum, picked = _softmax_stats(logits_ptr, pid_b, C, h, w, source, label, UP)
+    ce = run_max + tl.log(run_sum) - picked
     zero = tl.full(inside.shape, 0.0, tl.float32)
     out = partial_ptr + (pid_b.to(tl.int64) * n_tiles + pid_t) * 2
     tl.store(out + 0, tl.sum(tl.where(counted, ce, zero)))
@@ -124,12 +134,14 @@ def _class_ce_bwd(
     # At UP = 4, overlapping blocks as in mask_losses: BLOCK groups produce BLOCK - 1 low-res rows/cols.
     y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, True)
     label, counted = _load_labels(labels_ptr, pid_b, y, x, inside, C, h, w, ignore_index, UP)
-    lse, _picked = _log_sum_exp(logits_ptr, pid_b, C, h, w, source, label, UP)
+    run_max, run_sum, other_sum, _picked = _softmax_stats(logits_ptr, pid_b, C, h, w, source, label, UP)
+    inv_sum = 1.0 / run_sum
 
     for c in range(0, C):
         plane = (pid_b.to(tl.int64) * C + c) * h * w
         up = load_logits(logits_ptr + plane, source, UP)
-        g = coef * (tl.exp(up - lse) - (label == c).to(tl.float32))
+        # softmax_c - [label == c]; for the labelled class, minus the other classes' share.
+        g = coef * tl.where(label == c, -other_sum, tl.exp(up - run_max)) * inv_sum
         g = tl.where(counted, g, 0.0)
         # At UP = 4 the adjoint of the upsample (kernels/_tile.py): columns, then rows, group k with k + 1.
         store_grad(grad_ptr + plane, g, source, h, w, UP, BLOCK)

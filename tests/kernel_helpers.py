@@ -24,6 +24,7 @@ __all__ = [
     "compile_sm90",
     "check_sm90",
     "fresh_seed",
+    "unsaturated_grad_scale",
     "valid_rows",
 ]
 
@@ -118,6 +119,19 @@ def assert_grad_close(
     if scale is None:
         scale = float(expected.abs().max()) if expected.numel() else 0.0
     assert_close(actual, expected, atol=atol * scale + 1e-12, rtol=rtol, what=what)
+
+
+def unsaturated_grad_scale(weights: torch.Tensor, valid_hw: torch.Tensor, factor: int) -> float:
+    """The largest gradient a logit can get from an image or mask whose pixels are not saturated:
+    ``factor**2`` target pixels' worth of its ``(N,)`` upstream ``weights`` over its valid pixel count
+    (``valid_hw`` is ``(N, 2)``), the largest over the N.
+
+    A float32 reference that forms ``p - t`` from a probability near 1 resolves it only to an absolute 2^-24,
+    so a confident logit's tiny gradient carries that absolute error: the gradient floor of a comparison with
+    such a reference is taken against this size, not the largest expected gradient.
+    """
+    pixels = valid_hw.clamp(min=0).prod(dim=1).clamp(min=1).to(weights.dtype)
+    return float((weights * factor**2 / pixels).max())
 
 
 class Sm90Build(NamedTuple):

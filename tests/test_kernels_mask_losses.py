@@ -20,6 +20,7 @@ from kernel_helpers import (
     assert_close,
     assert_grad_close,
     check_sm90,
+    unsaturated_grad_scale,
     valid_rows,
 )
 
@@ -100,13 +101,6 @@ def compare(out, grad, ref_out, ref_grad, atol, rtol, context, grad_scale=None):
     assert_grad_close(grad, ref_grad, atol=atol, rtol=rtol, what=f"grad {context}", scale=grad_scale)
 
 
-def unsaturated_grad_scale(weights: torch.Tensor, valid_hw: torch.Tensor, factor: int) -> float:
-    """The largest gradient a logit can get from a mask that is not saturated: ``factor**2`` target pixels'
-    worth of the summed loss weights over the mask's valid pixel count, for the ``(L, P)`` weights."""
-    pixels = valid_hw.clamp(min=0).prod(dim=1).clamp(min=1).to(weights.dtype)
-    return float((weights.sum(0) * factor**2 / pixels).max())
-
-
 # ---------------------------------------------------------------- the reference against the definition
 
 
@@ -164,7 +158,7 @@ def test_reference_matches_float64_definition(shape, alpha, gamma, factor, seed)
     # gradient size instead of the largest expected one (the Triton kernel avoids that cancellation, and
     # test_triton_confident_logits_are_precise holds it to the default floor).
     ref32 = run(logits.float(), targets, valid_hw, weights.float(), backend="torch", alpha=alpha, gamma=gamma)
-    scale = unsaturated_grad_scale(weights, valid_hw, factor)
+    scale = unsaturated_grad_scale(weights.sum(0), valid_hw, factor)
     compare(*ref32, ref[0], ref[1], 1e-6, 1e-4, context + " float32", grad_scale=scale)
 
 
