@@ -155,6 +155,16 @@ def test_eval_command_writes_start_and_tuned_metrics(trained, cache_path, tmp_pa
     assert "| tuned | box |" in (tmp_path / "table.md").read_text()
 
 
+def test_eval_checkpoint_run_folder_is_its_tuned_model(trained, cache_path, tmp_path):
+    """``--checkpoint RUN`` scores the run's tuned model alone, under the folder's name."""
+    args = ["eval", "--cache", str(cache_path), "--checkpoint", str(trained), "--which", "last"]
+    assert main([*args, "--out", str(tmp_path), "--overlays", "0"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    final = json.loads((trained / "metrics.json").read_text())
+    assert [k for k in metrics if k not in ("split", "cache")] == [trained.name]
+    assert _summary(metrics[trained.name]) == final["tuned"]
+
+
 def test_resume_gives_the_same_losses_and_weights(cache_path, tmp_path):
     """Stop at step 2 (mid-epoch), resume to 4: identical per-step losses and final weights, on CPU."""
     common = [

@@ -38,15 +38,21 @@ from trainer.plots import iou_distributions
 from trainer.task import make_task
 
 
-def _run_models(cache, run: Path, which: str, device: torch.device) -> tuple[list[Contender], object]:
-    """A run's ``start`` and ``tuned`` models on ``cache`` (signature checked), and the run's config."""
+def _run_models(
+    cache, run: Path, which: str, device: torch.device, *, with_start: bool = True
+) -> tuple[list[Contender], object]:
+    """A run's ``start`` (unless not ``with_start``) and ``tuned`` models on ``cache`` (signature checked),
+    and the run's config."""
     weights = ckpt.resolve_weights(run, which)
     cfg = load_config(weights.parent / "config.yaml")
     check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
     store = ImageStore(cache, "host", device, tail_blocks=cfg.model.encoder_tail_blocks)
     _, tuned = tuned_sam(cfg, weights)
-    start = build_trainable(build_start_sam(cfg), cfg).eval()
-    return [Contender("start", start.to(device), store), Contender("tuned", tuned.to(device), store)], cfg
+    contenders = [Contender("tuned", tuned.to(device), store)]
+    if with_start:
+        start = build_trainable(build_start_sam(cfg), cfg).eval()
+        contenders.insert(0, Contender("start", start.to(device), store))
+    return contenders, cfg
 
 
 def _cache_encoder(cache) -> dict[str, torch.Tensor]:
@@ -71,8 +77,8 @@ def _checkpoint_model(cache, spec: str, which: str, device: torch.device, encode
 
     path = Path(spec)
     if path.is_dir():
-        contenders, _ = _run_models(cache, path, which, device)
-        return contenders[1]._replace(label=path.name)
+        (tuned,), _ = _run_models(cache, path, which, device, with_start=False)
+        return tuned._replace(label=path.name)
     model_type = cache.signature["model_type"]
     sam = build_sam(model_type, resolve_checkpoint(spec))
     for key, value in sam.image_encoder.state_dict().items():
