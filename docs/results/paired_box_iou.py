@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -21,7 +22,7 @@ def box_ious(spec: str) -> tuple[str, dict[int, float]]:
     """``NAME=metrics.json:MODEL`` -> (NAME, {object id: box IoU})."""
     name, rest = spec.split("=", 1)
     path, model = rest.rsplit(":", 1)
-    box = json.loads(open(path).read())[model]["box"]
+    box = json.loads(Path(path).read_text())[model]["box"]
     return name, dict(zip(box["object_ids"], box["ious"]))
 
 
