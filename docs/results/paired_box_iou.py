@@ -40,14 +40,14 @@ def bootstrap_mean(diff: np.ndarray, image: np.ndarray, rng: np.random.Generator
 def main(cache: str, base_spec: str, *specs: str) -> None:
     image_of = zarr.open_group(cache, mode="r")["objects"]["image_index"][:]
     base_name, base = box_ious(base_spec)
+    ids = np.array(sorted(base))
+    image = image_of[ids]
     rng = np.random.default_rng(0)
     for spec in specs:
         name, other = box_ious(spec)
         if set(other) != set(base):
             raise SystemExit(f"{spec}: not scored on the same objects as {base_spec}")
-        ids = np.array(sorted(base))
         diff = np.array([other[i] - base[i] for i in ids])
-        image = image_of[ids]
         lo, hi = bootstrap_mean(diff, image, rng)
         per_image = " ".join(f"{diff[image == i].mean():+.3f}" for i in np.unique(image))
         print(
