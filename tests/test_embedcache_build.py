@@ -289,6 +289,50 @@ def test_open_cache_refuses_incomplete_or_missing(built, tmp_path):
         open_cache(bad)
 
 
+def _structure_damage(g: zarr.Group, how: str) -> None:
+    """Damage that every chunk checksum accepts (the arrays are rewritten whole) but the layout forbids."""
+    objects = g["objects"]
+    index = objects["image_index"][...]
+    if how == "index out of range":
+        index[-1] = 6
+    elif how == "index unsorted":
+        index[0] = index[-1]
+    if how.startswith("index"):
+        objects["image_index"][...] = index
+    elif how == "box outside its image":
+        box = objects["box"][...]
+        box[0, 2] = 10_000
+        objects["box"][...] = box
+    elif how == "short array":
+        objects.create_array("class_id", data=objects["class_id"][...][:-1], overwrite=True)
+    elif how == "offsets":
+        offsets = objects["mask_offset"][...]
+        offsets[1] += 1
+        objects["mask_offset"][...] = offsets
+
+
+@pytest.mark.parametrize(
+    "how, needle",
+    [
+        ("index out of range", r"objects/image_index: not sorted, or outside 0\.\.5 \(holds 0\.\.6\)"),
+        ("index unsorted", r"objects/image_index: not sorted"),
+        ("box outside its image", r"objects/box: 1 box\(es\) outside their image, e\.g\. object 0"),
+        ("short array", r"objects/class_id: \d+ rows, expected \d+"),
+        ("offsets", r"objects/mask_offset: 2 object\(s\) whose byte count does not fit their box"),
+    ],
+    ids=["index-out-of-range", "index-unsorted", "box-outside", "short-array", "offsets"],
+)
+def test_open_cache_runs_the_structural_checks(built, tmp_path, how, needle):
+    """Issue 18 item 7: the trainer opened (and trained on) a cache with image_index out of range; now every
+    open_cache refuses it, naming the cache and the problem, and verify reports the same."""
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(built[1], bad)
+    _structure_damage(zarr.open_group(bad, mode="r+"), how)
+    with pytest.raises(CacheError, match=rf"bad\.zarr: invalid cache structure: {needle}"):
+        open_cache(bad)
+    assert any("invalid cache structure" in p for p in verify(bad))
+
+
 def test_rebuild_is_reproducible(built, tmp_path):
     data, path, _ = built
     build(data, tmp_path / "again.zarr")

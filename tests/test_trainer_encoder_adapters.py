@@ -36,7 +36,7 @@ BASE = [
     "loss.focal=0",
     "loss.bce=1",
     "optim.lr=3e-3",
-    "optim.warmup_steps=1",
+    "optim.warmup=0.1",
     "model.encoder_tail_blocks=1",
     "model.conv_lora_scales=[1,2,3]",
 ]

@@ -38,7 +38,7 @@ FAST = [
 ]
 # what learns fastest from a random init in a few dozen steps: BCE + dice at a high learning rate (SAM's
 # focal:dice 20:1 first drives a random decoder to empty masks; it gets there, but in hundreds of steps)
-LEARN = ["loss.focal=0", "loss.bce=1", "optim.lr=1e-3", "optim.warmup_steps=3"]
+LEARN = ["loss.focal=0", "loss.bce=1", "optim.lr=1e-3", "optim.warmup=0.1"]
 
 
 def _cfg(*overrides):
@@ -175,7 +175,7 @@ def test_resume_gives_the_same_losses_and_weights(cache_path, tmp_path):
         "run.val_max_images=1",
         "prompts.box_fraction=0.5",
         "prompts.corrective_rounds=1",
-        "prompts.mask_prompt=true",
+        "prompts.mask_prompt_prob=0.5",
         "optim.grad_accum=2",
     ]
     run(cache_path, _cfg(*common), tmp_path / "a", progress=False)
@@ -359,7 +359,7 @@ def test_lora_only_run_exports_merged_sam(cache_path, tmp_path):
         "model.lora_rank=4",
         "model.train_mask_decoder=false",
         "optim.lr=1e-3",
-        "optim.warmup_steps=0",
+        "optim.warmup=0",
         "data.images_per_batch=1",
         "data.max_objects=1",
         "run.steps=2",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,8 +35,8 @@ def sam():
 def test_config_overrides_and_validation(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("# trainer run ...\noptim:\n  lr: 1e-3\nrun:\n  steps: 7\n")
-    cfg = load_config(path, ["data.max_objects=3", "prompts.multimask=true", "optim.lr=2e-4"])
-    assert (cfg.optim.lr, cfg.run.steps, cfg.data.max_objects, cfg.prompts.multimask) == (2e-4, 7, 3, True)
+    cfg = load_config(path, ["data.max_objects=3", "prompts.multimask=false", "optim.lr=2e-4"])
+    assert (cfg.optim.lr, cfg.run.steps, cfg.data.max_objects, cfg.prompts.multimask) == (2e-4, 7, 3, False)
     assert to_dict(load_config(None, [])) == to_dict(Config())
     with pytest.raises(ValueError, match="unknown field"):
         load_config(None, ["optim.learning_rate=1"])
@@ -100,10 +101,15 @@ def test_permutation_is_pure_disjoint_and_shard_local():
 def test_lr_schedule():
     from trainer.config import OptimConfig
 
-    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    cfg = OptimConfig(lr=1.0, warmup=0.2, min_lr_ratio=0.1)
     f = [lr_factor(s, cfg, 20) for s in range(20)]
-    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(x >= y for x, y in zip(f[4:], f[5:])) and f[-1] > 0.1
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # 20 % of 20 steps
+    assert all(x > y for x, y in zip(f[4:], f[5:]))  # strictly decaying: a constant schedule fails here
+    assert 0.1 < f[-1] < 0.12  # cosine ends near min_lr_ratio
+    # the warm-up is a fraction of the run: a 10-step run warms up for 2 steps and then decays, not for ever
+    short = [lr_factor(s, cfg, 10) for s in range(10)]
+    assert short[:2] == [0.5, 1.0] and short[-1] < 0.2
+    assert [lr_factor(s, OptimConfig(lr=1.0, warmup=0.0, schedule="constant"), 5) for s in range(5)] == [1.0] * 5
 
 
 def test_embed_prompts_matches_sam_prompt_encoder(sam):
@@ -226,9 +232,26 @@ def test_prompts_from_masks_and_corrective_click():
     low = torch.full((3, 256, 256), -10.0)
     low[2, :13, :13] = 10.0
     low[1, 100:200, 100:200] = 10.0  # false positives only
-    q = corrective_click(p, low, masks, valid, g, mask_prompt=True)
+    q = corrective_click(p, low, masks, valid, g, mask_prompt_prob=1.0)
     assert q.point_labels[0, -1] == 1 and q.point_labels[1, -1] == 0
-    assert q.mask_input.shape == (3, 1, 256, 256)
+    assert q.mask_input.shape == (3, 1, 256, 256) and q.has_mask.all()
+    assert corrective_click(p, low, masks, valid, g, mask_prompt_prob=0.0).mask_input is None
+    # the mask prompt is drawn per object with the configured probability
+    big = masks.repeat(200, 1, 1)
+    half = corrective_click(
+        Prompts(
+            point_coords=torch.zeros(600, 0, 2),
+            point_labels=torch.zeros(600, 0, dtype=torch.long),
+            boxes=boxes.repeat(200, 1),
+            has_box=torch.ones(600, dtype=torch.bool),
+        ),
+        low.repeat(200, 1, 1),
+        big,
+        valid.repeat(200, 1),
+        g,
+        mask_prompt_prob=0.5,
+    )
+    assert 0.4 < half.has_mask.float().mean() < 0.6
 
 
 def test_farthest_interior_point():
@@ -244,18 +267,66 @@ def test_instance_loss_multimask_backprops_the_min_loss_mask():
     from trainer.config import LossConfig
     from trainer.losses import instance_loss
 
-    target = torch.zeros(1, 1024, 1024, dtype=torch.bool)
-    target[0, :512] = True
-    logits = torch.full((1, 3, 256, 256), -5.0)
-    logits[0, 1, :128] = 5.0  # candidate 1 is right
+    target = torch.zeros(2, 1024, 1024, dtype=torch.bool)
+    target[:, :512] = True
+    logits = torch.full((2, 4, 256, 256), -5.0)
+    logits[:, 2, :128] = 5.0  # multimask output 2 is right
     logits.requires_grad_(True)
-    iou = torch.full((1, 3), 0.5, requires_grad=True)
-    loss, logged, chosen = instance_loss(logits, iou, target, torch.tensor([[1024, 1024]]), LossConfig())
-    assert chosen.tolist() == [1]
+    iou = torch.full((2, 4), 0.5, requires_grad=True)
+    multimask = torch.tensor([True, False])  # object 0: a single click; object 1: a box
+    loss, logged = instance_loss(logits, iou, target, torch.tensor([[1024, 1024]] * 2), LossConfig(), multimask)
     loss.backward()
-    per_mask = logits.grad.abs().sum((2, 3))[0]
-    assert per_mask[1] > 0 and per_mask[0] == 0 and per_mask[2] == 0
-    assert (iou.grad != 0).all()  # the IoU head learns on all three
+    per_mask = logits.grad.abs().sum((2, 3))
+    # the single click back-propagates only its least-loss multimask output...
+    assert per_mask[0, 2] > 0 and per_mask[0, 0] == 0 and per_mask[0, 1] == 0 and per_mask[0, 3] == 0
+    # ...the box trains output 0 alone, the one a box uses at inference
+    assert per_mask[1, 0] > 0 and (per_mask[1, 1:] == 0).all()
+    assert (iou.grad[0, 1:] != 0).all() and iou.grad[0, 0] == 0  # the IoU head learns on all three
+    assert iou.grad[1, 0] != 0 and (iou.grad[1, 1:] == 0).all()
+    # the logged IoU is of the chosen masks: object 0's output 2 (perfect) and object 1's output 0 (empty)
+    assert abs(float(logged["iou"]) - 0.5) < 1e-6
+
+
+def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
+    """Every round's loss counts: with one corrective round the loss is the sum of two rounds' losses, and
+    a box-only batch gets gradient through output 0 in both rounds and never through the multimask outputs."""
+    from trainer.config import Config, LossConfig, PromptConfig
+    from trainer.decoder import PromptedDecoder
+    from trainer.instance import InstanceTask
+
+    torch.manual_seed(0)
+    masks = torch.zeros(2, 1024, 1024, dtype=torch.bool)
+    masks[0, 100:300, 200:400] = True
+    masks[1, 500:700, 500:600] = True
+    batch = SimpleNamespace(
+        embeddings=torch.randn(1, 256, 64, 64),
+        image_index=torch.zeros(2, dtype=torch.long),
+        masks=masks,
+        boxes=torch.tensor([[200.0, 100, 400, 300], [500, 500, 600, 700]]),
+        valid_hw=torch.tensor([[1024, 1024]] * 2),
+    )
+    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
+    seen = []
+    model.mask_decoder.output_upscaling.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    accel = SimpleNamespace(unwrap_model=lambda m: m)
+
+    def loss_of(rounds: int):
+        prompts = PromptConfig(box_fraction=1.0, corrective_rounds=rounds, mask_prompt_prob=0.5 if rounds else 0)
+        task = InstanceTask(Config(prompts=prompts, loss=LossConfig(focal=0, dice=1, bce=1)))
+        g = step_generator(0, 0, 0, torch.device("cpu"))
+        return task.loss(model, batch, g, accel)
+
+    seen.clear()
+    one, _ = loss_of(0)
+    two, logged = loss_of(1)
+    assert seen == [2, 2, 2]  # one batched decoder call per round
+    assert float(two.detach()) > float(one.detach()) * 1.5  # the first round's loss is in the sum, not replaced
+    assert "iou_first" in logged and "iou_last" in logged
+    sam.zero_grad()
+    two.backward()
+    w = model.mask_decoder.output_hypernetworks_mlps
+    assert w[0].layers[-1].weight.grad.abs().sum() > 0
+    assert all(w[i].layers[-1].weight.grad is None or w[i].layers[-1].weight.grad.abs().sum() == 0 for i in (1, 2, 3))
 
 
 def test_decode_output_tokens_override(sam):

@@ -142,12 +142,15 @@ class PromptConfig:
     box_points: int = 0
     """Extra positive points added to box-prompted objects."""
     corrective_rounds: int = 0
-    """SAM's iterative training: rounds of one click each from the error region of the previous prediction."""
-    mask_prompt: bool = False
-    """Feed the previous round's low-res logits back as the mask prompt in corrective rounds."""
-    multimask: bool = False
-    """Predict SAM's 3 masks and back-propagate the one with the least loss, as SAM does for ambiguous
-    prompts."""
+    """SAM's iterative training: rounds after the first, each adding one click from the error region of the
+    previous round's prediction. Every round's loss is summed (``trainer.instance``)."""
+    mask_prompt_prob: float = 0.0
+    """Probability, per object and corrective round, that the previous round's low-res logits (detached) are
+    also given as the mask prompt. The first round never has one."""
+    multimask: bool = True
+    """A single-point prompt (no box, one click) trains SAM's 3 multimask outputs, back-propagating the one
+    with the least loss, as SAM does for ambiguous prompts. Boxes and multi-click prompts always train the
+    single-mask output 0, the one they use at inference. ``false``: output 0 for every prompt."""
 
     def __post_init__(self):
         if not 0.0 <= self.box_fraction <= 1.0:
@@ -158,9 +161,11 @@ class PromptConfig:
             raise ValueError("prompt jitter and point counts must be >= 0")
         if self.corrective_rounds < 0:
             raise ValueError("prompts.corrective_rounds must be >= 0")
-        if self.mask_prompt and self.corrective_rounds == 0:
+        if not 0.0 <= self.mask_prompt_prob <= 1.0:
+            raise ValueError(f"prompts.mask_prompt_prob must be in [0, 1], got {self.mask_prompt_prob}")
+        if self.mask_prompt_prob > 0 and self.corrective_rounds == 0:
             raise ValueError(
-                "prompts.mask_prompt needs prompts.corrective_rounds >= 1 (it feeds back a prediction)"
+                "prompts.mask_prompt_prob > 0 needs prompts.corrective_rounds >= 1 (it feeds back a prediction)"
             )
 
 
@@ -207,10 +212,11 @@ class OptimConfig:
     """Decoupled weight decay (AdamW); L2 for Adam."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
-    warmup_steps: int = 10
-    """Linear warm-up from 0 to ``lr`` over this many optimiser steps."""
+    warmup: float = 0.05
+    """Linear warm-up from 0 to ``lr`` over this fraction of ``run.steps`` (rounded, at least one step when
+    > 0), so a short run leaves it as a long one does."""
     schedule: Literal["cosine", "constant"] = "cosine"
-    """``cosine`` decay to ``min_lr_ratio * lr`` after warm-up, or ``constant``."""
+    """``cosine`` decay to ``min_lr_ratio * lr`` over the steps after warm-up, or ``constant``."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine)."""
     grad_accum: int = 1
@@ -224,8 +230,10 @@ class OptimConfig:
         # YAML gives a list; a frozen section stores the tuple it means (part of validation, not a change)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         check_choices(self)
-        if self.lr <= 0 or self.grad_accum < 1 or self.warmup_steps < 0 or self.clip_norm < 0:
-            raise ValueError("optim: lr > 0, grad_accum >= 1, warmup_steps >= 0, clip_norm >= 0")
+        if not 0 < self.lr < float("inf") or self.grad_accum < 1 or self.clip_norm < 0:
+            raise ValueError(f"optim: lr must be finite and > 0 (got {self.lr}), grad_accum >= 1, clip_norm >= 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"optim.warmup is a fraction of run.steps in [0, 1), got {self.warmup}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ The results equal ``MaskDecoder.forward`` on each image separately (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -50,10 +51,13 @@ def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, to
     for k in (NEG, POS, BOX_TL, BOX_BR):
         sparse = sparse + (labels == k)[..., None] * pe.point_embeddings[k].weight
     h, w = pe.image_embedding_size
-    if prompts.mask_input is None:
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, h, w)
-    else:
-        dense = pe._embed_masks(prompts.mask_input)
+    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, h, w)
+    if prompts.mask_input is not None:
+        # PromptEncoder has no public way to embed a mask prompt alone (forward also embeds points and boxes,
+        # and pads them its own way), so its mask branch is called directly
+        masked = pe._embed_masks(prompts.mask_input)
+        has = prompts.has_mask
+        dense = masked if has is None else torch.where(has[:, None, None, None], masked, dense)
     return sparse, dense
 
 
@@ -113,6 +117,10 @@ class Decoded(NamedTuple):
     """``(P, 4)`` predicted IoU of SAM's masks; ``None`` with a semantic head, which has no IoU token."""
 
 
+Refine = Callable[[int, Decoded, Prompts], "Prompts | None"]
+"""``PromptedDecoder.forward``'s interactive rounds: ``(round, its Decoded, its prompts) -> next prompts``."""
+
+
 class PromptedDecoder(nn.Module):
     """What trains: SAM's prompt encoder and mask decoder (and, in semantic mode, the class head).
 
@@ -132,21 +140,41 @@ class PromptedDecoder(nn.Module):
         self.encoder_tail = encoder_tail
 
     def forward(
-        self, embeddings: torch.Tensor, image_index: torch.Tensor, prompts: Prompts | None
-    ) -> Decoded:
-        """``P`` objects of ``B`` images through one prompt-encoder and one mask-decoder call.
+        self,
+        embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        prompts: Prompts | None,
+        refine: Refine | None = None,
+    ) -> Decoded | list[Decoded]:
+        """``P`` objects of ``B`` images through one prompt-encoder and one mask-decoder call per round.
 
         Args:
             embeddings: ``(B, 256, 64, 64)`` image embeddings; with an encoder tail, the ``(B, 64, 64, C)``
-                tap tokens it turns into them.
+                tap tokens it turns into them (once, however many rounds).
             image_index: ``(P,)`` int64, the image of each object (semantic mode: ``arange(B)``).
             prompts: the prompts of the ``P`` objects, or ``None`` for none at all (a prompt-free semantic
                 head: no sparse tokens, SAM's no-mask dense embedding).
+            refine: interactive rounds inside this one forward (so that DDP sees one forward per backward,
+                however many rounds): called as ``refine(round, decoded, prompts)`` after each round, it gives
+                the next round's prompts, or ``None`` to stop.
+
+        Returns:
+            the ``Decoded`` of the prompts; with ``refine``, the list of every round's ``Decoded``.
 
         One ``forward`` for both tasks, so that DDP wraps either.
         """
         if self.encoder_tail is not None:
             embeddings = self.encoder_tail(embeddings)
+        if refine is None:
+            return self._decode(embeddings, image_index, prompts)
+        rounds = []
+        while prompts is not None:
+            rounds.append(self._decode(embeddings, image_index, prompts))
+            prompts = refine(len(rounds) - 1, rounds[-1], prompts)
+        return rounds
+
+    def _decode(self, embeddings: torch.Tensor, image_index: torch.Tensor, prompts: Prompts | None) -> Decoded:
+        """One round of ``forward`` on the image embeddings."""
         pe = self.prompt_encoder
         if prompts is None:
             sparse = embeddings.new_zeros((image_index.shape[0], 0, pe.embed_dim)).float()

@@ -38,7 +38,7 @@ DEMO_OVERRIDES = [
     "loss.dice=1",
     "loss.iou_head=1",
     "optim.lr=3e-4",
-    "optim.warmup_steps=5",
+    "optim.warmup=0.08",
     "run.steps=60",
     # validate and save at the end only: the demo reports the last step, so nothing is picked on the
     # held-out images it is scored on

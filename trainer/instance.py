@@ -1,8 +1,9 @@
 """The instance task: one prompted mask per object, as SAM trains and as ``SamPredictor`` is used.
 
-Every micro-batch draws fresh prompts (jittered boxes and/or points), runs optional corrective-click rounds
-without gradients, then ONE prompt-encoder + mask-decoder call with gradients, scored by SAM's focal + dice
-+ IoU-head loss. Validation is box and point mIoU at the original resolution (``trainer.evaluate``).
+Every micro-batch draws fresh prompts (jittered boxes and/or points) and runs SAM's interactive training:
+a first round, then corrective-click rounds, each one batched prompt-encoder + mask-decoder call with
+gradients, every round's loss summed (docs/training.md compares it with the SAM paper's recipe). Validation
+is box and point mIoU at the original resolution (``trainer.evaluate``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from torch import nn
 from trainer.config import Config
 from trainer.data import Batch, ImageStore, image_file
 from trainer.evaluate import Contender, evaluate, iou_and_dice, predict_objects
+from trainer.decoder import Decoded
 from trainer.losses import instance_loss
 from trainer.plots import overlay
-from trainer.prompts import corrective_click, initial_prompts
+from trainer.prompts import Prompts, corrective_click, initial_prompts, single_point
 
 
 class InstanceTask:
@@ -42,30 +44,44 @@ class InstanceTask:
     def loss(
         self, model: nn.Module, batch: Batch, g: torch.Generator, accelerator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one micro-batch, with fresh prompts; the only decoder call with gradients is the last.
+        """The loss of one micro-batch with fresh prompts: SAM's interactive training, summed over rounds.
 
-        Corrective rounds run the unwrapped model under ``no_grad`` (its prediction only chooses the next
-        click and mask prompt), then the final prompts go through the (DDP-wrapped) model once, with
-        gradients.
+        Round 0 is the drawn box or click(s). Each of the ``prompts.corrective_rounds`` rounds after it adds
+        one click from the error region of the previous round's shown mask and, with probability
+        ``prompts.mask_prompt_prob`` per object, that mask's detached logits as the mask prompt. Every round
+        is one batched decoder call inside one forward of the (DDP-wrapped) model, and every round's loss
+        counts (``instance_loss``: single-point prompts on the multimask outputs, the rest on output 0).
         """
         p = self.cfg.prompts
-        prompts = initial_prompts(batch.masks, batch.boxes, batch.valid_hw, p, g)
-        plain = accelerator.unwrap_model(model)
-        for _ in range(p.corrective_rounds):
-            with torch.no_grad():
-                logits, iou = plain(batch.embeddings, batch.image_index, prompts)
-            # the mask the user would see: SAM's single output, or the multimask output it rates best
-            pick = iou[:, 1:].argmax(1) + 1 if p.multimask else torch.zeros_like(iou[:, 0], dtype=torch.long)
-            last = logits[torch.arange(logits.shape[0], device=logits.device), pick]
-            prompts = corrective_click(
-                prompts, last, batch.masks, batch.valid_hw, g, mask_prompt=p.mask_prompt
+        asked = [initial_prompts(batch.masks, batch.boxes, batch.valid_hw, p, g)]
+
+        def refine(r: int, out: Decoded, prompts: Prompts) -> Prompts | None:
+            if r == p.corrective_rounds:
+                return None
+            shown = shown_logits(out, self.multimask(prompts)).detach()
+            asked.append(
+                corrective_click(
+                    prompts, shown, batch.masks, batch.valid_hw, g, mask_prompt_prob=p.mask_prompt_prob
+                )
             )
-        logits, iou = model(batch.embeddings, batch.image_index, prompts)
-        sel = slice(1, 4) if p.multimask else slice(0, 1)
-        loss, logged, _ = instance_loss(
-            logits[:, sel], iou[:, sel], batch.masks, batch.valid_hw, self.cfg.loss
-        )
-        return loss, logged
+            return asked[-1]
+
+        rounds = model(batch.embeddings, batch.image_index, asked[0], refine=refine)
+        total, per_round = 0.0, []
+        for out, prompts in zip(rounds, asked):
+            loss, logged = instance_loss(
+                out.logits, out.iou, batch.masks, batch.valid_hw, self.cfg.loss, self.multimask(prompts)
+            )
+            total = total + loss
+            per_round.append(logged)
+        logged = {k: torch.stack([r[k] for r in per_round]).mean() for k in per_round[0]}
+        if len(per_round) > 1:
+            logged.update(iou_first=per_round[0]["iou"], iou_last=per_round[-1]["iou"])
+        return total, logged
+
+    def multimask(self, prompts: Prompts) -> torch.Tensor:
+        """``(P,)`` bool: the objects trained (and shown) on the multimask outputs."""
+        return single_point(prompts) & self.cfg.prompts.multimask
 
     def prompts_in(self, batch: Batch) -> int:
         return batch.num_objects
@@ -80,6 +96,14 @@ class InstanceTask:
         self, folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int
     ) -> list[Path]:
         return box_overlays(folder, images, first, second, n)
+
+
+def shown_logits(out: Decoded, multimask: torch.Tensor) -> torch.Tensor:
+    """``(P, 256, 256)`` the mask a user would see: for ``multimask`` objects the multimask output the IoU head
+    rates best (as ``SamPredictor`` users pick), else the single-mask output 0."""
+    best = out.iou[:, 1:].argmax(1) + 1
+    pick = torch.where(multimask, best, torch.zeros_like(best))
+    return out.logits[torch.arange(pick.shape[0], device=pick.device), pick]
 
 
 def box_overlays(folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int) -> list[Path]:

@@ -28,50 +28,56 @@ def instance_loss(
     targets: torch.Tensor,
     valid_hw: torch.Tensor,
     cfg: LossConfig,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """The loss of ``P`` objects with ``M`` candidate masks each (M = 1, or 3 for multimask).
+    multimask: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of ``P`` objects of one prompting round, on the outputs each object's prompt uses.
 
-    With ``M > 1`` only the candidate with the least mask loss is back-propagated, as SAM does. The IoU head
-    is trained on all ``M`` candidates (MSE against each candidate's real IoU), so it learns to rank them,
-    which the point evaluation relies on.
+    An object with ``multimask`` (a single-point prompt) is scored on SAM's three multimask outputs 1..3 and
+    only the one with the least mask loss is back-propagated, as SAM does for ambiguous prompts; every other
+    object (a box, several clicks) is scored on the single-mask output 0, the one it uses at inference. The
+    IoU head is trained on every scored output (MSE against its real IoU), so it learns to rank the three.
 
     Args:
-        logits: ``(P, M, 256, 256)`` low-res mask logits.
-        iou_pred: ``(P, M)`` predicted IoU.
+        logits: ``(P, 4, 256, 256)`` low-res mask logits (SAM's output 0 and multimask outputs 1..3).
+        iou_pred: ``(P, 4)`` predicted IoU.
         targets: ``(P, S, S)`` bool masks in the input frame.
         valid_hw: ``(P, 2)`` int input size (h, w) of each object's image.
+        multimask: ``(P,)`` bool, the objects scored on outputs 1..3.
 
     Returns:
-        the scalar loss (mean over objects), a dict of detached per-term means over the chosen masks, and the
-        ``(P,)`` index of the chosen candidate.
+        the scalar loss (mean over objects) and a dict of detached per-term means over the chosen masks.
     """
-    p, m, h, w = logits.shape
-    flat_targets = (
-        targets
-        if m == 1
-        else targets[:, None].expand(p, m, *targets.shape[1:]).reshape(p * m, *targets.shape[1:])
-    )
+    p, _, h, w = logits.shape
+    dev = logits.device
+    single = torch.nonzero(~multimask).flatten()
+    multi = torch.nonzero(multimask).flatten()
+    # the scored (object, output) pairs: output 0 of single-mask objects, outputs 1..3 of multimask ones
+    rows = torch.cat([single, multi.repeat_interleave(3)])
+    cols = torch.cat([torch.zeros_like(single), torch.arange(1, 4, device=dev).repeat(multi.numel())])
     terms = kernels.mask_losses(
-        logits.reshape(p * m, h, w),
-        flat_targets,
-        valid_hw.repeat_interleave(m, 0) if m > 1 else valid_hw,
+        logits[rows, cols],
+        targets[rows],
+        valid_hw[rows],
         alpha=cfg.focal_alpha,
         gamma=cfg.focal_gamma,
         backend=cfg.backend,
     )
-    per_mask = sum(getattr(cfg, k) * getattr(terms, k).reshape(p, m) for k in ("focal", "dice", "bce", "mse"))
-    chosen = per_mask.detach().argmin(1)
-    rows = torch.arange(p, device=logits.device)
-    real_iou = terms.iou.reshape(p, m).detach()
-    iou_head = ((iou_pred.float() - real_iou) ** 2).mean(1)
-    loss = (per_mask[rows, chosen] + cfg.iou_head * iou_head).mean()
-    logged = {
-        k: getattr(terms, k).reshape(p, m)[rows, chosen].detach().mean()
-        for k in ("focal", "dice", "bce", "mse")
-    }
+    per_mask = sum(getattr(cfg, k) * getattr(terms, k) for k in ("focal", "dice", "bce", "mse"))
+    # (P, 4) with inf where an output is not scored, so the least loss per object is a row's argmin
+    table = torch.full((p, 4), float("inf"), device=dev).index_put((rows, cols), per_mask)
+    chosen = table.detach().argmin(1)
+    objects = torch.arange(p, device=dev)
+    pick = torch.full((p, 4), -1, dtype=torch.long, device=dev)
+    pick[rows, cols] = torch.arange(rows.numel(), device=dev)
+    picked = pick[objects, chosen]  # each object's chosen pair, into rows/cols
+    real_iou = terms.iou.detach()
+    squared = (iou_pred[rows, cols].float() - real_iou) ** 2
+    iou_head = torch.zeros(p, device=dev).index_add(0, rows, squared) / torch.bincount(rows, minlength=p)
+    loss = (table[objects, chosen] + cfg.iou_head * iou_head).mean()
+    logged = {k: getattr(terms, k)[picked].detach().mean() for k in ("focal", "dice", "bce", "mse")}
     logged["iou_head"] = iou_head.detach().mean()
-    logged["iou"] = real_iou[rows, chosen].mean()
-    return loss, logged, chosen
+    logged["iou"] = real_iou[picked].mean()
+    return loss, logged
 
 
 def semantic_loss(

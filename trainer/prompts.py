@@ -34,6 +34,8 @@ class Prompts:
     """``(P,)`` bool."""
     mask_input: torch.Tensor | None = None
     """``(P, 1, 256, 256)`` float32 low-res logits of a previous prediction, or ``None``."""
+    has_mask: torch.Tensor | None = None
+    """``(P,)`` bool: which objects get ``mask_input`` as their mask prompt (``None``: all, when given)."""
 
     def add_points(self, coords: torch.Tensor, labels: torch.Tensor) -> Prompts:
         """A copy with ``(P, k, 2)`` coords and ``(P, k)`` labels appended."""
@@ -142,6 +144,12 @@ def initial_prompts(
     return Prompts(point_coords=coords, point_labels=labels, boxes=jittered, has_box=has_box)
 
 
+def single_point(prompts: Prompts) -> torch.Tensor:
+    """``(P,)`` bool: the objects whose prompt is one click and no box, the ambiguous prompt for which SAM
+    predicts (and trains) its three multimask outputs."""
+    return ((prompts.point_labels != PAD).sum(1) == 1) & ~prompts.has_box
+
+
 def corrective_click(
     prompts: Prompts,
     low_res_logits: torch.Tensor,
@@ -149,12 +157,13 @@ def corrective_click(
     valid_hw: torch.Tensor,
     g: torch.Generator,
     *,
-    mask_prompt: bool,
+    mask_prompt_prob: float,
 ) -> Prompts:
     """One round of SAM's iterative training: add a click drawn from the error region of the last prediction.
 
     A false-negative pixel becomes a positive click, a false-positive pixel a negative one; an object
-    predicted perfectly gets a padding point. With ``mask_prompt`` the previous logits become the mask prompt.
+    predicted perfectly gets a padding point. Each object, with probability ``mask_prompt_prob``, also gets
+    the previous logits as its mask prompt (the others get none: SAM's no-mask embedding).
 
     Args:
         low_res_logits: ``(P, 256, 256)`` the previous round's chosen mask logits (detached).
@@ -171,8 +180,9 @@ def corrective_click(
     is_fn = fn[torch.arange(p, device=masks.device), yi, xi]
     label = torch.where(ok[:, 0], torch.where(is_fn, POS, NEG), PAD).long()
     out = prompts.add_points(xy, label[:, None])
-    if mask_prompt:
-        out = replace(out, mask_input=low_res_logits[:, None].detach().float())
+    if mask_prompt_prob > 0:
+        has_mask = torch.rand(p, generator=g, device=masks.device) < mask_prompt_prob
+        out = replace(out, mask_input=low_res_logits[:, None].detach().float(), has_mask=has_mask)
     return out
 
 

@@ -110,16 +110,23 @@ class StepStats:
     """Seconds this process was blocked on the loader."""
 
 
+def warmup_steps(cfg: OptimConfig, total: int) -> int:
+    """The warm-up's length in optimiser steps: ``cfg.warmup`` of ``total``, rounded, at least 1 when > 0."""
+    return max(1, round(cfg.warmup * total)) if cfg.warmup > 0 else 0
+
+
 def lr_factor(step: int, cfg: OptimConfig, total: int) -> float:
-    """Learning-rate multiplier of optimiser step ``step`` (0-based): linear warm-up, then cosine or constant.
+    """Learning-rate multiplier of optimiser step ``step`` (0-based) of ``total``: linear warm-up over
+    ``warmup_steps``, then cosine or constant.
 
     A pure function of the step, so resuming needs no scheduler state.
     """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warm = warmup_steps(cfg, total)
+    if step < warm:
+        return (step + 1) / warm
     if cfg.schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = (step - warm) / max(1, total - warm)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
