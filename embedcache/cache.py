@@ -12,6 +12,7 @@ from embedcache import masks as mk
 from embedcache.presets import get_preset
 from embedcache.signature import FORMAT_VERSION
 from embedcache.store import TAP_ARRAY, read_strings, shard_file, storage_files
+from embedcache.structure import structure_problems
 
 FRAMES = ("original", "input", "lowres")
 
@@ -228,7 +229,8 @@ def open_group_checked(path: str | Path) -> zarr.Group:
 
 
 def open_cache(path: str | Path) -> Cache:
-    """Open a complete cache; ``CacheError`` naming the path if it is missing, incomplete or invalid."""
+    """Open a complete cache; ``CacheError`` naming the path if it is missing, incomplete or invalid
+    (including the structural checks of ``embedcache.structure``)."""
     path = Path(path)
     group = open_group_checked(path)
     version = group.attrs["signature"].get("format_version")
@@ -252,8 +254,12 @@ def open_cache(path: str | Path) -> Cache:
         gone = [f for f in storage_files(group["embeddings"], path / "embeddings") if not f.is_file()]
         if gone:  # zarr would read a missing shard as its NaN fill value
             raise CacheError(f"{gone[0]}: shard file missing ({len(gone)} in all); rebuild the cache")
-        return Cache(path, group)
+        cache = Cache(path, group)
     except CacheError:
         raise
     except Exception as e:
         raise CacheError(f"{path}: invalid cache ({type(e).__name__}: {e})") from e
+    problems = structure_problems(cache)
+    if problems:
+        raise CacheError(f"{path}: invalid cache structure: {'; '.join(problems)}; rebuild the cache")
+    return cache

@@ -157,9 +157,12 @@ def write_shard(
 
 
 def storage_files(arr: zarr.Array, folder: Path) -> list[Path]:
-    """The files that hold ``arr`` (one per shard when sharded, else one per chunk), in grid order."""
+    """The files that hold ``arr`` (one per shard when sharded, else one per chunk), in grid order; none
+    for an empty array (e.g. no object's mask is left in the input frame)."""
+    if not arr.size:
+        return []
     block = arr.shards or arr.chunks
-    grid = [-(-n // b) for n, b in zip(arr.shape, block)] if arr.size else []
+    grid = [-(-n // b) for n, b in zip(arr.shape, block)]
     return [Path(folder) / arr.metadata.encode_chunk_key(c) for c in np.ndindex(*grid)]
 
 
