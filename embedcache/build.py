@@ -36,7 +36,7 @@ from embedcache.fingerprint import dataset_fingerprint
 from embedcache.images import DEFAULT_MAX_PIXELS
 from embedcache.lock import CacheLockedError, build_lock
 from embedcache.models import MODEL_TYPES, build_sam
-from embedcache.prepare import BadDataError, collect_metadata
+from embedcache.prepare import DEFAULT_MIN_OBJECT_AREA, BadDataError, collect_metadata
 from embedcache.presets import get_preset
 from embedcache.readers import MASK_KINDS, make_reader
 from embedcache.signature import expected_signature
@@ -58,8 +58,11 @@ __all__ = [
     "CacheLockedError",
     "CacheWriteError",
     "build_cache",
+    "report_warnings",
 ]
 
+NOTES = ("skipped", "min_object_area", "objects_below_min_area", "objects_vanished", "unclean_masks")
+"""The metadata pass's findings, copied from the prepare report into the build report."""
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -124,6 +127,9 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest ``H * W`` of an image or mask; bigger files are bad items, refused from their header before
     being decoded."""
+    min_object_area: int = DEFAULT_MIN_OBJECT_AREA
+    """Smallest object kept, in original pixels; smaller ones are dropped and counted in the build report
+    (``embedcache.prepare.DEFAULT_MIN_OBJECT_AREA`` says why 10)."""
     overwrite: bool = False
     """Replace an existing cache at ``out`` instead of resuming it or refusing."""
     progress: bool = True
@@ -149,7 +155,7 @@ class BuildConfig:
             raise ValueError(
                 f"val_fraction must be in [0, 1] (1: a held-out test cache), got {self.val_fraction}"
             )
-        for name in ("batch_size", "images_per_shard", "workers", "max_pixels"):
+        for name in ("batch_size", "images_per_shard", "workers", "max_pixels", "min_object_area"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -215,6 +221,7 @@ def _prepare(
             **reader.describe(),
             "skip_bad": cfg.skip_bad,
             "max_pixels": cfg.max_pixels,
+            "min_object_area": cfg.min_object_area,
             "split": split_definition(cfg.val_fraction, cfg.seed),
         },
         layout={"images_per_shard": cfg.images_per_shard},
@@ -285,7 +292,7 @@ def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: P
     """The metadata pass into ``staging``, left ``prepared`` (renamed to ``out`` by the caller)."""
     group = zarr.open_group(staging, mode="w")
     group.attrs.put({"signature": signature, "status": "preparing", "runs": []})
-    meta, skipped = collect_metadata(
+    meta, notes = collect_metadata(
         reader,
         scan.records,
         scan_bad=scan.bad,
@@ -295,6 +302,7 @@ def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: P
         workers=cfg.workers,
         preset=get_preset(cfg.model_type),
         max_pixels=cfg.max_pixels,
+        min_object_area=cfg.min_object_area,
     )
     tap = signature.get("tap")
     write_metadata(
@@ -308,7 +316,7 @@ def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: P
         prepare_report={
             "data": str(cfg.data.resolve()),
             "images_found": len(scan.records) + sum(1 for b in scan.bad),
-            "skipped": skipped,
+            **notes,
             "crowd_annotations_ignored": getattr(reader, "crowd_skipped", 0),
             "seconds": round(time.perf_counter() - t0, 3),
         },
@@ -361,7 +369,7 @@ def _finalize(out: Path) -> dict:
         "num_objects": int(group["objects"]["image_index"].shape[0]),
         "num_shards": int(done.size),
         "num_skipped": len(prep["skipped"]),
-        "skipped": prep["skipped"],
+        **{k: prep[k] for k in NOTES},
         "crowd_annotations_ignored": prep["crowd_annotations_ignored"],
         "data": prep["data"],
         "prepare_seconds": prep["seconds"],
@@ -372,6 +380,25 @@ def _finalize(out: Path) -> dict:
     }
     group.attrs.update(build_report=report, status="complete", runs=runs)
     return report
+
+
+def report_warnings(report: dict) -> list[str]:
+    """The build report's findings a user should read, one line each: objects dropped below
+    ``min_object_area``, objects that vanish at the input size, and masks whose values are not clean."""
+    lines = []
+    small, gone = report["objects_below_min_area"], report["objects_vanished"]
+    if small["count"]:
+        lines.append(
+            f"{small['count']} object(s) below --min-object-area {report['min_object_area']} pixels left out "
+            f"in {len(small['images'])} image(s) (build_report.objects_below_min_area)"
+        )
+    if gone["count"]:
+        lines.append(
+            f"{gone['count']} object(s) in {len(gone['images'])} image(s) vanish at the model's input size: "
+            "no pixel of them is left after resizing (build_report.objects_vanished)"
+        )
+    lines += [f"{m['path']}: {m['reason']}" for m in report["unclean_masks"]]
+    return lines
 
 
 def build_cache(cfg: BuildConfig) -> dict:

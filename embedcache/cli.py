@@ -12,10 +12,18 @@ import os
 import sys
 from pathlib import Path
 
-from embedcache.build import BadDataError, BuildConfig, CacheExistsError, build_cache, default_workers
+from embedcache.build import (
+    BadDataError,
+    BuildConfig,
+    CacheExistsError,
+    build_cache,
+    default_workers,
+    report_warnings,
+)
 from embedcache.cache import CacheError
 from embedcache.images import DEFAULT_MAX_PIXELS, BadInput
 from embedcache.models import MODEL_TYPES
+from embedcache.prepare import DEFAULT_MIN_OBJECT_AREA
 from embedcache.readers import MASK_KINDS
 
 
@@ -44,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_PIXELS,
         help="largest H*W of an image or mask; bigger ones are bad items (default %(default)s)",
+    )
+    b.add_argument(
+        "--min-object-area",
+        type=int,
+        default=DEFAULT_MIN_OBJECT_AREA,
+        help="smallest object kept, in original pixels; smaller ones are left out and counted in the build "
+        "report (default %(default)s: drops JPEG specks, keeps a 20-pixel cell)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                     workers=args.workers,
                     skip_bad=args.skip_bad,
                     max_pixels=args.max_pixels,
+                    min_object_area=args.min_object_area,
                     overwrite=args.overwrite,
                     progress=not args.no_progress,
                     tail_blocks=args.tail_blocks,
                 )
             )
             if os.environ.get("RANK", "0") == "0":  # one summary per multi-process build, not one per rank
+                for line in report_warnings(report):
+                    print(f"embedcache build: warning: {line}", file=sys.stderr)
                 print(
                     f"{args.out}: {report['num_images']} images, {report['num_objects']} objects, "
                     f"{report['num_skipped']} skipped; run {len(report['runs'])} encoded "

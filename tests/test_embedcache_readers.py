@@ -43,7 +43,7 @@ def test_instance_masks_with_sparse_uint16_ids(tmp_path):
     labels[10:20, 10:12] = 300
     labels[25, 39] = 65535
     _write(tmp_path, "a", np.zeros((30, 40, 3), np.uint8), labels, ".tif")
-    meta, skipped = _meta(FolderReader(tmp_path, mask_kind="instance"))
+    meta, skipped = _meta(FolderReader(tmp_path, mask_kind="instance"), min_object_area=1)
     objs = _objects(meta)
     assert not skipped and len(objs) == 3
     for (_, cls, m), v in zip(objs, [7, 300, 65535]):
@@ -58,7 +58,7 @@ def test_binary_masks_split_into_4_connected_components(tmp_path):
     m[4, 4] = 255  # touches the square only diagonally: a separate object under 4-connectivity
     m[10:15, 2:18] = 255
     _write(tmp_path, "a", np.zeros((20, 20, 3), np.uint8), m)
-    meta, _ = _meta(FolderReader(tmp_path, mask_kind="binary"))
+    meta, _ = _meta(FolderReader(tmp_path, mask_kind="binary"), min_object_area=1)
     areas = sorted(int(a) for a in meta["objects/area"])
     assert areas == [1, 9, 80] and set(meta["objects/class_id"].tolist()) == {1}
 
@@ -70,11 +70,11 @@ def test_semantic_masks_keep_class_and_honour_ignore_index(tmp_path):
     m[15:20, 0:20] = 1
     m[6:8, 6:8] = 255  # ignore
     _write(tmp_path, "a", np.zeros((20, 20, 3), np.uint8), m)
-    meta, _ = _meta(FolderReader(tmp_path, mask_kind="semantic", ignore_index=255))
+    meta, _ = _meta(FolderReader(tmp_path, mask_kind="semantic", ignore_index=255), min_object_area=1)
     objs = _objects(meta)
     assert [c for _, c, _ in objs] == [1, 2, 2]
     assert [int(o.sum()) for _, _, o in objs] == [100, 25, 4]
-    meta, _ = _meta(FolderReader(tmp_path, mask_kind="semantic"))  # without ignore_index 255 is a class
+    meta, _ = _meta(FolderReader(tmp_path, mask_kind="semantic"), min_object_area=1)  # 255 is a class now
     assert 255 in meta["objects/class_id"].tolist()
 
 

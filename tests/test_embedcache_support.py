@@ -87,6 +87,12 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 def metadata(reader, skip_bad=False, **kw):
     """The metadata pass over everything ``reader`` scans: ``(meta, skipped)``."""
+    meta, report = metadata_report(reader, skip_bad, **kw)
+    return meta, report["skipped"]
+
+
+def metadata_report(reader, skip_bad=False, **kw):
+    """The metadata pass over everything ``reader`` scans: ``(meta, report)``."""
     scan = reader.scan()
     return collect_metadata(
         reader,

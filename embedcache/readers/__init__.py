@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedcache.readers.base import ImageRecord, ObjectMask, Reader, ScanResult
+from embedcache.readers.base import ImageObjects, ImageRecord, ObjectMask, Reader, ScanResult
 from embedcache.readers.coco import CocoReader
 from embedcache.readers.folder import MASK_KINDS, FolderReader
 
@@ -12,6 +12,7 @@ __all__ = [
     "MASK_KINDS",
     "CocoReader",
     "FolderReader",
+    "ImageObjects",
     "ImageRecord",
     "ObjectMask",
     "Reader",

@@ -48,6 +48,17 @@ class ObjectMask:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ImageObjects:
+    """What a reader found in one image: its objects, and a note when its mask looks damaged."""
+
+    objects: list[ObjectMask]
+    """The objects, in the reader's order."""
+    unclean: str | None = None
+    """Why the mask's values are not clean (e.g. a binary mask with many grey levels after JPEG), or None.
+    The build goes on and lists it in the build report."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ScanResult:
     """The records a scan found, the bad items it already knows of, and every file it looked at."""
 
@@ -66,7 +77,7 @@ class Reader(Protocol):
 
     def scan(self) -> ScanResult: ...
 
-    def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> list[ObjectMask]: ...
+    def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> ImageObjects: ...
 
     def describe(self) -> dict: ...
 

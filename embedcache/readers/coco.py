@@ -1,7 +1,9 @@
 """COCO-style JSON (``--coco``): images under ``DATA/<file_name>``, objects from polygons or RLE.
 
 Crowd annotations (``iscrowd: 1``) mark regions to ignore, not objects, so they are not stored; their count is
-in the build report. Objects keep their ``category_id`` as class id and are ordered by annotation id.
+in the build report. ``iscrowd`` must be the integer 0 or 1 (absent means 0); anything else (``"no"``,
+``true``, ``1.0``) makes the image a bad item naming the annotation, since a truthy string would otherwise
+count as crowd. Objects keep their ``category_id`` as class id and are ordered by annotation id.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from embedcache.images import IMAGE_SUFFIXES, BadInput, printable
 from embedcache.masks import mask_box
-from embedcache.readers.base import ImageRecord, ObjectMask, ScanResult, check_nonempty
+from embedcache.readers.base import ImageObjects, ImageRecord, ObjectMask, ScanResult, check_nonempty
 
 _DECODE_LOCK = threading.Lock()
 
@@ -169,7 +171,10 @@ class CocoReader:
                     }
                 )
                 continue
-            if a.get("iscrowd", 0):
+            crowd = a.get("iscrowd", 0)
+            if type(crowd) is not int or crowd not in (0, 1):  # bool is an int subclass: refused as well
+                bad_ann[a["image_id"]].append(f"{where}: iscrowd {crowd!r} is not the integer 0 or 1")
+            elif crowd:
                 self.crowd_skipped += 1
                 continue
             if "category_id" not in a:
@@ -216,7 +221,7 @@ class CocoReader:
             )
         return ScanResult(records=records, bad=bad, files=sorted(files))
 
-    def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> list[ObjectMask]:
+    def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> ImageObjects:
         if record.expected_hw != tuple(image_hw):
             raise BadInput(
                 record.image_path,
@@ -236,4 +241,4 @@ class CocoReader:
             objects.append(
                 ObjectMask(class_id=int(a["category_id"]), box=box, crop=mask[y1:y2, x1:x2].copy())
             )
-        return check_nonempty(objects, record.image_path)
+        return ImageObjects(objects=check_nonempty(objects, record.image_path))

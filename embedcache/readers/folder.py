@@ -19,7 +19,13 @@ import numpy as np
 from scipy import ndimage
 
 from embedcache.images import IMAGE_SUFFIXES, MASK_SUFFIXES, BadInput, load_mask, printable
-from embedcache.readers.base import ImageRecord, ObjectMask, ScanResult, check_nonempty, objects_from_labels
+from embedcache.readers.base import (
+    ImageObjects,
+    ImageRecord,
+    ScanResult,
+    check_nonempty,
+    objects_from_labels,
+)
 
 MASK_KINDS = ("instance", "binary", "semantic")
 
@@ -49,6 +55,19 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str, bad: list[dict]
         else:
             out[stem] = paths[0]
     return out
+
+
+def _binary_unclean(labels: np.ndarray) -> str | None:
+    """Why a binary mask's values are not clean (more than one foreground value, as JPEG leaves around
+    every edge), or None for 0 plus one foreground value (0/1, 0/255)."""
+    foreground = np.unique(labels[labels != 0])
+    if foreground.size <= 1:
+        return None
+    shown = ", ".join(str(v) for v in foreground[:5]) + (", ..." if foreground.size > 5 else "")
+    return (
+        f"binary mask holds {foreground.size} foreground values ({shown}), expected one (1 or 255); a mask "
+        "saved as JPEG is damaged at every edge: re-export it losslessly (PNG)"
+    )
 
 
 class FolderReader:
@@ -87,7 +106,7 @@ class FolderReader:
         files = sorted(p for d in ("images", "masks") for p in (self.root / d).iterdir() if p.is_file())
         return ScanResult(records=records, bad=bad, files=files)
 
-    def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> list[ObjectMask]:
+    def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> ImageObjects:
         labels = load_mask(record.mask_path)
         if labels.shape != tuple(image_hw):
             raise BadInput(
@@ -104,6 +123,7 @@ class FolderReader:
                 f"mask holds negative labels (min {int(labels[negative].min())}); labels must be >= 0, "
                 "0 being background",
             )
+        unclean = None
         if self.mask_kind == "instance":
             values, inverse = np.unique(labels, return_inverse=True)
             # relabel to 0..K so find_objects needs no table as large as the largest id
@@ -112,6 +132,7 @@ class FolderReader:
         elif self.mask_kind == "binary":
             components, _ = ndimage.label(labels != 0)
             objects = objects_from_labels(components)
+            unclean = _binary_unclean(labels)
         else:
             objects = []
             for c in np.unique(labels):
@@ -119,4 +140,4 @@ class FolderReader:
                     continue
                 components, _ = ndimage.label(labels == c)
                 objects.extend(objects_from_labels(components, class_id=int(c)))
-        return check_nonempty(objects, record.mask_path)
+        return ImageObjects(objects=check_nonempty(objects, record.mask_path), unclean=unclean)
