@@ -155,6 +155,33 @@ def test_eval_command_writes_start_and_tuned_metrics(trained, cache_path, tmp_pa
     assert "| tuned | box |" in (tmp_path / "table.md").read_text()
 
 
+def test_eval_clicks_round_0_is_todays_score_and_deterministic(trained, cache_path, tmp_path):
+    """``--clicks N``: a click curve per model and start whose round 0 is exactly the plain box and point
+    score, N + 1 entries, NoC within 1..N + 1, the same numbers on a second run; the table and figure."""
+    args = ["eval", "--cache", str(cache_path), "--run", str(trained), "--which", "last", "--clicks", "3"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--overlays", "0"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--overlays", "0"]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert a == json.loads((tmp_path / "b" / "metrics.json").read_text())
+    final = json.loads((trained / "metrics.json").read_text())
+    for model in ("start", "tuned"):
+        for start in ("box", "point"):
+            curve = a[model][f"{start}_clicks"]
+            assert len(curve["miou"]) == 4
+            assert curve["miou"][0] == pytest.approx(final[model][start]["miou"], abs=1e-12)
+            assert 1 <= curve["noc85"] <= 4 and curve["noc85"] <= curve["noc90"] <= 4
+    # the clicks reach the model (this random-init model is not trained to use them: no direction asserted)
+    assert len(set(a["tuned"]["box_clicks"]["miou"])) > 1
+    table = (tmp_path / "a" / "table.md").read_text()
+    assert "| tuned | box |" in table and "| tuned | point |" in table and "NoC85" in table
+    assert (tmp_path / "a" / "clicks.png").stat().st_size > 0
+    # without the mask prompt the corrective rounds differ, round 0 does not
+    assert main([*args, "--out", str(tmp_path / "c"), "--overlays", "0", "--no-mask-prompt"]) == 0
+    c = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert c["tuned"]["box_clicks"]["miou"][0] == a["tuned"]["box_clicks"]["miou"][0]
+    assert c["tuned"]["box_clicks"]["miou"][1:] != a["tuned"]["box_clicks"]["miou"][1:]
+
+
 def test_eval_checkpoint_run_folder_is_its_tuned_model(trained, cache_path, tmp_path):
     """``--checkpoint RUN`` scores the run's tuned model alone, under the folder's name."""
     args = ["eval", "--cache", str(cache_path), "--checkpoint", str(trained), "--which", "last"]

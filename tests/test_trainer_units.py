@@ -109,7 +109,8 @@ def test_lr_schedule():
     # the warm-up is a fraction of the run: a 10-step run warms up for 2 steps and then decays, not for ever
     short = [lr_factor(s, cfg, 10) for s in range(10)]
     assert short[:2] == [0.5, 1.0] and short[-1] < 0.2
-    assert [lr_factor(s, OptimConfig(lr=1.0, warmup=0.0, schedule="constant"), 5) for s in range(5)] == [1.0] * 5
+    flat = OptimConfig(lr=1.0, warmup=0.0, schedule="constant")
+    assert [lr_factor(s, flat, 5) for s in range(5)] == [1.0] * 5
 
 
 def test_embed_prompts_matches_sam_prompt_encoder(sam):
@@ -274,7 +275,8 @@ def test_instance_loss_multimask_backprops_the_min_loss_mask():
     logits.requires_grad_(True)
     iou = torch.full((2, 4), 0.5, requires_grad=True)
     multimask = torch.tensor([True, False])  # object 0: a single click; object 1: a box
-    loss, logged = instance_loss(logits, iou, target, torch.tensor([[1024, 1024]] * 2), LossConfig(), multimask)
+    valid = torch.tensor([[1024, 1024]] * 2)
+    loss, logged = instance_loss(logits, iou, target, valid, LossConfig(), multimask)
     loss.backward()
     per_mask = logits.grad.abs().sum((2, 3))
     # the single click back-propagates only its least-loss multimask output...
@@ -311,7 +313,8 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     accel = SimpleNamespace(unwrap_model=lambda m: m)
 
     def loss_of(rounds: int):
-        prompts = PromptConfig(box_fraction=1.0, corrective_rounds=rounds, mask_prompt_prob=0.5 if rounds else 0)
+        prob = 0.5 if rounds else 0.0
+        prompts = PromptConfig(box_fraction=1.0, corrective_rounds=rounds, mask_prompt_prob=prob)
         task = InstanceTask(Config(prompts=prompts, loss=LossConfig(focal=0, dice=1, bce=1)))
         g = step_generator(0, 0, 0, torch.device("cpu"))
         return task.loss(model, batch, g, accel)
@@ -320,13 +323,16 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     one, _ = loss_of(0)
     two, logged = loss_of(1)
     assert seen == [2, 2, 2]  # one batched decoder call per round
-    assert float(two.detach()) > float(one.detach()) * 1.5  # the first round's loss is in the sum, not replaced
+    # the first round's loss is in the sum, not replaced by the last round's
+    assert float(two.detach()) > float(one.detach()) * 1.5
     assert "iou_first" in logged and "iou_last" in logged
     sam.zero_grad()
     two.backward()
     w = model.mask_decoder.output_hypernetworks_mlps
     assert w[0].layers[-1].weight.grad.abs().sum() > 0
-    assert all(w[i].layers[-1].weight.grad is None or w[i].layers[-1].weight.grad.abs().sum() == 0 for i in (1, 2, 3))
+    for i in (1, 2, 3):
+        grad = w[i].layers[-1].weight.grad
+        assert grad is None or grad.abs().sum() == 0
 
 
 def test_decode_output_tokens_override(sam):

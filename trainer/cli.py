@@ -6,6 +6,7 @@
     accelerate launch -m trainer run ...     (the same command, many processes/GPUs)
     trainer eval --cache train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval]
     trainer eval --cache test.zarr --checkpoint lite_medsam --checkpoint tuned.pth [--split all] --out DIR
+    trainer eval ... --clicks 5 [--no-mask-prompt]     (multi-click evaluation: mIoU per click, NoC85/90)
     trainer export runs/NAME --out sam_tuned.pth [--which best]
     trainer demo --out demo
 """
@@ -46,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--which", default="best", help="best (default), last, or a step number")
     e.add_argument("--out", default=None, help="for metrics.json, table.md and figures (default RUN/eval)")
     e.add_argument("--overlays", type=int, default=None, help="overlay figures to draw (default: the run's)")
+    e.add_argument(
+        "--clicks",
+        type=_clicks,
+        default=0,
+        help="also N corrective clicks from each box and point start: mIoU per click, NoC85/90, clicks.png",
+    )
+    e.add_argument(
+        "--no-mask-prompt",
+        dest="mask_prompt",
+        action="store_false",
+        help="corrective rounds without the previous logits as the mask prompt",
+    )
 
     x = sub.add_parser("export", help="write the tuned model as a full SAM state dict")
     x.add_argument("run", help="a trainer run folder")
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 split=args.split,
                 out=args.out,
                 overlays=args.overlays,
+                clicks=args.clicks,
+                mask_prompt=args.mask_prompt,
             )
             if result:
                 print(result["table"], end="")
@@ -117,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer {args.command}: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLoss) else 3
     return 0
+
+
+def _clicks(text: str) -> int:
+    """``--clicks``: a count of corrective clicks, 0 or more."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--clicks must be >= 0, got {n}")
+    return n
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -165,7 +165,8 @@ class PromptConfig:
             raise ValueError(f"prompts.mask_prompt_prob must be in [0, 1], got {self.mask_prompt_prob}")
         if self.mask_prompt_prob > 0 and self.corrective_rounds == 0:
             raise ValueError(
-                "prompts.mask_prompt_prob > 0 needs prompts.corrective_rounds >= 1 (it feeds back a prediction)"
+                "prompts.mask_prompt_prob > 0 needs prompts.corrective_rounds >= 1 (it feeds back a "
+                "prediction)"
             )
 
 
@@ -231,7 +232,9 @@ class OptimConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         check_choices(self)
         if not 0 < self.lr < float("inf") or self.grad_accum < 1 or self.clip_norm < 0:
-            raise ValueError(f"optim: lr must be finite and > 0 (got {self.lr}), grad_accum >= 1, clip_norm >= 0")
+            raise ValueError(
+                f"optim: lr must be finite and > 0 (got {self.lr}), grad_accum >= 1, clip_norm >= 0"
+            )
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"optim.warmup is a fraction of run.steps in [0, 1), got {self.warmup}")
 

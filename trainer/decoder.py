@@ -173,7 +173,9 @@ class PromptedDecoder(nn.Module):
             prompts = refine(len(rounds) - 1, rounds[-1], prompts)
         return rounds
 
-    def _decode(self, embeddings: torch.Tensor, image_index: torch.Tensor, prompts: Prompts | None) -> Decoded:
+    def _decode(
+        self, embeddings: torch.Tensor, image_index: torch.Tensor, prompts: Prompts | None
+    ) -> Decoded:
         """One round of ``forward`` on the image embeddings."""
         pe = self.prompt_encoder
         if prompts is None:

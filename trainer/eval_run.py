@@ -13,8 +13,9 @@ tensor: an export with LoRA merged into the encoder is scored through its run fo
 cache's tap tokens through the tuned encoder tail) instead.
 
 Outputs in ``OUT``: ``metrics.json`` (per model and prompt type: mIoU, dice, IoU quantiles and every object's
-IoU), ``table.md``, ``iou_distributions.png`` and, for the first two models, ``overlays/<image>.png``
-(image, ground truth, first model, second model).
+IoU; with ``--clicks N`` also ``box_clicks`` and ``point_clicks``), ``table.md``, ``iou_distributions.png``,
+``clicks.png`` (with ``--clicks``) and, for the first two models, ``overlays/<image>.png`` (image, ground
+truth, first model, second model).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.data import ImageStore
 from trainer.decoder import PromptedDecoder
-from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, evaluate
+from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key, evaluate
 from trainer.instance import box_overlays
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
-from trainer.plots import iou_distributions
+from trainer.plots import click_curves, iou_distributions
 from trainer.task import make_task
 
 
@@ -98,13 +99,36 @@ def metrics_table(metrics: dict[str, dict]) -> str:
     qs = [str(q) for q in IOU_QUANTILES]
     head = ["model", "prompt", "mIoU", "dice", *(f"IoU p{round(float(q) * 100)}" for q in qs), "objects"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    curves = {clicks_key(p) for p in PROMPT_TYPES}
     for label, per_prompt in metrics.items():
         for prompt, m in per_prompt.items():
+            if prompt in curves:
+                continue
             quantiles = m.get("iou_quantiles", {})  # semantic metrics have none: no per-object IoU
             cells = [label, prompt, f"{m['miou']:.3f}", f"{m['dice']:.3f}"]
             cells += [f"{quantiles[q]:.3f}" if q in quantiles else "-" for q in qs]
             cells.append(str(m.get("n_objects", m.get("n_images", "-"))))
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def clicks_table(metrics: dict[str, dict]) -> str:
+    """Markdown: one row per model and start with its mIoU after each click and NoC85 / NoC90 (empty when
+    no model has click curves)."""
+    rows = [
+        (label, prompt, per_prompt[clicks_key(prompt)])
+        for label, per_prompt in metrics.items()
+        for prompt in PROMPT_TYPES
+        if clicks_key(prompt) in per_prompt
+    ]
+    if not rows:
+        return ""
+    n = len(rows[0][2]["miou"])
+    head = ["model", "start", *(f"{k} clicks" for k in range(n)), "NoC85", "NoC90"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, prompt, c in rows:
+        cells = [label, prompt, *(f"{v:.3f}" for v in c["miou"]), f"{c['noc85']:.2f}", f"{c['noc90']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,8 +141,14 @@ def eval_run(
     split: str = "val",
     out: str | Path | None = None,
     overlays: int | None = None,
+    clicks: int = 0,
+    mask_prompt: bool = True,
 ) -> dict:
     """Score a run's models and/or ``checkpoints`` on the ``split`` images of a cache and write ``out``.
+
+    With ``clicks`` N > 0 each model also gets N corrective clicks from each start (``trainer.clicks``; the
+    previous logits as the mask prompt unless not ``mask_prompt``): ``box_clicks`` and ``point_clicks`` in
+    its metrics, a second table in ``table.md``, and ``clicks.png``.
 
     Returns ``{"metrics", "table", "files"}`` on the main process, ``{}`` elsewhere. ``metrics`` maps each
     model label to its per-prompt metrics (``trainer.evaluate.evaluate`` with ``per_object``), plus
@@ -145,12 +175,17 @@ def eval_run(
     if cfg is not None and split == "val" and cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]
     if cfg is not None and cfg.model.task != "instance":
+        if clicks:
+            raise ValueError("--clicks scores prompted instance masks; this run is semantic")
         task = make_task(cfg)
         scores = {c.label: task.validate(c.model, c.store, images, accelerator) for c in contenders}
     else:
         task = None
         scores = {
-            c.label: evaluate(c.model, c.store, images, accelerator, per_object=True) for c in contenders
+            c.label: evaluate(
+                c.model, c.store, images, accelerator, per_object=True, clicks=clicks, mask_prompt=mask_prompt
+            )
+            for c in contenders
         }
     if not accelerator.is_main_process:
         return {}
@@ -160,6 +195,11 @@ def eval_run(
         metrics["weights"] = str(ckpt.resolve_weights(Path(run), which))
     ckpt.write_json(out / "metrics.json", metrics)
     table = metrics_table(scores)
+    curves = clicks_table(scores)
+    if curves:
+        fed = "the previous logits as the mask prompt" if mask_prompt else "no mask prompt"
+        table += f"\nmIoU after each corrective click ({fed}); NoC: interactions to reach 85 / 90 % IoU\n\n"
+        table += curves
     (out / "table.md").write_text(table)
     files = [out / "metrics.json", out / "table.md"]
     per_object = {
@@ -168,6 +208,14 @@ def eval_run(
     }
     if any(per_object.values()):
         files.append(iou_distributions(per_object, out / "iou_distributions.png"))
+    if curves:
+        per_start = {
+            f"{label} from {p}": m[clicks_key(p)]["miou"]
+            for label, m in scores.items()
+            for p in PROMPT_TYPES
+            if clicks_key(p) in m
+        }
+        files.append(click_curves(per_start, out / "clicks.png"))
     n = (cfg.run.overlays if cfg is not None else 4) if overlays is None else overlays
     if len(contenders) >= 2:
         draw = task.overlays if task is not None else box_overlays

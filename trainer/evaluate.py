@@ -5,6 +5,8 @@
   ``SamPredictor.predict(box=...)`` on the cached embedding.
 - **point**: one positive click at the interior point farthest from the mask boundary (scipy's Euclidean
   distance transform), ``multimask_output=True``, keeping the mask with the highest predicted IoU.
+- **clicks** (``clicks`` N > 0): from each start, N rounds of one corrective click each (``trainer.clicks``),
+  the previous logits as the mask prompt; mIoU after each round and the clicks needed to reach 85 / 90 % IoU.
 
 Each process scores a disjoint share of the images; ``gather_for_metrics`` collects the per-object records.
 """
@@ -17,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.clicks import click_summary, next_click
 from trainer.data import ImageStore, input_boxes
 from trainer.decoder import PromptedDecoder, decode, instance_head
-from trainer.prompts import farthest_interior_point
+from trainer.prompts import PAD, farthest_interior_point
 
 PROMPT_TYPES = ("box", "point")
 
@@ -53,44 +56,82 @@ def iou_and_dice(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
 def predict_objects(
     model: PromptedDecoder, store: ImageStore, image: int, prompt: str, device: torch.device, chunk: int = 32
 ) -> list[np.ndarray]:
-    """The ``(H, W)`` bool masks of every object of one cache image for one prompt type, at original size.
+    """The ``(H, W)`` bool masks of every object of one cache image for one prompt type, at original size
+    (``predict_rounds``' round 0)."""
+    return predict_rounds(model, store, image, prompt, device, chunk)[0]
 
-    Objects go through the decoder ``chunk`` at a time (one call each); images with hundreds of objects would
-    otherwise need gigabytes for the per-object working copies.
+
+@torch.no_grad()
+def predict_rounds(
+    model: PromptedDecoder,
+    store: ImageStore,
+    image: int,
+    prompt: str,
+    device: torch.device,
+    chunk: int = 32,
+    *,
+    clicks: int = 0,
+    mask_prompt: bool = True,
+) -> list[list[np.ndarray]]:
+    """Every object of one cache image from one start (``box`` or ``point``), then ``clicks`` corrective
+    rounds (``trainer.clicks``), as ``SamPredictor.predict`` is called by a user correcting its masks.
+
+    Round 0 is the start alone: the box on the single-mask output, or the point on the multimask output the
+    IoU head rates best. Each later round adds one click (``next_click`` on the last mask at original size)
+    and, with ``mask_prompt``, the last round's low-res logits as the mask prompt; several prompts use the
+    single-mask output, as ``SamPredictor`` is told with ``multimask_output=False``. An object predicted
+    exactly keeps its mask (it needs no click). Objects go through the decoder ``chunk`` at a time (one call
+    each per round): images with hundreds of objects would otherwise need gigabytes of working copies.
+
+    Returns:
+        ``rounds[r][j]``: the ``(H, W)`` bool mask of the image's object ``j`` after ``r`` clicks.
     """
     cache = store.cache
     start, stop = cache.object_range(image)
     ih, iw = (int(v) for v in cache.input_size[image])
     oh, ow = (int(v) for v in cache.original_size[image])
+    scale = np.array([iw / ow, ih / oh])  # ResizeLongestSide.apply_coords
     emb = store.embeddings(np.array([image])).to(device).float()
     if model.encoder_tail is not None:  # the store gave tap tokens: the tail makes the embedding, once
         emb = model.encoder_tail(emb)
     pe = model.prompt_encoder
     image_pe = pe.get_dense_pe()
-    out = []
+    rounds = [[] for _ in range(clicks + 1)]
     for lo in range(start, stop, chunk):
         obj = np.arange(lo, min(stop, lo + chunk))
+        n = len(obj)
+        gts = cache.masks(obj, "original") if prompt == "point" or clicks else None
+        boxes = torch.from_numpy(input_boxes(cache, obj)).to(device) if prompt == "box" else None
         if prompt == "box":
-            boxes = torch.from_numpy(input_boxes(cache, obj)).to(device)
-            sparse, dense = pe(points=None, boxes=boxes, masks=None)
+            xy, labels = np.zeros((n, 0, 2)), np.zeros((n, 0), np.int64)
         else:
-            gts = cache.masks(obj, "original")
-            xy = np.array([farthest_interior_point(m) for m in gts], np.float64)
-            xy *= np.array([iw / ow, ih / oh])  # ResizeLongestSide.apply_coords
-            coords = torch.from_numpy(xy.astype(np.float32))[:, None].to(device)
-            labels = torch.ones((len(obj), 1), dtype=torch.long, device=device)
-            sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
-        index = torch.zeros(len(obj), dtype=torch.long, device=device)
-        hs, up = decode(model.mask_decoder, emb, index, image_pe, sparse, dense)
-        masks, iou = instance_head(model.mask_decoder, hs, up)
-        if prompt == "box":
-            low = masks[:, :1]
-        else:
-            best = iou[:, 1:].argmax(1) + 1
-            low = masks[torch.arange(len(obj), device=device), best][:, None]
-        full = postprocess(low.float(), (ih, iw), (oh, ow), cache.image_size)[:, 0] > 0
-        out.extend(full.cpu().numpy())
-    return out
+            xy = np.array([farthest_interior_point(m) for m in gts], np.float64)[:, None] * scale
+            labels = np.ones((n, 1), np.int64)
+        low_in, shown, done = None, None, np.zeros(n, bool)
+        for r in range(clicks + 1):
+            points = None
+            if labels.shape[1]:
+                coords = torch.from_numpy(xy.astype(np.float32)).to(device)
+                points = (coords, torch.from_numpy(labels).to(device))
+            sparse, dense = pe(points=points, boxes=boxes, masks=low_in if mask_prompt else None)
+            index = torch.zeros(n, dtype=torch.long, device=device)
+            hs, up = decode(model.mask_decoder, emb, index, image_pe, sparse, dense)
+            masks, iou = instance_head(model.mask_decoder, hs, up)
+            pick = iou[:, 1:].argmax(1) + 1 if r == 0 and prompt == "point" else torch.zeros_like(iou[:, 0])
+            low = masks[torch.arange(n, device=device), pick.long()][:, None]
+            full = (postprocess(low.float(), (ih, iw), (oh, ow), cache.image_size)[:, 0] > 0).cpu().numpy()
+            shown = full if shown is None else np.where(done[:, None, None], shown, full)
+            rounds[r].extend(shown)
+            if r == clicks:
+                break
+            made = [next_click(p, g) for p, g in zip(shown, gts)]
+            done |= np.array([c is None for c in made])
+            new_xy = np.array([(c[0], c[1]) if c else (0.0, 0.0) for c in made], np.float64) * scale
+            new_label = np.array([c[2] if c else PAD for c in made], np.int64)
+            xy = np.concatenate([xy, new_xy[:, None]], 1)
+            labels = np.concatenate([labels, new_label[:, None]], 1)
+            low_in = low.float()
+    return rounds
 
 
 class Contender(NamedTuple):
@@ -106,6 +147,11 @@ IOU_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 """The per-object IoU quantiles ``evaluate`` reports beside the mean: a mean hides a few failed objects."""
 
 
+def clicks_key(prompt: str) -> str:
+    """The metrics key of a start's click curve: ``box_clicks``, ``point_clicks``."""
+    return f"{prompt}_clicks"
+
+
 @torch.no_grad()
 def evaluate(
     model: PromptedDecoder,
@@ -115,25 +161,32 @@ def evaluate(
     *,
     chunk: int = 32,
     per_object: bool = False,
+    clicks: int = 0,
+    mask_prompt: bool = True,
 ) -> dict:
     """Per prompt type ``{"miou", "dice", "n_objects", "iou_quantiles"}`` over all objects of ``images``
     (cache indices); ``iou_quantiles`` maps each of ``IOU_QUANTILES`` to that quantile of the per-object IoUs.
-    With ``per_object`` each prompt type also has ``object_ids`` and ``ious``, sorted by object.
+    With ``per_object`` each prompt type also has ``object_ids`` and ``ious``, sorted by object. With
+    ``clicks`` N > 0, ``clicks_key(prompt)`` holds each start's click curve (``trainer.clicks.click_summary``:
+    mIoU after 0..N corrective clicks, NoC85, NoC90); its round 0 is the prompt type's own score.
 
     Runs on every process with a disjoint share of the images; every process returns the same result.
     """
     was_training = model.training
     model.eval()
     cache = store.cache
-    records = []  # (object index, prompt type, iou, dice)
+    records = []  # (object index, prompt type, iou, dice, ious after 0..N clicks)
     mine = images[accelerator.process_index :: accelerator.num_processes]
     for image in np.intersect1d(mine, cache.images_with_objects("all")).tolist():
         start, stop = cache.object_range(image)
         gts = cache.masks(np.arange(start, stop), "original")
         for t, prompt in enumerate(PROMPT_TYPES):
-            preds = predict_objects(model, store, image, prompt, accelerator.device, chunk)
-            for j, (p, g) in enumerate(zip(preds, gts)):
-                records.append((start + j, t, *iou_and_dice(p, g)))
+            rounds = predict_rounds(
+                model, store, image, prompt, accelerator.device, chunk, clicks=clicks, mask_prompt=mask_prompt
+            )
+            for j, g in enumerate(gts):
+                scores = [iou_and_dice(r[j], g) for r in rounds]
+                records.append((start + j, t, *scores[0], [s[0] for s in scores]))
     gathered = accelerator.gather_for_metrics(records, use_gather_object=True)
     # each object is scored once; the dict guards against repeats
     unique = {(r[0], r[1]): r for r in gathered}
@@ -151,5 +204,7 @@ def evaluate(
         }
         if per_object:
             result[prompt].update(object_ids=[int(r[0]) for r in rows], ious=[float(v) for v in ious])
+        if clicks:
+            result[clicks_key(prompt)] = click_summary(np.array([r[4] for r in rows]).reshape(len(rows), -1))
     model.train(was_training)
     return result

@@ -16,8 +16,8 @@ from torch import nn
 
 from trainer.config import Config
 from trainer.data import Batch, ImageStore, image_file
-from trainer.evaluate import Contender, evaluate, iou_and_dice, predict_objects
 from trainer.decoder import Decoded
+from trainer.evaluate import Contender, evaluate, iou_and_dice, predict_objects
 from trainer.losses import instance_loss
 from trainer.plots import overlay
 from trainer.prompts import Prompts, corrective_click, initial_prompts, single_point
@@ -99,8 +99,8 @@ class InstanceTask:
 
 
 def shown_logits(out: Decoded, multimask: torch.Tensor) -> torch.Tensor:
-    """``(P, 256, 256)`` the mask a user would see: for ``multimask`` objects the multimask output the IoU head
-    rates best (as ``SamPredictor`` users pick), else the single-mask output 0."""
+    """``(P, 256, 256)`` logits of the mask a user would see: for ``multimask`` objects the multimask output
+    the IoU head rates best (as ``SamPredictor`` users pick), else the single-mask output 0."""
     best = out.iou[:, 1:].argmax(1) + 1
     pick = torch.where(multimask, best, torch.zeros_like(best))
     return out.logits[torch.arange(pick.shape[0], device=pick.device), pick]

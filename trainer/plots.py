@@ -105,3 +105,20 @@ def iou_distributions(per_model: dict[str, dict[str, list[float]]], out: str | P
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def click_curves(curves: dict[str, list[float]], out: str | Path) -> Path:
+    """mIoU against corrective clicks, one line per ``"<model> from <start>"`` (``trainer eval --clicks``)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, miou in curves.items():
+        style = "--" if label.endswith("point") else "-"
+        ax.plot(range(len(miou)), miou, style, marker="o", label=label)
+    ax.set_xlabel("corrective clicks")
+    ax.set_ylabel("mIoU")
+    ax.set_xticks(range(max(len(m) for m in curves.values())))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
