@@ -106,6 +106,10 @@ class BuildConfig:
     """Semantic masks: label value that belongs to no object (e.g. 255)."""
     coco: Path | None = None
     """COCO JSON with polygon/RLE annotations; replaces the folder layout's masks."""
+    allow_outside_symlinks: bool = False
+    """Follow symlinks in the data folder that lead outside it. Off: such files are bad items (a dataset
+    cannot make the build read, or the cache name, files elsewhere on the machine). Paths that leave the
+    folder by name (a COCO ``file_name`` that is absolute or holds '..') are refused either way."""
     val_fraction: float = 0.2
     """Fraction of images in the val split (rounded to a whole number of images)."""
     seed: int = 0
@@ -210,7 +214,13 @@ def _prepare(
     recorded.
     """
     t0 = time.perf_counter()
-    reader = make_reader(cfg.data, coco=cfg.coco, mask_kind=cfg.mask_kind, ignore_index=cfg.ignore_index)
+    reader = make_reader(
+        cfg.data,
+        coco=cfg.coco,
+        mask_kind=cfg.mask_kind,
+        ignore_index=cfg.ignore_index,
+        allow_outside_symlinks=cfg.allow_outside_symlinks,
+    )
     scan = reader.scan()
     signature = expected_signature(cfg.model_type, checkpoint, init_seed=cfg.init_seed)
     signature.update(

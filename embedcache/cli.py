@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--coco", type=Path, help="COCO JSON (polygons/RLE); file names relative to --data")
     b.add_argument("--mask-kind", choices=MASK_KINDS, default="instance", help="folder layout mask kind")
     b.add_argument("--ignore-index", type=int, help="semantic masks: label that belongs to no object")
+    b.add_argument(
+        "--allow-outside-symlinks",
+        action="store_true",
+        help="follow symlinks in --data that lead outside it (default: such files are bad items)",
+    )
     b.add_argument("--val-fraction", type=float, default=0.2)
     b.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     b.add_argument("--batch-size", type=int, default=4)
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     coco=args.coco,
                     mask_kind=args.mask_kind,
                     ignore_index=args.ignore_index,
+                    allow_outside_symlinks=args.allow_outside_symlinks,
                     val_fraction=args.val_fraction,
                     seed=args.seed,
                     batch_size=args.batch_size,

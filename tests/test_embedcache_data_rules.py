@@ -4,10 +4,18 @@ size are counted, damaged masks are reported, and COCO flags are integers. Each 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 from test_embedcache_support import build, coco_reader, metadata, metadata_report, write_pair
 
+from embedcache import open_cache
 from embedcache.cli import main
 from embedcache.prepare import BadDataError
 from embedcache.readers import FolderReader
@@ -138,3 +146,125 @@ def test_integer_iscrowd_still_works(tmp_path):
     reader = coco_reader(tmp_path, anns)
     meta, _ = metadata(reader)
     assert len(meta["objects/area"]) == 2 and reader.crowd_skipped == 1
+
+
+# ---- item 1: every path a dataset names stays inside the data folder ----
+
+
+def _secret(tmp_path: Path) -> Path:
+    """A readable image outside the data folder ``tmp_path / "d"``."""
+    (tmp_path / "secret").mkdir()
+    Image.fromarray(_grey((30, 40))).save(tmp_path / "secret" / "x.png")
+    return tmp_path / "secret" / "x.png"
+
+
+def _coco_build(tmp_path, file_name, *extra) -> int:
+    """``embedcache build`` over a COCO JSON whose one image is ``file_name``: its exit status."""
+    data = tmp_path / "d"
+    data.mkdir(exist_ok=True)
+    images = [{"id": 5, "file_name": file_name, "height": 30, "width": 40}]
+    ann = {"id": 1, "image_id": 5, "category_id": 1, "segmentation": SQUARE}
+    coco = tmp_path / "ann.json"
+    coco.write_text(json.dumps({"images": images, "annotations": [ann], "categories": [{"id": 1}]}))
+    args = ["build", "--data", str(data), "--coco", str(coco), "--out", str(tmp_path / "c.zarr")]
+    return main([*args, "--model", "vit_tiny", "--device", "cpu", "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute"])
+def test_coco_file_name_outside_the_data_folder_is_refused_naming_the_entry(tmp_path, capsys, how):
+    """Before: the file was read from outside --data and its full path stored in the cache."""
+    secret = _secret(tmp_path)
+    file_name = "../secret/x.png" if how == "dotdot" else str(secret)
+    status = _coco_build(tmp_path, file_name)
+    err = capsys.readouterr().err
+    assert status == 2 and "ann.json: images[0]: file_name " in err, err
+    assert ("'..' is not allowed" if how == "dotdot" else "is an absolute path") in err
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def _link_out(tmp_path: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(_secret(tmp_path))
+
+
+def _zarr_text(cache: Path) -> str:
+    """Every attribute and string the cache holds, as text."""
+    return "".join(p.read_text(errors="replace") for p in cache.rglob("zarr.json")) + "".join(
+        open_cache(cache).image_path.tolist()
+    )
+
+
+def test_a_symlink_out_of_the_data_folder_is_refused_unless_allowed(tmp_path, capsys):
+    _link_out(tmp_path, tmp_path / "d" / "imgs" / "x.png")
+    status = _coco_build(tmp_path, "imgs/x.png")
+    err = capsys.readouterr().err
+    assert status == 2 and "imgs/x.png: a symlink (or inside a linked folder) that leads outside" in err, err
+    assert "secret" not in err  # where the link leads is not repeated
+    status = _coco_build(tmp_path, "imgs/x.png", "--allow-outside-symlinks")
+    assert status == 0, capsys.readouterr().err
+    cache = tmp_path / "c.zarr"
+    assert open_cache(cache).image_path.tolist() == ["imgs/x.png"]
+    assert "secret" not in _zarr_text(cache)
+
+
+def test_folder_layout_symlinks_out_are_refused(tmp_path):
+    data = tmp_path / "d"
+    write_pair(data, "good", _grey((20, 20)), np.eye(20, dtype=np.uint8) * 255)
+    write_pair(data, "linked", _grey((30, 40)), np.eye(30, 40, dtype=np.uint8) * 255)
+    (data / "images" / "linked.png").unlink()
+    _link_out(tmp_path, data / "images" / "linked.png")
+    (data / "masks" / "linked.png").rename(data / "linked-mask.png")
+    (data / "masks" / "linked.png").symlink_to(data / "linked-mask.png")  # a link inside --data: fine
+    with pytest.raises(BadDataError, match=r"images/linked\.png: a symlink .* leads outside the data folder"):
+        metadata(FolderReader(data))
+    meta, _ = metadata(FolderReader(data, allow_outside_symlinks=True))
+    assert meta["image_path"].tolist() == ["images/good.png", "images/linked.png"]
+
+
+# ---- item 2: a path that is not a regular file is refused, never opened ----
+
+
+def _fifo(path: Path) -> threading.Timer:
+    """A named pipe at ``path``, and a started watchdog: if anything still waits to read the pipe after 60
+    s, it opens the write end and closes it (the reader sees an empty file), so a regression fails the test
+    instead of hanging it; ``watchdog.fired`` tells."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+
+    def release() -> None:
+        with contextlib.suppress(OSError):  # ENXIO: nobody is waiting, nothing to release
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            watchdog.fired = True
+
+    watchdog = threading.Timer(60, release)
+    watchdog.fired = False
+    watchdog.start()
+    return watchdog
+
+
+@pytest.mark.parametrize("where", ["images/p.png", "masks/good.png"])
+def test_a_named_pipe_in_the_folder_layout_is_refused_naming_it(tmp_path, where):
+    """Before: the build opened the pipe and waited for ever."""
+    write_pair(tmp_path, "good", _grey((20, 20)), np.eye(20, dtype=np.uint8) * 255)
+    if where.startswith("masks"):
+        write_pair(tmp_path, "p", _grey((20, 20)), np.eye(20, dtype=np.uint8) * 255)
+        (tmp_path / where).unlink()
+    watchdog = _fifo(tmp_path / where)
+    try:
+        with pytest.raises(BadDataError, match=rf"{where}: not a regular file \(a named pipe\)"):
+            metadata(FolderReader(tmp_path))
+    finally:
+        watchdog.cancel()
+    assert not watchdog.fired
+
+
+def test_a_named_pipe_named_by_coco_is_refused_naming_it(tmp_path):
+    watchdog = _fifo(tmp_path / "imgs" / "p.png")
+    images = [{"id": 5, "file_name": "imgs/p.png", "height": 30, "width": 40}]
+    ann = {"id": 1, "image_id": 5, "category_id": 1, "segmentation": SQUARE}
+    try:
+        with pytest.raises(BadDataError, match=r"imgs/p\.png: not a regular file \(a named pipe\)"):
+            metadata(coco_reader(tmp_path, [ann], images))
+    finally:
+        watchdog.cancel()
+    assert not watchdog.fired

@@ -21,8 +21,18 @@ __all__ = [
 ]
 
 
-def make_reader(data: Path, *, coco: Path | None, mask_kind: str, ignore_index: int | None) -> Reader:
-    """A COCO reader when ``coco`` is given, else the folder reader with ``mask_kind``."""
+def make_reader(
+    data: Path,
+    *,
+    coco: Path | None,
+    mask_kind: str,
+    ignore_index: int | None,
+    allow_outside_symlinks: bool = False,
+) -> Reader:
+    """A COCO reader when ``coco`` is given, else the folder reader with ``mask_kind``; either refuses files
+    behind symlinks that lead outside ``data`` unless ``allow_outside_symlinks``."""
     if coco is not None:
-        return CocoReader(data, coco)
-    return FolderReader(data, mask_kind=mask_kind, ignore_index=ignore_index)
+        return CocoReader(data, coco, allow_outside_symlinks=allow_outside_symlinks)
+    return FolderReader(
+        data, mask_kind=mask_kind, ignore_index=ignore_index, allow_outside_symlinks=allow_outside_symlinks
+    )

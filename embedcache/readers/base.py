@@ -4,6 +4,8 @@ masks.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -80,6 +82,38 @@ class Reader(Protocol):
     def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> ImageObjects: ...
 
     def describe(self) -> dict: ...
+
+
+NOT_REGULAR = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def file_problem(root: Path, path: Path, *, allow_outside_symlinks: bool) -> str | None:
+    """Why ``path`` (lexically inside ``root``) must not be read, or None.
+
+    It must exist, resolve inside ``root`` (a symlink leading out is refused unless
+    ``allow_outside_symlinks``), and be a regular file: opening a named pipe would block the build for ever.
+    The reason never names where a symlink leads, since it may be stored in the build report.
+    """
+    try:
+        real = path.resolve(strict=True)
+        mode = os.stat(real).st_mode
+    except (OSError, RuntimeError) as e:  # missing, a dangling or looping symlink, no permission
+        return f"file missing or unreadable ({type(e).__name__})"
+    if not allow_outside_symlinks and not real.is_relative_to(Path(root).resolve()):
+        return (
+            "a symlink (or inside a linked folder) that leads outside the data folder; copy the file in, or "
+            "pass --allow-outside-symlinks to follow such links"
+        )
+    if not stat.S_ISREG(mode):
+        kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+        return f"not a regular file ({kind}); only regular files are read"
+    return None
 
 
 def objects_from_labels(labels: np.ndarray, class_id: int = 1) -> list[ObjectMask]:

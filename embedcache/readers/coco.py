@@ -12,14 +12,21 @@ import json
 import threading
 import warnings
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from embedcache.images import IMAGE_SUFFIXES, BadInput, printable
 from embedcache.masks import mask_box
-from embedcache.readers.base import ImageObjects, ImageRecord, ObjectMask, ScanResult, check_nonempty
+from embedcache.readers.base import (
+    ImageObjects,
+    ImageRecord,
+    ObjectMask,
+    ScanResult,
+    check_nonempty,
+    file_problem,
+)
 
 _DECODE_LOCK = threading.Lock()
 
@@ -118,6 +125,13 @@ def _image_entry_problem(im) -> str | None:
         return f"no {', '.join(missing)}"
     if not isinstance(im["file_name"], str):
         return f"file_name {im['file_name']!r} is not a string"
+    name = PurePosixPath(im["file_name"])
+    if name.is_absolute():  # not echoed: a full local path is not to reach the build report
+        return "file_name is an absolute path; file names must be relative to the data folder (--data)"
+    if not name.parts:
+        return "file_name is empty"
+    if ".." in name.parts:
+        return f"file_name {im['file_name']!r} leaves the data folder (--data); '..' is not allowed"
     for k in ("height", "width"):
         if not isinstance(im[k], int) or im[k] < 1:
             return f"{k} {im[k]!r} is not a positive integer"
@@ -125,17 +139,34 @@ def _image_entry_problem(im) -> str | None:
 
 
 class CocoReader:
-    """Reads a COCO JSON whose ``file_name`` entries are relative to ``root``."""
+    """Reads a COCO JSON whose ``file_name`` entries are relative to ``root``; every one must stay inside
+    it (a symlink leading out only with ``allow_outside_symlinks``)."""
 
-    def __init__(self, root: str | Path, coco_json: str | Path):
+    def __init__(self, root: str | Path, coco_json: str | Path, *, allow_outside_symlinks: bool = False):
         self.root = Path(root)
         self.json_path = Path(coco_json)
+        self.allow_outside_symlinks = allow_outside_symlinks
         if not self.json_path.is_file():
             raise FileNotFoundError(f"{self.json_path}: COCO JSON not found")
         self.crowd_skipped = 0
 
     def describe(self) -> dict:
-        return {"reader": "coco", "mask_kind": "coco", "ignore_index": None}
+        return {
+            "reader": "coco",
+            "mask_kind": "coco",
+            "ignore_index": None,
+            "allow_outside_symlinks": self.allow_outside_symlinks,
+        }
+
+    def _file_problem(self, path: Path) -> str | None:
+        """Why the image file an entry names cannot be read (``file_problem``, or its name or type), or
+        None."""
+        if printable(path) != str(path):
+            return "file name is not valid UTF-8; rename the file"
+        problem = file_problem(self.root, path, allow_outside_symlinks=self.allow_outside_symlinks)
+        if problem is None and path.suffix.lower() not in IMAGE_SUFFIXES:
+            return f"not a supported image file type ({', '.join(IMAGE_SUFFIXES)})"
+        return problem
 
     def scan(self) -> ScanResult:
         try:
@@ -153,7 +184,7 @@ class CocoReader:
                 bad.append({"path": str(self.json_path), "reason": f"images[{n}]: {problem}"})
                 continue
             id_count[im["id"]] += 1
-            name_count[im["file_name"]] += 1
+            name_count[str(PurePosixPath(im["file_name"]))] += 1
             entries[im["id"]] = im
         anns_by_image = defaultdict(list)
         bad_ann: dict = defaultdict(list)  # image id -> problems of its annotations
@@ -187,8 +218,8 @@ class CocoReader:
             anns_by_image[a["image_id"]].append(a)
         records, files = [], [self.json_path]
         for im in sorted(entries.values(), key=lambda im: str(im["id"])):
-            path = self.root / im["file_name"]
-            if id_count[im["id"]] > 1 or name_count[im["file_name"]] > 1:
+            path = self.root / PurePosixPath(im["file_name"])
+            if id_count[im["id"]] > 1 or name_count[str(PurePosixPath(im["file_name"]))] > 1:
                 bad.append(
                     {
                         "path": printable(path),
@@ -201,14 +232,8 @@ class CocoReader:
                     {"path": printable(path), "reason": f"{self.json_path}: " + "; ".join(bad_ann[im["id"]])}
                 )
                 continue
-            if (
-                printable(path) != str(path)
-                or not path.is_file()
-                or path.suffix.lower() not in IMAGE_SUFFIXES
-            ):
-                bad.append(
-                    {"path": printable(path), "reason": "image file missing or of an unsupported type"}
-                )
+            if (reason := self._file_problem(path)) is not None:
+                bad.append({"path": printable(path), "reason": reason})
                 continue
             files.append(path)
             records.append(

@@ -24,15 +24,16 @@ from embedcache.readers.base import (
     ImageRecord,
     ScanResult,
     check_nonempty,
+    file_problem,
     objects_from_labels,
 )
 
 MASK_KINDS = ("instance", "binary", "semantic")
 
 
-def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str, bad: list[dict]) -> dict[str, Path]:
-    """Map stem -> file for the supported files in ``folder``; duplicates and unsupported files go to
-    ``bad``.
+def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str, bad: list[dict], usable) -> dict[str, Path]:
+    """Map stem -> file for the supported files in ``folder``; duplicates, unsupported files and files
+    ``usable`` refuses (it returns a reason or None) go to ``bad``.
     """
     found: dict[str, list[Path]] = defaultdict(list)
     for p in sorted(folder.iterdir()):
@@ -40,6 +41,9 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str, bad: list[dict]
             continue
         if printable(p.name) != p.name:  # the cache stores names as UTF-8 text
             bad.append({"path": printable(p), "reason": "file name is not valid UTF-8; rename the file"})
+            continue
+        if (problem := usable(p)) is not None:
+            bad.append({"path": str(p), "reason": problem})
             continue
         if p.suffix.lower() not in suffixes:
             bad.append(
@@ -73,12 +77,20 @@ def _binary_unclean(labels: np.ndarray) -> str | None:
 class FolderReader:
     """Reads the folder layout with one of the mask kinds in the module docstring."""
 
-    def __init__(self, root: str | Path, *, mask_kind: str = "instance", ignore_index: int | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        mask_kind: str = "instance",
+        ignore_index: int | None = None,
+        allow_outside_symlinks: bool = False,
+    ):
         if mask_kind not in MASK_KINDS:
             raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
         self.root = Path(root)
         self.mask_kind = mask_kind
         self.ignore_index = ignore_index
+        self.allow_outside_symlinks = allow_outside_symlinks
         for sub in ("images", "masks"):
             if not (self.root / sub).is_dir():
                 raise FileNotFoundError(
@@ -87,12 +99,21 @@ class FolderReader:
 
     def describe(self) -> dict:
         """The reader's settings, recorded in the cache signature."""
-        return {"reader": "folder", "mask_kind": self.mask_kind, "ignore_index": self.ignore_index}
+        return {
+            "reader": "folder",
+            "mask_kind": self.mask_kind,
+            "ignore_index": self.ignore_index,
+            "allow_outside_symlinks": self.allow_outside_symlinks,
+        }
+
+    def _problem(self, path: Path) -> str | None:
+        """Why a file in images/ or masks/ must not be read (``file_problem``), or None."""
+        return file_problem(self.root, path, allow_outside_symlinks=self.allow_outside_symlinks)
 
     def scan(self) -> ScanResult:
         bad: list[dict] = []
-        images = _by_stem(self.root / "images", IMAGE_SUFFIXES, "image", bad)
-        masks = _by_stem(self.root / "masks", MASK_SUFFIXES, "mask", bad)
+        images = _by_stem(self.root / "images", IMAGE_SUFFIXES, "image", bad, self._problem)
+        masks = _by_stem(self.root / "masks", MASK_SUFFIXES, "mask", bad, self._problem)
         records = []
         for stem in sorted(images):
             if stem not in masks:
@@ -103,7 +124,10 @@ class FolderReader:
             {"path": str(masks[s]), "reason": f"mask without an image (no images/{s}.*)"}
             for s in sorted(set(masks) - set(images))
         )
-        files = sorted(p for d in ("images", "masks") for p in (self.root / d).iterdir() if p.is_file())
+        # fingerprinted: every readable file in images/ and masks/, never one behind a refused symlink
+        files = sorted(
+            p for d in ("images", "masks") for p in (self.root / d).iterdir() if self._problem(p) is None
+        )
         return ScanResult(records=records, bad=bad, files=files)
 
     def read_objects(self, record: ImageRecord, image_hw: tuple[int, int]) -> ImageObjects:
