@@ -131,6 +131,10 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest ``H * W`` of an image or mask; bigger files are bad items, refused from their header before
     being decoded."""
+    channels: tuple[int, int, int] | None = None
+    """The source channel of R, G and B for images whose channels are neither grey, RGB nor RGB with a
+    declared alpha (``embedcache.images.map_channels``); None refuses such images. Declared images ignore
+    it."""
     min_object_area: int = DEFAULT_MIN_OBJECT_AREA
     """Smallest object kept, in original pixels; smaller ones are dropped and counted in the build report
     (``embedcache.prepare.DEFAULT_MIN_OBJECT_AREA`` says why 10)."""
@@ -143,6 +147,10 @@ class BuildConfig:
     (``embedcache.tap``), so the trainer can adapt those blocks. 0: embeddings only."""
 
     def __post_init__(self):
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(self.channels))
+            if len(self.channels) != 3 or min(self.channels) < 0:
+                raise ValueError(f"channels must be three source channels >= 0 (R,G,B), got {self.channels}")
         if self.tail_blocks < 0:
             raise ValueError(f"tail_blocks must be >= 0, got {self.tail_blocks}")
         object.__setattr__(self, "data", Path(self.data))
@@ -232,6 +240,7 @@ def _prepare(
             "skip_bad": cfg.skip_bad,
             "max_pixels": cfg.max_pixels,
             "min_object_area": cfg.min_object_area,
+            "channels": cfg.channels,
             "split": split_definition(cfg.val_fraction, cfg.seed),
         },
         layout={"images_per_shard": cfg.images_per_shard},
@@ -313,6 +322,7 @@ def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: P
         preset=get_preset(cfg.model_type),
         max_pixels=cfg.max_pixels,
         min_object_area=cfg.min_object_area,
+        channels=cfg.channels,
     )
     tap = signature.get("tap")
     write_metadata(
@@ -481,6 +491,7 @@ def _build(cfg: BuildConfig, ctx: ProcessContext) -> dict:
                 progress=cfg.progress,
                 desc=f"encode rank {ctx.rank}" if ctx.world_size > 1 else "encode",
                 tail_blocks=cfg.tail_blocks,
+                channels=cfg.channels,
             )
         ctx.barrier()
         if ctx.is_main:

@@ -27,6 +27,14 @@ from embedcache.prepare import DEFAULT_MIN_OBJECT_AREA
 from embedcache.readers import MASK_KINDS
 
 
+def _channels(text: str) -> tuple[int, int, int]:
+    """``--channels 0,1,1`` -> ``(0, 1, 1)``."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected three channel numbers R,G,B such as 0,1,1, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedcache", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_PIXELS,
         help="largest H*W of an image or mask; bigger ones are bad items (default %(default)s)",
+    )
+    b.add_argument(
+        "--channels",
+        type=_channels,
+        help="R,G,B source channels for images that are neither grey, RGB nor RGB with a declared alpha "
+        "(2-channel frames, page stacks), e.g. 0,1,1; without it such images are bad items",
     )
     b.add_argument(
         "--min-object-area",
@@ -107,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     skip_bad=args.skip_bad,
                     max_pixels=args.max_pixels,
                     min_object_area=args.min_object_area,
+                    channels=args.channels,
                     overwrite=args.overwrite,
                     progress=not args.no_progress,
                     tail_blocks=args.tail_blocks,

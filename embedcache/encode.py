@@ -47,11 +47,11 @@ class ShardJob:
     """Its images, in cache order."""
 
 
-def _load(path: Path, preset: Preset) -> np.ndarray:
-    """Prefetch work: file -> ``(h, w, 3)`` uint8 in the preset's input frame. Raises ``BadInput`` naming the
-    file."""
+def _load(path: Path, preset: Preset, channels: tuple[int, int, int] | None) -> np.ndarray:
+    """Prefetch work: file -> ``(h, w, 3)`` uint8 in the preset's input frame (``channels``: ``load_image``'s
+    mapping). Raises ``BadInput`` naming the file."""
     try:
-        return resize(load_image(path), preset)
+        return resize(load_image(path, channels), preset)
     except BadInput:
         raise
     except Exception as e:  # e.g. the file changed since the metadata pass checked it
@@ -112,11 +112,13 @@ def encode_shards(
     progress: bool,
     desc: str = "encode",
     tail_blocks: int = 0,
+    channels: tuple[int, int, int] | None = None,
 ) -> dict:
     """Encode every job's images and call ``write(shard, outputs, seconds)`` once per shard.
 
     ``outputs`` is ``((n, 256, 64, 64) float16 embeddings,)``, plus the ``(n, 64, 64, C)`` float16 tokens
     entering the last ``tail_blocks`` encoder blocks when ``tail_blocks > 0`` (``embedcache.tap``).
+    ``channels`` maps images of undeclared channels as the metadata pass did (``embedcache.images``).
 
     Batches never cross a shard boundary, so a shard's values do not depend on which other shards a run
     encodes (resumed and uninterrupted builds are bit-identical). Returns ``{"images", "seconds"}``.
@@ -137,7 +139,7 @@ def encode_shards(
 
         def refill() -> None:
             while len(pending) < lookahead and (path := next(it, None)) is not None:
-                pending.append(pool.submit(_load, path, preset))
+                pending.append(pool.submit(_load, path, preset, channels))
 
         refill()
         writer = _ShardWriter(write)

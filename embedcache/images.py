@@ -48,25 +48,92 @@ class BadInput(Exception):
         self.reason = reason
 
 
-def read_array(path: Path) -> np.ndarray:
-    """Decode an image or mask file to a numpy array exactly as stored (no colour conversion).
+LAYOUTS = ("grey", "grey+alpha", "rgb", "rgb+alpha", "planes")
+"""What a file declares its channels to be; ``planes`` is anything else (channels or pages with no colour
+meaning: a 2-channel microscope frame, a stack of pages, a fourth channel not declared alpha)."""
+_PIL_LAYOUTS = {
+    "LA": "grey+alpha",
+    "La": "grey+alpha",
+    "RGB": "rgb",
+    "RGBA": "rgb+alpha",
+    "RGBa": "rgb+alpha",
+}
+_TIFF_ALPHA = (1, 2)  # ExtraSamples values: associated and unassociated alpha
+_TIFF_RGB = (2, 6)  # Photometric values: RGB, and YCbCr (which tifffile decodes to RGB)
 
-    Returns ``(H, W)`` or ``(H, W, C)``; a PIL palette image gives its palette *indices* ``(H, W)``.
-    """
+
+def _tiff_order(shape: tuple[int, ...], axes: str) -> tuple[int, ...] | None:
+    """The transpose that makes a 3-D TIFF series channels-last, or None for a 2-D one.
+
+    Samples (``S``) are the declared channel axis. Any other third axis holds pages (planes); it is taken as
+    the channel axis too, except when it is the last and short (<= 4) and the first is not: an (H, W, C)
+    array saved without a samples declaration, as ``tifffile.imwrite`` does for C = 2."""
+    if len(shape) == 2:
+        return None
+    if len(shape) != 3:
+        raise ValueError(f"unsupported TIFF shape {shape} (axes {axes}); save one 2-D image per file")
+    c = axes.index("S") if "S" in axes else 2 if shape[2] <= 4 < shape[0] else 0
+    return tuple(i for i in range(3) if i != c) + (c,)
+
+
+def _tiff_layout(tif, channels: int, samples: bool) -> str:
+    """The declared layout of a TIFF's first page with ``channels`` channels (``samples``: they are samples
+    of one page, not pages)."""
+    page = tif.pages[0]
+    alpha = bool(page.extrasamples) and page.extrasamples[0] in _TIFF_ALPHA
+    if channels == 1:
+        return "grey"
+    if not samples:
+        return "planes"
+    if page.photometric in _TIFF_RGB:
+        return {3: "rgb", 4: "rgb+alpha" if alpha else "planes"}.get(channels, "planes")
+    return "grey+alpha" if channels == 2 and alpha else "planes"
+
+
+def _tiff_series(tif) -> tuple[tuple[int, ...], str]:
+    """Shape and axes of the image a TIFF holds: its one series, or equal 2-D series stacked as pages."""
+    series = tif.series
+    if len(series) == 1:
+        return tuple(series[0].shape), series[0].axes
+    if len({(tuple(x.shape), x.axes) for x in series}) == 1 and len(series[0].shape) == 2:
+        return (len(series), *series[0].shape), "I" + series[0].axes
+    raise ValueError(f"{len(series)} images of different shapes in one file; save one image per file")
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        shape, axes = _tiff_series(tif)
+        arr = tif.asarray() if len(tif.series) == 1 else np.stack([x.asarray() for x in tif.series])
+        order = _tiff_order(shape, axes)
+        if order is None:
+            return arr, "grey"
+        arr = arr.reshape(shape).transpose(order)
+        return arr, _tiff_layout(tif, arr.shape[-1], samples="S" in axes)
+
+
+def _check_one_frame(frames: int, path: Path) -> None:
+    """An animation or a multi-frame stack (GIF, WebP, APNG) is refused: which frame is the image is not
+    ours to guess."""
+    if frames > 1:
+        raise BadInput(path, f"{frames} frames in one file; save the frame to use as its own image")
+
+
+def read_pixels(path: Path) -> tuple[np.ndarray, str]:
+    """Decode an image or mask file exactly as stored (no colour conversion): ``(H, W)`` or ``(H, W, C)``
+    and its declared layout (``LAYOUTS``). A PIL palette image gives its palette *indices* ``(H, W)``.
+    Raises ``BadInput``."""
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
-            arr = tifffile.imread(path)
-            # planar TIFFs store channels first; SAM and PIL want them last
-            if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-                arr = np.moveaxis(arr, 0, -1)
-            return arr
+            return _read_tiff(path)
         with Image.open(path) as im:
+            _check_one_frame(getattr(im, "n_frames", 1), path)
             im.load()  # decodes fully: a truncated file fails here, not later
-            if im.mode in ("I;16", "I;16B", "I;16L"):
-                return np.array(im, dtype=np.uint16)
-            return np.array(im)
+            dtype = np.uint16 if im.mode in ("I;16", "I;16B", "I;16L") else None
+            return np.array(im, dtype=dtype), _PIL_LAYOUTS.get(im.mode, "grey")
+    except BadInput:
+        raise
     except Exception as e:  # PIL, tifffile and zlib raise many unrelated types for a bad file
         raise BadInput(path, f"unreadable or truncated file ({type(e).__name__}: {e})") from e
 
@@ -78,14 +145,9 @@ def header_hw(path: Path) -> tuple[int, int]:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                shape = tuple(tif.series[0].shape)
-            if len(shape) == 3 and shape[-1] in (1, 2, 3, 4):  # channels last
-                shape = shape[:2]
-            elif len(shape) == 3 and shape[0] in (1, 3, 4):  # planar
-                shape = shape[1:]
-            if len(shape) != 2:
-                raise ValueError(f"unsupported TIFF shape {shape}")
-            return int(shape[0]), int(shape[1])
+                shape, axes = _tiff_series(tif)
+            order = _tiff_order(shape, axes) or (0, 1)
+            return int(shape[order[0]]), int(shape[order[1]])
         with Image.open(path) as im:  # lazy: reads the header only
             return im.height, im.width
     except Image.DecompressionBombError as e:  # Pillow's own refusal, over 179 MP: still a size problem
@@ -128,12 +190,46 @@ def percentile_scale(x: np.ndarray) -> np.ndarray:
     return np.rint(y * 255.0).astype(np.uint8)
 
 
-def to_rgb8(arr: np.ndarray, path: Path | str = "<array>") -> np.ndarray:
-    """Apply the conversion rule: ``(H, W)`` / ``(H, W, C)`` any dtype -> ``(H, W, 3)`` uint8 RGB."""
-    if arr.ndim == 3 and arr.shape[-1] in (2, 4):  # LA / RGBA: drop alpha
+def map_channels(
+    arr: np.ndarray, layout: str, path: Path | str, channels: tuple[int, int, int] | None
+) -> np.ndarray:
+    """The colour channels of ``(H, W[, C])`` pixels with a declared ``layout``: ``(H, W)`` grey or
+    ``(H, W, 3)`` RGB. A declared alpha is dropped; ``planes`` are refused naming the file and the shape,
+    unless ``channels`` picks the source channel of R, G and B."""
+    if arr.ndim == 2:
+        return arr
+    if layout in ("grey+alpha", "rgb+alpha"):
         arr = arr[..., :-1]
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
+    elif layout == "planes":
+        if channels is None:
+            raise BadInput(
+                path,
+                f"{arr.shape[-1]} channels or pages (shape {arr.shape} as H, W, C, {arr.dtype}) are neither "
+                "grey, RGB nor RGB with a declared alpha; pass --channels R,G,B to say which source channel "
+                "each of R, G and B takes (e.g. --channels 0,1,1 or 0,0,0)",
+            )
+        if max(channels) >= arr.shape[-1]:
+            raise BadInput(
+                path, f"--channels {channels} asks for channel {max(channels)} of shape {arr.shape}"
+            )
+        arr = arr[..., list(channels)]
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def to_rgb8(
+    arr: np.ndarray,
+    path: Path | str = "<array>",
+    *,
+    layout: str | None = None,
+    channels: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """Apply the conversion rule: ``(H, W)`` / ``(H, W, C)`` any dtype -> ``(H, W, 3)`` uint8 RGB.
+
+    ``layout`` is what the file declares (``LAYOUTS``); None reads 1 channel as grey, 3 as RGB and anything
+    else as ``planes``, which need ``channels`` (``map_channels``)."""
+    if layout is None:
+        layout = "grey" if arr.ndim == 2 or arr.shape[-1] == 1 else "rgb" if arr.shape[-1] == 3 else "planes"
+    arr = map_channels(arr, layout, path, channels)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
         raise BadInput(path, f"unsupported image shape {arr.shape}")
     if arr.dtype == np.bool_:
@@ -145,35 +241,41 @@ def to_rgb8(arr: np.ndarray, path: Path | str = "<array>") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Read an image file and convert it by the rule: ``(H, W, 3)`` uint8 RGB. Raises ``BadInput``."""
+def load_image(path: Path, channels: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Read an image file and convert it by the rule: ``(H, W, 3)`` uint8 RGB. Raises ``BadInput``.
+
+    ``channels`` maps a file of undeclared channels (``map_channels``); other files ignore it."""
     path = Path(path)
     if path.suffix.lower() not in TIFF_SUFFIXES:
         try:
             with Image.open(path) as im:
-                mode = im.mode
+                mode, frames = im.mode, getattr(im, "n_frames", 1)
         except Exception as e:
             raise BadInput(path, f"unreadable file ({type(e).__name__}: {e})") from e
+        _check_one_frame(frames, path)
         if mode in ("P", "PA"):
-            return to_rgb8(read_palette_image(path), path)
+            palette = read_palette_image(path)
+            return to_rgb8(palette, path, layout="rgb+alpha" if palette.shape[-1] == 4 else "rgb")
         if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
             try:
                 with Image.open(path) as im:
                     return np.array(im.convert("RGB"))
             except Exception as e:
                 raise BadInput(path, f"unreadable or truncated file ({type(e).__name__}: {e})") from e
-    return to_rgb8(read_array(path), path)
+    arr, layout = read_pixels(path)
+    return to_rgb8(arr, path, layout=layout, channels=channels)
 
 
 def load_mask(path: Path) -> np.ndarray:
     """Read a label/mask file as stored: ``(H, W)`` integer array. Raises ``BadInput``.
 
-    Palette PNGs give their indices (the VOC convention). A multi-channel mask is accepted only when all of
-    its colour channels are equal (a grey mask saved as RGB); anything else is ambiguous and refused.
+    Palette PNGs give their indices (the VOC convention). A declared alpha channel is dropped; a
+    multi-channel mask is accepted only when all of its other channels are equal (a grey mask saved as RGB);
+    anything else is ambiguous and refused.
     """
-    arr = read_array(Path(path))
+    arr, layout = read_pixels(Path(path))
     if arr.ndim == 3:
-        if arr.shape[-1] in (2, 4):
+        if layout in ("grey+alpha", "rgb+alpha"):
             arr = arr[..., :-1]
         if not (arr == arr[..., :1]).all():
             raise BadInput(

@@ -56,13 +56,16 @@ class Examined:
     """The reader's note on a mask whose values are not clean, or None."""
 
 
-def _examine(reader: Reader, record: ImageRecord, preset: Preset, max_pixels: int, min_object_area: int):
-    """Decode one image and its objects -> an ``Examined``, or a bad-item dict."""
+def _examine(
+    reader: Reader, record: ImageRecord, preset: Preset, max_pixels: int, min_object_area: int, channels
+):
+    """Decode one image (``channels``: ``load_image``'s mapping) and its objects -> an ``Examined``, or a
+    bad-item dict."""
     try:
         for path in (record.image_path, record.mask_path):
             if path is not None:
                 check_pixels(path, max_pixels)  # from the header, before anything is decoded
-        image = load_image(record.image_path)
+        image = load_image(record.image_path, channels)
         hw = image.shape[:2]
         if min(preset.input_hw(*hw)) < 1:  # e.g. 1x4000: the encoder cannot take a 0-pixel side
             raise BadInput(
@@ -108,12 +111,14 @@ def collect_metadata(
     preset: Preset,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_object_area: int = DEFAULT_MIN_OBJECT_AREA,
+    channels: tuple[int, int, int] | None = None,
 ) -> tuple[dict, dict]:
     """Run the metadata pass. Returns ``(meta, report)``; raises ``BadDataError`` unless ``skip_bad``, and
     ``ValueError`` when every object vanishes at the preset's input size (nothing would be left to train on).
 
     ``max_pixels`` bounds ``H * W`` of every image and mask (checked from the file header);
-    ``min_object_area`` is the smallest object kept, in original pixels.
+    ``min_object_area`` is the smallest object kept, in original pixels; ``channels`` maps images whose
+    channels are not declared grey or RGB (``embedcache.images.map_channels``).
 
     ``meta`` maps the layout's array names (see ``embedcache.store``) to numpy arrays. ``report`` holds
     ``skipped`` (bad items left out), ``min_object_area``, ``objects_below_min_area`` and
@@ -121,7 +126,9 @@ def collect_metadata(
     (``[{"path", "reason"}]``).
     """
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedcache-meta") as pool:
-        results = list(pool.map(lambda r: _examine(reader, r, preset, max_pixels, min_object_area), records))
+        results = list(
+            pool.map(lambda r: _examine(reader, r, preset, max_pixels, min_object_area, channels), records)
+        )
     bad = list(scan_bad) + [r for r in results if isinstance(r, dict)]
     if bad and not skip_bad:
         raise BadDataError(bad)

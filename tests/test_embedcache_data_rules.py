@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 from test_embedcache_support import build, coco_reader, metadata, metadata_report, write_pair
 
 from embedcache import open_cache
 from embedcache.cli import main
+from embedcache.images import BadInput, load_image, to_rgb8
 from embedcache.prepare import BadDataError
 from embedcache.readers import FolderReader
 from embedcache.verify import verify
@@ -268,3 +270,73 @@ def test_a_named_pipe_named_by_coco_is_refused_naming_it(tmp_path):
     finally:
         watchdog.cancel()
     assert not watchdog.fired
+
+
+# ---- item 4: the channel-to-RGB rule is explicit ----
+
+
+def _two_channel(path: Path) -> np.ndarray:
+    """A 2-channel uint16 frame saved as tifffile saves an (H, W, 2) array (no samples declaration)."""
+    x = np.random.default_rng(0).integers(0, 4000, (30, 40, 2), dtype=np.uint16)
+    x[..., 1] //= 10  # the second channel matters: it is much dimmer
+    tifffile.imwrite(path, x)
+    return x
+
+
+def _four_pages(path: Path) -> np.ndarray:
+    """A stack of four grey pages, written page by page."""
+    x = np.random.default_rng(1).integers(0, 255, (4, 30, 40), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        for page in x:
+            tif.write(page, photometric="minisblack")
+    return np.moveaxis(x, 0, -1)
+
+
+def test_a_two_channel_tiff_is_refused_naming_its_shape_unless_mapped(tmp_path):
+    """Before: the second channel was dropped as if it were alpha, silently."""
+    x = _two_channel(tmp_path / "two.tif")
+    with pytest.raises(BadInput, match=r"two\.tif: 2 channels or pages \(shape \(30, 40, 2\) as H, W, C"):
+        load_image(tmp_path / "two.tif")
+    out = load_image(tmp_path / "two.tif", (0, 1, 1))
+    assert np.array_equal(out, to_rgb8(x[..., [0, 1, 1]]))
+    assert np.array_equal(out[..., 1], out[..., 2]) and not np.array_equal(out[..., 0], out[..., 1])
+
+
+def test_a_page_stack_is_refused_unless_mapped_and_every_page_is_reachable(tmp_path):
+    """Before: a 4-page stack lost page 4 (read as alpha), or all but page 1."""
+    x = _four_pages(tmp_path / "stack.tif")
+    with pytest.raises(BadInput, match=r"stack\.tif: 4 channels or pages \(shape \(30, 40, 4\)"):
+        load_image(tmp_path / "stack.tif")
+    assert np.array_equal(load_image(tmp_path / "stack.tif", (3, 2, 0)), x[..., [3, 2, 0]])
+    with pytest.raises(BadInput, match=r"--channels \(0, 1, 5\) asks for channel 5 of shape \(30, 40, 4\)"):
+        load_image(tmp_path / "stack.tif", (0, 1, 5))
+
+
+def test_declared_layouts_are_read_as_before_and_ignore_the_mapping(tmp_path):
+    rgba = np.random.default_rng(2).integers(0, 255, (30, 40, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    assert np.array_equal(load_image(tmp_path / "rgba.tif", (0, 0, 0)), rgba[..., :3])
+    la = rgba[..., :2]
+    tifffile.imwrite(tmp_path / "la.tif", la, photometric="minisblack", extrasamples=["unassalpha"])
+    assert np.array_equal(load_image(tmp_path / "la.tif"), np.repeat(la[..., :1], 3, axis=-1))
+    tifffile.imwrite(tmp_path / "four.tif", rgba, photometric="minisblack", planarconfig="contig")
+    with pytest.raises(BadInput, match=r"four\.tif: 4 channels or pages"):  # a 4th channel not declared alpha
+        load_image(tmp_path / "four.tif")
+
+
+def test_a_multi_frame_gif_is_refused_naming_its_frames(tmp_path):
+    frames = [Image.fromarray(np.full((20, 20), v, np.uint8)) for v in (0, 128, 255)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(BadInput, match=r"anim\.gif: 3 frames in one file"):
+        load_image(tmp_path / "anim.gif")
+
+
+def test_the_build_refuses_unmapped_channels_and_records_the_mapping(tmp_path):
+    data = tmp_path / "d"
+    write_pair(data, "two", _grey((30, 40)), np.eye(30, 40, dtype=np.uint8) * 255)
+    (data / "images" / "two.png").unlink()
+    _two_channel(data / "images" / "two.tif")
+    with pytest.raises(BadDataError, match=r"two\.tif: 2 channels or pages \(shape \(30, 40, 2\)"):
+        metadata(FolderReader(data))
+    build(data, tmp_path / "c.zarr", channels=(0, 1, 1), val_fraction=0.0)
+    assert open_cache(tmp_path / "c.zarr").signature["dataset"]["channels"] == [0, 1, 1]
