@@ -3,9 +3,14 @@
 Conversion rule (``to_rgb8``), applied to the pixel data as stored (no EXIF rotation: masks are drawn on the
 stored pixel grid, so rotating the image would misalign them):
 
+- Only declared layouts are read as colour (``read_pixels`` returns the layout with the pixels): grey, RGB,
+  or either with a declared alpha (Pillow's ``LA``/``RGBA``, a TIFF's ExtraSamples alpha). Anything else
+  (``planes``: a 2-channel frame, a stack of TIFF pages, a 4th channel not declared alpha) is refused naming
+  the file and its shape, unless ``channels`` (``--channels R,G,B``) names the source channel of R, G and B
+  (``map_channels``). A multi-frame GIF/WebP is refused.
 - 8-bit RGB: unchanged.
 - 8-bit grayscale ``(H, W)`` or ``(H, W, 1)``: the one channel is copied to R, G and B.
-- Alpha (RGBA, LA): the alpha channel is dropped, not composited; the colour channels are kept as stored.
+- A declared alpha channel is dropped, not composited; the colour channels are kept as stored.
 - Palette (PIL mode ``P``/``PA``): looked up through the palette to RGB(A), then as above.
 - Bilevel (mode ``1``): False -> 0, True -> 255.
 - Anything that is not 8-bit (16-bit, 32-bit, float; e.g. a uint16 microscope frame whose values span 0..300):
