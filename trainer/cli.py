@@ -1,8 +1,9 @@
-"""The ``trainer`` command: ``run``, ``eval``, ``export``, ``demo``.
+"""The ``trainer`` command: ``run``, ``sweep``, ``eval``, ``export``, ``demo``.
 
 ::
 
-    trainer run --cache train.zarr --config configs/tutorial.yaml --out runs/NAME [--resume] [optim.lr=3e-4]
+    trainer run --cache train.zarr [--config configs/default.yaml] --out runs/NAME [--resume] [optim.lr=3e-4]
+    trainer sweep --cache train.zarr [--config A.yaml ...] --out sweeps/NAME [--lr 1e-4,3e-4,1e-3] [overrides]
     accelerate launch -m trainer run ...     (the same command, many processes/GPUs)
     trainer eval --cache train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval]
     trainer eval --cache test.zarr --checkpoint lite_medsam --checkpoint tuned.pth [--split all] --out DIR
@@ -28,10 +29,37 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train on a cache")
     r.add_argument("--cache", required=True, help="the embedcache .zarr to train on")
-    r.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults when omitted")
+    r.add_argument(
+        "--config", default=None, help="YAML config (configs/*.yaml); configs/default.yaml when omitted"
+    )
     r.add_argument("--out", required=True, help="run folder: checkpoints, metrics, figures, logs")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     r.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.lr=3e-4 run.steps=500")
+
+    w = sub.add_parser("sweep", help="learning-rate (and recipe) search by successive halving (Optuna)")
+    w.add_argument("--cache", required=True, help="the embedcache .zarr; trials train on its train split")
+    w.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="a recipe to try, repeatable (default: configs/default.yaml)",
+    )
+    w.add_argument("--out", required=True, help="sweep folder: trials/, table.md, sweep.json, best.yaml")
+    w.add_argument(
+        "--lr",
+        type=_lrs,
+        default=[1e-4, 3e-4, 1e-3],
+        help="learning rates to try, comma-separated (1e-4,3e-4,1e-3)",
+    )
+    w.add_argument(
+        "--holdout", type=float, default=0.25, help="share of the train images scored, not trained on"
+    )
+    w.add_argument(
+        "--metric", default="mean", choices=("mean", "box", "point"), help="box, point or mean mIoU"
+    )
+    w.add_argument("--min-steps", type=int, default=25, help="the first rung, in optimiser steps")
+    w.add_argument("--reduction", type=int, default=3, help="keep the best 1/reduction at each rung")
+    w.add_argument("overrides", nargs="*", help="section.field=value for every trial, e.g. run.steps=100")
 
     e = sub.add_parser("eval", help="score a run's start and tuned models and/or any checkpoints on a cache")
     e.add_argument("--cache", required=True)
@@ -75,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "run":  # overrides may also follow the options: `--out runs/a optim.lr=3e-4`
+    if args.command in (
+        "run",
+        "sweep",
+    ):  # overrides may also follow the options: `--out runs/a optim.lr=3e-4`
         args.overrides += [x for x in extra if OVERRIDE.fullmatch(x)]
         extra = [x for x in extra if not OVERRIDE.fullmatch(x)]
     if extra:
@@ -94,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             if "metrics" in summary:
                 _print_metrics(summary["metrics"])
+        elif args.command == "sweep":
+            from trainer.sweep import sweep_from_args
+
+            print(sweep_from_args(args, args.overrides, "trainer " + shlex.join(argv))["table"], end="")
         elif args.command == "eval":
             from trainer.eval_run import eval_run
 
@@ -132,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer {args.command}: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLoss) else 3
     return 0
+
+
+def _lrs(text: str) -> list[float]:
+    """``--lr``: comma-separated learning rates."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr takes comma-separated numbers, got {text!r}") from None
 
 
 def _clicks(text: str) -> int:

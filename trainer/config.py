@@ -18,6 +18,9 @@ import yaml
 
 from embedcache.models import MODEL_TYPES
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+"""The recipe ``trainer run`` and ``trainer sweep`` use without ``--config``."""
+
 
 def check_choices(section: Any) -> None:
     """Every ``Literal[...]`` field of a config section holds one of its choices, read from the annotation.

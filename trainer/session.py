@@ -138,9 +138,12 @@ def setup(
     resume: bool = False,
     command: str = "",
     cpu: bool | None = None,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Session:
     """Build the session of a run on ``cache`` into the run folder ``out`` (resuming from its newest
-    checkpoint when ``resume``). ``cpu`` forces the host; by default CUDA is used when there is one."""
+    checkpoint when ``resume``). ``cpu`` forces the host; by default CUDA is used when there is one.
+    ``split`` gives the ``(train, val)`` image indices instead of the task's training images and the cache's
+    validation split (``trainer sweep`` validates on images held out of the training split)."""
     out = Path(out)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     # refuse a cache made by another model before anything is built: its embeddings mean nothing here
@@ -191,8 +194,7 @@ def setup(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # data: this rank's share of a pure, shard-aware order; embeddings resident per data.residency
-    train_images = task.train_images(cache)
-    val_images = cache.image_indices("val")
+    train_images, val_images = split or (task.train_images(cache), cache.image_indices("val"))
     if cfg.run.val_max_images:
         val_images = val_images[: cfg.run.val_max_images]
     tail = cfg.model.encoder_tail_blocks

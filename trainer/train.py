@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from trainer import checkpoint as ckpt
-from trainer.config import Config, load_config, save_config, to_dict
+from trainer.config import DEFAULT_CONFIG, Config, load_config, save_config, to_dict
 from trainer.evaluate import Contender
 from trainer.plots import loss_curve
 from trainer.session import Session, StepStats, setup, train_step
@@ -205,5 +205,5 @@ def finish(s: Session) -> dict:
 def run_from_args(
     cache: str, config: str | None, overrides: list[str], out: str, resume: bool, command: str
 ) -> dict:
-    """The CLI's ``run``: load the config with overrides and train."""
-    return run(cache, load_config(config, overrides), out, resume=resume, command=command)
+    """The CLI's ``run``: load the config (the default recipe without one) with overrides and train."""
+    return run(cache, load_config(config or DEFAULT_CONFIG, overrides), out, resume=resume, command=command)

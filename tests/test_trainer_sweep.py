@@ -1,0 +1,101 @@
+"""``trainer sweep``: successive halving over learning rates on held-out training images, resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedcache import open_cache
+from embedcache.build import BuildConfig, build_cache
+from embedcache.synthetic import make_dataset
+from trainer.cli import main
+from trainer.config import DEFAULT_CONFIG, load_config
+from trainer.sweep import holdout_split, rungs
+
+FAST = [
+    "model.model_type=vit_tiny",
+    "model.checkpoint=null",
+    "data.images_per_batch=1",
+    "data.max_objects=2",
+    "data.residency=host",
+    "loss.focal=0",
+    "loss.bce=1",
+    "run.steps=4",
+    "run.save_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory) -> Path:
+    data = make_dataset(tmp_path_factory.mktemp("sweep_data") / "data", n_images=6, seed=1)
+    out = tmp_path_factory.mktemp("sweep_cache") / "c.zarr"
+    build_cache(
+        BuildConfig(data=data, out=out, model_type="vit_tiny", device="cpu", val_fraction=0.2, progress=False)
+    )
+    return out
+
+
+def test_rungs_and_holdout(cache_path):
+    assert rungs(100, 25, 3) == [25, 75, 100]
+    assert rungs(4, 1, 2) == [1, 2, 4]
+    cache = open_cache(cache_path)
+    train = cache.image_indices("train")
+    kept, held = holdout_split(cache, train, 0.25)
+    assert len(held) == round(0.25 * len(train)) and not set(kept) & set(held)
+    assert sorted([*kept, *held]) == sorted(train)
+    assert not set(held) & set(cache.image_indices("val"))  # the cache's val split is never touched
+    with pytest.raises(ValueError, match="holdout"):
+        holdout_split(cache, train, 1.0)
+
+
+def test_sweep_prunes_picks_and_resumes_exactly(cache_path, tmp_path, monkeypatch):
+    """Three learning rates, rungs at 1, 2 and 4 steps. The trials really train and validate; their score is
+    replaced by a known function of the learning rate (a random-init model's scores say nothing), so the
+    halving's decisions are known: the first trial is never stopped, the second is the best and runs on, the
+    third is stopped at its first rung. A rerun of the same command replays the recorded rungs: the same
+    decisions, nothing trained again."""
+    import trainer.sweep as sweep_mod
+
+    seen = []
+
+    def known(metrics: dict, metric: str) -> float:
+        seen.append(metrics["box"]["n_objects"])  # real validation metrics reach the scorer
+        return -abs(np.log10(metrics["lr"]) + 3)
+
+    def validate_with_lr(s):
+        return {**real_validate(s), "lr": s.cfg.optim.lr}
+
+    real_validate = sweep_mod.validate
+    monkeypatch.setattr(sweep_mod, "score", known)
+    monkeypatch.setattr(sweep_mod, "validate", validate_with_lr)
+    out = tmp_path / "sw"
+    args = ["sweep", "--cache", str(cache_path), "--out", str(out), "--lr", "1e-2,1e-3,1e-4"]
+    args += ["--min-steps", "1", "--reduction", "2", "--holdout", "0.4", *FAST]
+    assert main(args) == 0
+    first = json.loads((out / "sweep.json").read_text())
+    states = {t["trial"]: t["state"] for t in first["trials"]}
+    assert states == {
+        "default_lr0.01": "complete",
+        "default_lr0.001": "complete",
+        "default_lr0.0001": "stopped at 1",
+    }
+    assert first["best"] == "default_lr0.001" and first["rungs"] == [1, 2, 4]
+    assert min(seen) > 0
+    best = load_config(out / "best.yaml")
+    assert best.optim.lr == 1e-3 and best.run.steps == 4 and best.model.model_type == "vit_tiny"
+    assert best.prompts.corrective_rounds == load_config(DEFAULT_CONFIG).prompts.corrective_rounds
+    assert "| default_lr0.0001 | 0.0001 | -1.0000 | - | - | stopped at 1 |" in (out / "table.md").read_text()
+    # the stopped trial trained one step only
+    state = json.loads(next(out.glob("trials/default_lr0.0001/checkpoints/*/trainer_state.json")).read_text())
+    assert state["step"] == 1
+    # resume: every rung is read back from the trials' folders, nothing is trained again
+    weights = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/checkpoints/*/model.safetensors")}
+    (out / "sweep.json").unlink()
+    seen.clear()
+    assert main(args) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["trials"] == first["trials"] and again["best"] == first["best"]
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights

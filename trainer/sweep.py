@@ -1,0 +1,192 @@
+"""``trainer sweep``: a short learning-rate (and optionally recipe) search by successive halving.
+
+A step on a cache is cheap, so a recipe's learning rate can be measured instead of guessed. Every trial is a
+normal training run of the full ``run.steps`` (its schedule spans them), on the cache's training images less
+a held-out share of them; at each rung (``min_steps``, ``min_steps * reduction``, ... and the last step) it is
+scored on those held-out images, and Optuna's ``SuccessiveHalvingPruner`` stops the trials outside the best
+``1 / reduction`` of those that reached the rung. Optuna runs it asynchronously, as it is meant to: trials run
+one after another, the first is never stopped, and each later one continues past a rung only while it is
+among the best there. The cache's own validation split is never read, so it can stay a test set.
+
+Resuming is exact without any search state on disk: each trial's run folder holds its checkpoints and its
+rung scores (``trainer_state.json``), and rerunning the same command replays the recorded scores into a
+fresh study in the same order, which makes the same decisions, and trains only what is missing.
+
+Outputs in ``OUT``: ``trials/<name>/`` (each a run folder), ``sweep.json``, ``table.md`` and ``best.yaml``,
+the winning resolved config, ready for ``trainer run --config OUT/best.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+
+from embedcache import open_cache
+from trainer import checkpoint as ckpt
+from trainer.config import DEFAULT_CONFIG, Config, load_config, save_config
+from trainer.session import setup, train_step
+from trainer.train import save, validate
+
+METRICS = ("mean", "box", "point")
+"""What a trial is scored by: the mean of box and point mIoU, or one of them."""
+
+
+def holdout_split(cache, train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held out)`` cache indices: the ``fraction`` of ``train`` (at least one image) whose image ids
+    rank first by sha256, a split that depends on the names alone, as ``embedcache build``'s does."""
+    if not 0 < fraction < 1 or len(train) < 2:
+        raise ValueError(f"--holdout must be in (0, 1) and leave images on both sides; got {fraction}")
+    rank = sorted(train.tolist(), key=lambda i: hashlib.sha256(str(cache.image_id[i]).encode()).hexdigest())
+    n = min(len(train) - 1, max(1, round(fraction * len(train))))
+    held = np.array(sorted(rank[:n]), np.int64)
+    return np.setdiff1d(train, held), held
+
+
+def rungs(steps: int, min_steps: int, reduction: int) -> list[int]:
+    """The steps a trial is scored at: ``min_steps * reduction ** k`` below ``steps``, then ``steps``."""
+    if min_steps < 1 or reduction < 2:
+        raise ValueError("--min-steps must be >= 1 and --reduction >= 2")
+    out = []
+    while min_steps * reduction ** len(out) < steps:
+        out.append(min_steps * reduction ** len(out))
+    return [*out, steps]
+
+
+def score(metrics: dict, metric: str) -> float:
+    """A trial's number from validation metrics: box or point mIoU, or their mean."""
+    if metric == "mean":
+        return (metrics["box"]["miou"] + metrics["point"]["miou"]) / 2
+    return metrics[metric]["miou"]
+
+
+def trial_name(config: Path, lr: float) -> str:
+    """The run folder of a trial: ``<recipe>_lr<lr>``."""
+    return f"{config.stem}_lr{lr:g}"
+
+
+def sweep(
+    cache_path: str | Path,
+    configs: list[Path],
+    overrides: list[str],
+    out: str | Path,
+    *,
+    lrs: list[float],
+    holdout: float = 0.25,
+    metric: str = "mean",
+    min_steps: int = 25,
+    reduction: int = 3,
+    command: str = "",
+) -> dict:
+    """Search ``configs`` x ``lrs`` (each with ``overrides``) on ``cache_path`` into ``out``; see the module
+    docstring. Returns ``{"trials", "best", "table"}``."""
+    import optuna
+
+    if metric not in METRICS:
+        raise ValueError(f"--metric must be one of {'|'.join(METRICS)}, got {metric!r}")
+    if not lrs or min(lrs) <= 0 or not all(math.isfinite(v) for v in lrs):
+        raise ValueError(f"--lr needs finite learning rates > 0, got {lrs}")
+    out = Path(out)
+    cache = open_cache(cache_path)
+    bases = {trial_name(c, lr): (c, lr) for c in configs for lr in lrs}
+    cfgs = {name: load_config(c, [*overrides, f"optim.lr={lr!r}"]) for name, (c, lr) in bases.items()}
+    steps = {cfg.run.steps for cfg in cfgs.values()}
+    if len(steps) != 1:
+        raise ValueError(f"the recipes must share run.steps to compete at equal steps; got {sorted(steps)}")
+    at = rungs(steps.pop(), min_steps, reduction)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=min_steps, reduction_factor=reduction),
+    )
+    split = holdout_split(cache, first_task_images(cache, next(iter(cfgs.values()))), holdout)
+    rows = []
+    for name, cfg in cfgs.items():
+        trial = study.ask()
+        row = {"trial": name, "lr": cfg.optim.lr, "scores": {}, "state": "complete"}
+        for step, metrics in _train_trial(cache, cfg, out / "trials" / name, at, split, command):
+            row["scores"][str(step)] = value = score(metrics, metric)
+            trial.report(value, step)
+            if step != at[-1] and trial.should_prune():
+                row["state"] = f"stopped at {step}"
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, value)
+        rows.append(row)
+        print(f"trainer sweep: {name}: {row['state']}, scores {row['scores']}", flush=True)
+    best = max((r for r in rows if r["state"] == "complete"), key=lambda r: r["scores"][str(at[-1])])
+    winner = cfgs[best["trial"]]
+    header = f"trainer sweep winner {best['trial']} ({metric} {best['scores'][str(at[-1])]:.4f}); {command}"
+    save_config(winner, out / "best.yaml", header=header)
+    table = sweep_table(rows, at, metric, holdout)
+    (out / "table.md").write_text(table)
+    summary = {"trials": rows, "best": best["trial"], "rungs": at, "metric": metric, "holdout": holdout}
+    summary["held_out_images"] = [str(cache.image_id[i]) for i in split[1]]
+    ckpt.write_json(out / "sweep.json", summary)
+    return {"trials": rows, "best": best["trial"], "table": table}
+
+
+def first_task_images(cache, cfg: Config) -> np.ndarray:
+    """The training images of ``cfg``'s task on ``cache`` (every trial shares the first recipe's split)."""
+    from trainer.task import TASKS, make_task
+
+    return make_task(TASKS[cfg.model.task].resolve(cfg, cache)).train_images(cache)
+
+
+def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command: str):
+    """Train one trial to each rung in turn, yielding ``(step, validation metrics)``; a rung already scored
+    in ``folder`` (an earlier, interrupted sweep) is read back, not trained again."""
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_every=0, overlays=0))
+    resume = ckpt.latest_checkpoint(folder) is not None
+    s = setup(cache, cfg, folder, resume=resume, command=command, split=split)
+    try:
+        for step in at:
+            if str(step) not in s.state.evals:
+                s.model.train()
+                while s.state.step < step:
+                    train_step(s)
+                    if cfg.run.save_every and s.state.step % cfg.run.save_every == 0:
+                        save(s, command)
+                s.state.evals[str(step)] = validate(s)
+                save(s, command)  # the rung's score is on disk with the weights it was measured on
+            yield step, s.state.evals[str(step)]
+    finally:
+        s.loader.close()
+        s.accelerator.free_memory()
+
+
+def sweep_table(rows: list[dict], at: list[int], metric: str, holdout: float) -> str:
+    """Markdown: one row per trial with its score at every rung it reached and how it ended."""
+    head = ["trial", "lr", *(f"step {s}" for s in at), "state"]
+    lines = [
+        f"Validation {metric} mIoU on {holdout:.0%} of the training images, held out of every trial:",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        scores = [f"{r['scores'][str(s)]:.4f}" if str(s) in r["scores"] else "-" for s in at]
+        cells = [r["trial"], f"{r['lr']:g}", *scores]
+        lines.append("| " + " | ".join([*cells, r["state"]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_from_args(args, overrides: list[str], command: str) -> dict:
+    """The CLI's ``sweep`` (no ``--config``: the default recipe)."""
+    configs = [Path(c) for c in args.config] or [DEFAULT_CONFIG]
+    return sweep(
+        args.cache,
+        configs,
+        overrides,
+        args.out,
+        lrs=args.lr,
+        holdout=args.holdout,
+        metric=args.metric,
+        min_steps=args.min_steps,
+        reduction=args.reduction,
+        command=command,
+    )
