@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in (
-        "run",
-        "sweep",
-    ):  # overrides may also follow the options: `--out runs/a optim.lr=3e-4`
+    # overrides may also follow the options: `--out runs/a optim.lr=3e-4`
+    if args.command in ("run", "sweep"):
         args.overrides += [x for x in extra if OVERRIDE.fullmatch(x)]
         extra = [x for x in extra if not OVERRIDE.fullmatch(x)]
     if extra:
