@@ -166,4 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"embedcache {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"embedcache {args.command}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What Ctrl-C left safe, and how to go on."""
+    if args.command == "build":
+        return (
+            f"finished shards of {args.out} are kept (a shard is whole or absent); rerun the same command to "
+            "resume"
+        )
+    return "it only reads; rerun the same command"

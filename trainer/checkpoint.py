@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -109,18 +110,70 @@ def prune(run: Path, keep: int) -> None:
 
 
 def resolve_weights(run: Path, which: str = "best") -> Path:
-    """``model.safetensors`` of ``best`` (falling back to the latest), ``last``, or a step number / folder."""
+    """``model.safetensors`` of ``best`` (falling back to the latest), ``last``, or a step number / folder.
+
+    Raises ``CheckpointReadError`` when that file is damaged, naming it and another good checkpoint.
+    """
     run = Path(run)
     if which == "best" and (run / "best" / "model.safetensors").is_file():
-        return run / "best" / "model.safetensors"
-    if which in ("best", "last"):
+        path = run / "best" / "model.safetensors"
+    elif which in ("best", "last"):
         latest = latest_checkpoint(run)
         if latest is None:
             raise FileNotFoundError(f"{run}: no checkpoint found (expected {run}/checkpoints/step_*/)")
-        return latest / "model.safetensors"
-    path = step_dir(run, int(which)) if which.isdigit() else Path(which)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint weights")
+        path = latest / "model.safetensors"
+    else:
+        path = step_dir(run, int(which)) if which.isdigit() else Path(which)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint weights")
+    problem = damage(path)
+    if problem:
+        good = good_checkpoints(run, before=path.parent)
+        offer = f"pass --which {good[0][0]} ({good[0][1]})" if good else "no other good checkpoint in the run"
+        raise CheckpointReadError(f"{problem}; {offer}")
     return path
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file is damaged (truncated, altered, of the wrong types); the message names the file and
+    the previous good checkpoint."""
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint file ``path`` cannot be loaded (``"<path>: <why>"``), or ``None`` when it is whole.
+
+    Cheap checks, no unpickling: a ``.safetensors`` header must cover the file exactly; a torch ``.bin`` or
+    ``.pkl`` (a zip archive) must have its central directory and every member's CRC-32; a ``.json`` must
+    parse. Other files are not checked.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt"):
+                pass
+        elif path.suffix in (".bin", ".pkl"):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{path}: damaged (member {bad} fails its CRC)"
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as e:
+        return f"{path}: damaged or truncated ({type(e).__name__}: {e})"
+    return None
+
+
+def damage_in(folder: Path) -> str | None:
+    """The first damaged file of a checkpoint folder (see ``damage``), or ``None``."""
+    return next(filter(None, map(damage, sorted(Path(folder).iterdir()))), None)
+
+
+def good_checkpoints(run: Path, *, before: Path | None = None) -> list[tuple[int, Path]]:
+    """Step checkpoints of ``run`` whose files are whole (``damage_in``), newest first; with ``before`` (a
+    step folder), only older ones (``best/`` or any other folder: all of them)."""
+    limit = int(m.group(1)) if before is not None and (m := STEP_DIR.match(Path(before).name)) else None
+    found = [(s, p) for s, p in list_checkpoints(run) if limit is None or s < limit]
+    return [(s, p) for s, p in reversed(found) if damage_in(p) is None]

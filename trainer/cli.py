@@ -15,9 +15,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*=.*", re.S)  # section.field=value
 DESCRIPTION = "Fine-tune SAM's prompt encoder and mask decoder on cached image embeddings."
@@ -111,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from embedcache.cache import CacheError
     from embedcache.signature import SignatureMismatch
-    from trainer.checkpoint import CheckpointWriteError
-    from trainer.session import NonFiniteLoss
+    from trainer.checkpoint import CheckpointReadError, CheckpointWriteError
+    from trainer.export import ExportError
+    from trainer.session import NonFiniteLoss, RunLockedError
 
     try:
         if args.command == "run":
@@ -158,13 +162,57 @@ def main(argv: list[str] | None = None) -> int:
         CacheError,
         NonFiniteLoss,
         CheckpointWriteError,
+        CheckpointReadError,
+        ExportError,
+        RunLockedError,
         FileExistsError,
         FileNotFoundError,
         ValueError,
     ) as e:
         print(f"trainer {args.command}: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLoss) else 3
+    except OSError as e:
+        if e.errno not in WRITE_REFUSED:
+            raise
+        print(f"trainer {args.command}: error: {_refused(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trainer {args.command}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+WRITE_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""errno of an OS refusal to write: permissions, a read-only file system."""
+
+
+def _refused(e: OSError) -> str:
+    """One line for an ``OSError`` in ``WRITE_REFUSED``: the folder that refused the write and the fix."""
+    path = Path(e.filename or ".")
+    folder = path.parent
+    if os.access(folder, os.W_OK):  # not a refused write: the file itself (e.g. a cache file) is unreadable
+        return f"{path}: {e.strerror}"
+    return (
+        f"{folder} is not writable ({e.strerror} writing {path.name}); pick an --out in a writable folder, "
+        "or make it writable"
+    )
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What Ctrl-C left safe, and how to go on."""
+    if args.command == "run":
+        from trainer.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(Path(args.out))
+        return (
+            f"complete checkpoints are safe (last: {last or 'none yet'}); continue with the same command "
+            "plus --resume"
+        )
+    if args.command == "sweep":
+        return (
+            "each trial's complete checkpoints and scored rungs are safe; rerun the same command to continue"
+        )
+    return "rerun the same command to start it again"
 
 
 def _lrs(text: str) -> list[float]:

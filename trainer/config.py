@@ -9,6 +9,7 @@ into every checkpoint, and it is what ``trainer export`` and ``trainer eval`` re
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,19 @@ def check_choices(section: Any) -> None:
         value = getattr(section, f)
         if get_origin(hint) is Literal and value not in get_args(hint):
             raise ValueError(f"{name}.{f} must be one of {'|'.join(get_args(hint))}, got {value!r}")
+
+
+def check_finite(section: Any) -> None:
+    """Every ``float`` field (and every number of a ``tuple[float, ...]`` one) of a config section is finite.
+
+    Raises ``ValueError`` naming ``section.field`` and the value (``.inf`` and ``.nan`` are valid YAML).
+    """
+    name = _SECTION_NAMES[type(section)]
+    for f, hint in get_type_hints(type(section)).items():
+        if hint is float or (get_origin(hint) is tuple and float in get_args(hint)):
+            value = getattr(section, f)
+            if not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{name}.{f} must be finite, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +96,9 @@ class ModelConfig:
         # YAML gives a list; a frozen section stores the tuple it means (part of validation, not a change)
         object.__setattr__(self, "conv_lora_scales", tuple(int(s) for s in self.conv_lora_scales))
         check_choices(self)
+        check_finite(self)
+        if self.init_seed < 0:
+            raise ValueError(f"model.init_seed must be >= 0, got {self.init_seed}")
         if self.encoder_tail_blocks < 0 or self.encoder_rank < 1:
             raise ValueError("model.encoder_tail_blocks must be >= 0 and model.encoder_rank >= 1")
         if self.encoder_adapter != "none" and self.encoder_tail_blocks == 0:
@@ -156,6 +173,7 @@ class PromptConfig:
     single-mask output 0, the one they use at inference. ``false``: output 0 for every prompt."""
 
     def __post_init__(self):
+        check_finite(self)
         if not 0.0 <= self.box_fraction <= 1.0:
             raise ValueError(f"prompts.box_fraction must be in [0, 1], got {self.box_fraction}")
         if self.box_fraction < 1.0 and self.pos_points < 1:
@@ -199,6 +217,7 @@ class LossConfig:
 
     def __post_init__(self):
         check_choices(self)
+        check_finite(self)
         weights = (self.focal, self.dice, self.iou_head, self.bce, self.mse, self.ce)
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("loss weights must be >= 0 and at least one > 0")
@@ -234,6 +253,7 @@ class OptimConfig:
         # YAML gives a list; a frozen section stores the tuple it means (part of validation, not a change)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         check_choices(self)
+        check_finite(self)
         if not 0 < self.lr < float("inf") or self.grad_accum < 1 or self.clip_norm < 0:
             raise ValueError(
                 f"optim: lr must be finite and > 0 (got {self.lr}), grad_accum >= 1, clip_norm >= 0"
@@ -266,6 +286,8 @@ class RunConfig:
     """Validation images drawn to ``overlays/`` at the end."""
 
     def __post_init__(self):
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise ValueError(f"run.seed must be >= 0, got {self.seed}")
         if self.steps < 1 or self.stop_at < 0:
             raise ValueError("run.steps must be >= 1 and run.stop_at >= 0")
         if min(self.eval_every, self.save_every, self.log_every, self.keep_checkpoints) < 0:
@@ -406,20 +428,71 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or start from the defaults when ``path`` is ``None``) and apply overrides."""
-    d = {}
-    if path is not None:
-        with open(path) as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:  # its message gives the line and column
-                raise ValueError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a config is a mapping of sections, got {type(d).__name__}")
+    """Read a YAML config (or start from the defaults when ``path`` is ``None``) and apply overrides.
+
+    Raises ``ValueError`` naming the file for a folder, a file that is not UTF-8, bad YAML, a key written
+    twice, or a section that is not a mapping.
+    """
+    d = {} if path is None else _read_yaml(Path(path))
     return from_dict(apply_overrides(d, list(overrides)))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key written twice (PyYAML keeps the last one silently)."""
+
+    def construct_document(self, node):
+        _refuse_duplicate_keys(node, ())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``section.key`` and both lines if a mapping in ``node`` repeats a key."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, where)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen = {}
+    for key, value in node.value:
+        name = str(key.value)
+        if name in seen:
+            what = f"section {name!r}" if not where else f"{'.'.join(where)}.{name}"
+            raise ValueError(
+                f"{what} is written twice (lines {seen[name] + 1} and {key.start_mark.line + 1}); keep one"
+            )
+        seen[name] = key.start_mark.line
+        _refuse_duplicate_keys(value, (*where, name))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file as a dict of sections (each a mapping or empty); ``ValueError`` naming the file."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; --config takes a YAML file such as {DEFAULT_CONFIG}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} on line {line}); save it as UTF-8"
+        ) from None
+    try:
+        d = yaml.load(text, Loader=_StrictLoader) or {}
+    except yaml.YAMLError as e:  # its message gives the line and column
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    except ValueError as e:  # a key written twice
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a config is a mapping of sections, got {type(d).__name__}")
+    for name, section in d.items():
+        if section is not None and not isinstance(section, dict):
+            raise ValueError(
+                f"{path}: section {name!r} is {section!r}, not a mapping of fields "
+                f"(write it as `{name}:` then indented `field: value` lines)"
+            )
+    return d
 
 
 def save_config(cfg: Config, path: str | Path, *, header: str = "") -> None:
     """Write the resolved config as YAML, with an optional comment header."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    Path(path).write_text((f"# {header}\n" if header else "") + text)
+    Path(path).write_text((f"# {header}\n" if header else "") + text, encoding="utf-8")

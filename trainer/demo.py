@@ -80,8 +80,9 @@ def export_agreement(cache, store, model, exported: Path) -> dict[str, list[floa
     upstream.load_state_dict(torch.load(exported, map_location="cpu", weights_only=True), strict=True)
     upstream.eval()
     ious = {"Predictor": [], "MedSAMLite": []}
+    channels = cache.signature["dataset"].get("channels")  # the build's --channels: read the images as it did
     for i in cache.images_with_objects("val").tolist():
-        image = load_image(image_file(cache, i))
+        image = load_image(image_file(cache, i), channels)
         h, w = image.shape[:2]
         lo, hi = cache.object_range(i)
         boxes = cache.objects.box[lo:hi].astype(np.float64)

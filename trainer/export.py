@@ -9,6 +9,8 @@ goes to the ``.semantic.pth`` sidecar (see ``trainer.semantic``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -30,27 +32,49 @@ def export(run: str | Path, out: str | Path, *, which: str = "best") -> list[Pat
         which: ``best`` (falls back to the latest checkpoint), ``last``, a step number or a checkpoint folder.
     """
     run, out = Path(run), Path(out)
+    if out.is_dir():
+        raise ExportError(
+            f"--out {out} is a folder; name the .pth file to write, e.g. {out / 'sam_tuned.pth'}"
+        )
     weights = resolve_weights(run, which)
     cfg = load_config(weights.parent / "config.yaml")
     sam, model = tuned_sam(cfg, weights)
     adapters = detach_conv_lora(sam)  # Conv-LoRA cannot merge: it goes to its own file, SAM keeps its keys
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    if adapters["adapters"]:
-        side = conv_lora_sidecar(out)
-        torch.save(adapters, side.with_name(f".tmp-{side.name}"))
-        os.replace(side.with_name(f".tmp-{side.name}"), side)
-        written.append(side)
-    tmp = out.with_name(f".tmp-{out.name}")
-    torch.save(sam.state_dict(), tmp)
-    os.replace(tmp, out)
-    written.insert(0, out)
+    if adapters["adapters"]:  # before the model file, so that a model file never lacks its adapters
+        written.append(_save(adapters, conv_lora_sidecar(out)))
+    written.insert(0, _save(sam.state_dict(), out))
     if model.semantic_head is not None:
         head = model.semantic_head
-        side = semantic_sidecar(out)
-        torch.save(
-            {"num_classes": head.num_classes, "prompt": head.prompt, "state_dict": head.state_dict()},
-            side,
-        )
-        written.append(side)
+        sidecar = {"num_classes": head.num_classes, "prompt": head.prompt, "state_dict": head.state_dict()}
+        written.append(_save(sidecar, semantic_sidecar(out)))
     return written
+
+
+class ExportError(RuntimeError):
+    """``trainer export`` cannot write its file; the message names it and what to do."""
+
+
+def _save(obj, path: Path) -> Path:
+    """``torch.save`` to ``.tmp-<name>``, then ``os.replace`` onto ``path``: it is whole or untouched.
+
+    Whatever stops the write, the temp file is removed. A full disk or the file-size limit (``ulimit -f``)
+    raises ``ExportError``; a folder that refuses writes, the ``PermissionError`` the CLI names.
+    """
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with open(tmp, "wb") as f:  # a file object, so that a failed write's OSError reaches us
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__  # torch raises RuntimeError from the OSError
+        if isinstance(cause, OSError) and cause.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+            raise ExportError(
+                f"{path}: writing failed ({cause.strerror}); free space on its disk or raise the file-size "
+                "limit (ulimit -f), then rerun"
+            ) from e
+        raise
+    return path

@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from embedcache.images import BadInput, load_image  # noqa: E402
 
 
 def loss_curve(steps: list[int], losses: list[float], out: str | Path, *, evals: dict | None = None) -> Path:
@@ -50,6 +51,7 @@ def overlay(
     out: str | Path,
     *,
     image_path: str | None = None,
+    channels: tuple[int, int, int] | None = None,
     title: str = "",
     labels: tuple[str, str] = ("starting model", "tuned"),
     scores: tuple[float, float] | None = None,
@@ -57,15 +59,12 @@ def overlay(
     """Image, ground truth and two models' masks (box prompts) side by side -> PNG.
 
     ``gt``, ``first`` and ``second`` are lists of ``(H, W)`` bool masks, one per object; ``labels`` name the
-    two models and ``scores`` their mIoU on this image. The image panel is grey when ``image_path`` is missing
-    or of another size than the masks.
+    two models and ``scores`` their mIoU on this image. The image is read as the cache's build read it
+    (``channels``: the build's ``--channels``, ``cache.signature["dataset"]["channels"]``); its panel is grey
+    when ``image_path`` is missing, unreadable or of another size than the masks.
     """
     shape = gt[0].shape
-    background = None
-    if image_path and Path(image_path).is_file():
-        img = Image.open(image_path).convert("RGB")
-        if img.size == (shape[1], shape[0]):
-            background = np.asarray(img)
+    background = _image(image_path, channels, shape)
     names = ["image", "ground truth", *labels]
     if scores:
         names[2] += f" (mIoU {scores[0]:.2f})"
@@ -81,6 +80,18 @@ def overlay(
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def _image(path: str | None, channels, shape: tuple[int, int]) -> np.ndarray | None:
+    """``(H, W, 3)`` uint8 of the image at ``path`` by embedcache's rule, or None when it is missing,
+    unreadable, or not of ``shape``."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        image = load_image(Path(path), channels)
+    except BadInput:
+        return None
+    return image if image.shape[:2] == tuple(shape) else None
 
 
 def iou_distributions(per_model: dict[str, dict[str, list[float]]], out: str | Path) -> Path:

@@ -11,7 +11,8 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 
 from embedcache import open_cache
 from embedcache.cache import Cache
+from embedcache.lock import CacheLockedError, build_lock, lock_path
 from embedcache.signature import check_compatible
 from trainer import checkpoint as ckpt
 from trainer.config import Config, OptimConfig, save_config, to_dict
@@ -34,6 +36,10 @@ from trainer.task import TASKS, Task, make_task
 
 class NonFiniteLoss(RuntimeError):
     """A NaN or inf loss: the run stops before the update, and the last checkpoint stays as it was."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing this run folder; the message names it (pid, host, start time)."""
 
 
 @dataclass(kw_only=True)
@@ -84,6 +90,8 @@ class Session:
     """``(m,)`` int64 cache indices of the validation images (at most ``run.val_max_images``)."""
     per_epoch: int
     """Micro-batches per epoch on each process."""
+    lock: ExitStack
+    """Holds the run folder's lock (main process); closing it releases the lock, as the process's end does."""
 
     @property
     def device(self) -> torch.device:
@@ -143,8 +151,21 @@ def setup(
     """Build the session of a run on ``cache`` into the run folder ``out`` (resuming from its newest
     checkpoint when ``resume``). ``cpu`` forces the host; by default CUDA is used when there is one.
     ``split`` gives the ``(train, val)`` image indices instead of the task's training images and the cache's
-    validation split (``trainer sweep`` validates on images held out of the training split)."""
-    out = Path(out)
+    validation split (``trainer sweep`` validates on images held out of the training split).
+
+    The main process holds the run folder's lock from here on (``Session.lock``: close it when the run ends);
+    a second run on ``out`` is refused with ``RunLockedError``. A failed setup releases the lock.
+    """
+    lock = ExitStack()
+    try:
+        return _setup(cache, cfg, Path(out), lock, resume=resume, command=command, cpu=cpu, split=split)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _setup(cache, cfg: Config, out: Path, lock: ExitStack, *, resume, command, cpu, split) -> Session:
+    """``setup``'s work; the run folder's lock goes into ``lock``."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     # refuse a cache made by another model before anything is built: its embeddings mean nothing here
     check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
@@ -165,6 +186,8 @@ def setup(
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     device = accelerator.device
+    if accelerator.is_main_process:
+        run_folder_lock(out, lock)
     found = ckpt.latest_checkpoint(out)
     if found is not None and not resume:
         raise FileExistsError(
@@ -216,10 +239,11 @@ def setup(
 
     state = TrainState()
     if resume and found is not None:
+        found = good_checkpoint(out, say=accelerator.is_main_process)
         _check_resume_config(json.loads((found / "config.json").read_text()), to_dict(cfg), found)
         # save_state's counterpart: weights, optimiser moments, RNG states
         accelerator.load_state(str(found))
-        state = TrainState(**json.loads((found / "trainer_state.json").read_text()))
+        state = read_train_state(found / "trainer_state.json")
         if accelerator.is_main_process:
             print(f"resuming from {found} (step {state.step}, epoch {state.epoch})", flush=True)
     shard_of = train_images // cache.images_per_shard
@@ -257,6 +281,85 @@ def setup(
         train_images=train_images,
         val_images=val_images,
         per_epoch=per_epoch,
+        lock=lock,
+    )
+
+
+def run_folder_lock(out: Path, held: ExitStack) -> None:
+    """Take the run folder's lock into ``held``: embedcache's build lock (an ``flock`` on ``.<name>.lock``
+    beside ``out``, which the OS releases when its holder dies, however it dies). Raises ``RunLockedError``
+    naming the holder."""
+    try:
+        held.enter_context(build_lock(out))
+    except CacheLockedError:
+        raise RunLockedError(
+            f"{out}: another trainer run is writing this run folder ({_holder(lock_path(out))}); wait for it "
+            "or stop it, then rerun (or pick another --out)"
+        ) from None
+
+
+def _holder(path: Path) -> str:
+    """The pid, host and start time a lock file records."""
+    try:
+        h = json.loads(path.read_text())
+        return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"holder unknown; lock {path}"
+
+
+def read_train_state(path: Path) -> TrainState:
+    """``trainer_state.json`` as a ``TrainState``; ``CheckpointReadError`` naming the file and the field when
+    it does not parse, lacks a field or holds one of a wrong type or sign."""
+    problem = _train_state_problem(path)
+    if problem:
+        raise ckpt.CheckpointReadError(problem)
+    return TrainState(**json.loads(path.read_text()))
+
+
+def _train_state_problem(path: Path) -> str | None:
+    """Why ``trainer_state.json`` at ``path`` is not a ``TrainState`` (``"<path>: <why>"``), or ``None``."""
+    problem = ckpt.damage(path)
+    if problem:
+        return problem
+    d = json.loads(path.read_text())
+    want = {f.name: f.type for f in fields(TrainState)}  # "int", "float" or "dict"
+    if not isinstance(d, dict) or set(d) != set(want):
+        return (
+            f"{path}: damaged (fields {sorted(d) if isinstance(d, dict) else d!r}, expected {sorted(want)})"
+        )
+    for k, v in d.items():
+        if not _is_state_value(v, want[k], least=-1 if k == "best_step" else 0):
+            return f"{path}: damaged ({k}={v!r} is not {_STATE_KINDS[want[k]][1]})"
+    return None
+
+
+_STATE_KINDS = {
+    "int": (int, "an integer >= 0"),
+    "float": ((int, float), "a number"),
+    "dict": (dict, "a mapping"),
+}
+
+
+def _is_state_value(v, kind: str, *, least: int) -> bool:
+    """Whether a ``trainer_state.json`` value is of its field's kind (``int`` ones at least ``least``)."""
+    return not isinstance(v, bool) and isinstance(v, _STATE_KINDS[kind][0]) and (kind != "int" or v >= least)
+
+
+def good_checkpoint(out: Path, *, say: bool) -> Path:
+    """The newest checkpoint of ``out`` whose files are whole (``ckpt.damage_in``, ``trainer_state.json``'s
+    types), saying when ``say`` which damaged ones it passes over; ``CheckpointReadError`` when none is."""
+    skipped = []
+    for _, folder in reversed(ckpt.list_checkpoints(out)):
+        problem = ckpt.damage_in(folder) or _train_state_problem(folder / "trainer_state.json")
+        if problem is None:
+            if say and skipped:
+                print(
+                    f"--resume: {skipped[0]}; resuming from the previous good checkpoint {folder}", flush=True
+                )
+            return folder
+        skipped.append(problem)
+    raise ckpt.CheckpointReadError(
+        f"--resume: {skipped[0]}; no earlier good checkpoint in {out}: start afresh in a new --out"
     )
 
 

@@ -32,6 +32,12 @@ def run(
 ) -> dict:
     """Train on a cache into the run folder ``out``; returns a summary (final metrics and files written)."""
     s = setup(cache_path, cfg, out, resume=resume, command=command)
+    with s.lock:  # the run folder's lock, released however the run ends
+        return train(s, command=command, progress=progress)
+
+
+def train(s: Session, *, command: str, progress: bool) -> dict:
+    """``run``'s loop on a set-up session: steps, validation, checkpoints, then the end-of-run files."""
     cfg, state, accelerator = s.cfg, s.state, s.accelerator
     start_logs(s)
     if state.step == 0 and not state.start_metrics:
@@ -39,35 +45,37 @@ def run(
         if s.main and state.start_metrics:
             print(f"starting model: {json.dumps(state.start_metrics)}", flush=True)
     stop = min(cfg.run.stop_at or cfg.run.steps, cfg.run.steps)
-    bar = tqdm(
+    # the bar closes however the loop ends, so that an error or Ctrl-C message starts on a line of its own
+    with tqdm(
         total=stop, initial=state.step, disable=not (s.main and progress), unit="step", dynamic_ncols=True
-    )
-    s.model.train()
-    while True:
-        # termination: run.steps done, or run.stop_at reached (a planned interruption; --resume continues)
-        if state.step >= stop:
-            break
+    ) as bar:
+        s.model.train()
+        while True:
+            # termination: run.steps done, or run.stop_at reached (a planned interruption; --resume continues)
+            if state.step >= stop:
+                break
 
-        # learning rate; forward, backward and update: train_step sets lr = optim.lr * lr_factor(step) (a
-        # pure function of the step: no scheduler state to resume), runs grad_accum micro-batches, one update
-        t0 = time.perf_counter()
-        stats = train_step(s)
+            # learning rate; forward, backward and update: train_step sets lr = optim.lr * lr_factor(step)
+            # (a pure function of the step: no scheduler state to resume), runs grad_accum micro-batches, one
+            # update
+            t0 = time.perf_counter()
+            stats = train_step(s)
 
-        # timing and logging: prompts/s of all processes, losses.jsonl each step, tensorboard every log_every
-        rate = stats.prompts * accelerator.num_processes / (time.perf_counter() - t0)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", prompts_per_s=f"{rate:.1f}", epoch=state.epoch)
-        log_step(s, stats, rate)
+            # timing and logging: prompts/s of all processes, losses.jsonl each step, tensorboard every
+            # log_every steps
+            rate = stats.prompts * accelerator.num_processes / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", prompts_per_s=f"{rate:.1f}", epoch=state.epoch)
+            log_step(s, stats, rate)
 
-        # eval and checkpoint: validate every eval_every steps and at the last step, keeping the best;
-        # save every save_every steps and where the run stops
-        if (cfg.run.eval_every and state.step % cfg.run.eval_every == 0) or state.step == cfg.run.steps:
-            metrics = validate_and_keep_best(s)
-            if metrics and s.main and progress:
-                bar.write(f"step {state.step}: val {json.dumps(metrics)}")
-        if (cfg.run.save_every and state.step % cfg.run.save_every == 0) or state.step == stop:
-            save(s, command)
-    bar.close()
+            # eval and checkpoint: validate every eval_every steps and at the last step, keeping the best;
+            # save every save_every steps and where the run stops
+            if (cfg.run.eval_every and state.step % cfg.run.eval_every == 0) or state.step == cfg.run.steps:
+                metrics = validate_and_keep_best(s)
+                if metrics and s.main and progress:
+                    bar.write(f"step {state.step}: val {json.dumps(metrics)}")
+            if (cfg.run.save_every and state.step % cfg.run.save_every == 0) or state.step == stop:
+                save(s, command)
     s.loader.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
