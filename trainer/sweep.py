@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from embedcache import open_cache
 from trainer import checkpoint as ckpt
@@ -143,18 +144,22 @@ def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_every=0, overlays=0))
     resume = ckpt.latest_checkpoint(folder) is not None
     s = setup(cache, cfg, folder, resume=resume, command=command, split=split)
+    bar = tqdm(total=at[-1], initial=s.state.step, desc=folder.name, unit="step", disable=not s.main)
     try:
         for step in at:
             if str(step) not in s.state.evals:
                 s.model.train()
                 while s.state.step < step:
-                    train_step(s)
+                    stats = train_step(s)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats.loss:.4f}")
                     if cfg.run.save_every and s.state.step % cfg.run.save_every == 0:
                         save(s, command)
                 s.state.evals[str(step)] = validate(s)
                 save(s, command)  # the rung's score is on disk with the weights it was measured on
             yield step, s.state.evals[str(step)]
     finally:
+        bar.close()
         s.loader.close()
         s.accelerator.free_memory()
 
