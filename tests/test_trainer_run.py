@@ -157,12 +157,16 @@ def test_eval_command_writes_start_and_tuned_metrics(trained, cache_path, tmp_pa
 
 def test_eval_clicks_round_0_is_todays_score_and_deterministic(trained, cache_path, tmp_path):
     """``--clicks N``: a click curve per model and start whose round 0 is exactly the plain box and point
-    score, N + 1 entries, NoC within 1..N + 1, the same numbers on a second run; the table and figure."""
-    args = ["eval", "--cache", str(cache_path), "--run", str(trained), "--which", "last", "--clicks", "3"]
-    assert main([*args, "--out", str(tmp_path / "a"), "--overlays", "0"]) == 0
-    assert main([*args, "--out", str(tmp_path / "b"), "--overlays", "0"]) == 0
+    score, N + 1 entries, NoC within 1..N + 1, the same rounds again on a second run with fewer clicks; the
+    table and figure."""
+    args = ["eval", "--cache", str(cache_path), "--run", str(trained), "--which", "last", "--overlays", "0"]
+    assert main([*args, "--clicks", "3", "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--clicks", "2", "--out", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert a == json.loads((tmp_path / "b" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for model in ("start", "tuned"):  # deterministic: the shorter run's rounds are the longer run's first
+        for start in ("box_clicks", "point_clicks"):
+            assert b[model][start]["miou"] == a[model][start]["miou"][:3]
     final = json.loads((trained / "metrics.json").read_text())
     for model in ("start", "tuned"):
         for start in ("box", "point"):
@@ -176,7 +180,7 @@ def test_eval_clicks_round_0_is_todays_score_and_deterministic(trained, cache_pa
     assert "| tuned | box |" in table and "| tuned | point |" in table and "NoC85" in table
     assert (tmp_path / "a" / "clicks.png").stat().st_size > 0
     # without the mask prompt the corrective rounds differ, round 0 does not
-    assert main([*args, "--out", str(tmp_path / "c"), "--overlays", "0", "--no-mask-prompt"]) == 0
+    assert main([*args, "--clicks", "3", "--out", str(tmp_path / "c"), "--no-mask-prompt"]) == 0
     c = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert c["tuned"]["box_clicks"]["miou"][0] == a["tuned"]["box_clicks"]["miou"][0]
     assert c["tuned"]["box_clicks"]["miou"][1:] != a["tuned"]["box_clicks"]["miou"][1:]
