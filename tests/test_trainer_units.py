@@ -376,3 +376,25 @@ def test_batch_targets_are_pasted_from_crops_exactly(tmp_path):
     assert torch.equal(scattered, batch.masks)
     no_objects = paste_crops(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, 4, dtype=torch.int64), 256)
     assert no_objects.shape == (0, 256, 256)
+
+
+def test_config_without_a_model_takes_the_caches(tmp_path):
+    """The default recipe names no model: a random-init cache gives its type and seed, an official
+    checkpoint's sha256 gives its name, and a file's own value wins over the cache's."""
+    from embedcache.weights import OFFICIAL
+    from trainer.config import DEFAULT_CONFIG, model_from_cache
+
+    def cache(model_type: str, ck: str):
+        return SimpleNamespace(signature={"model_type": model_type, "checkpoint": ck})
+
+    under = model_from_cache(cache("vit_tiny", "random-init:7"))
+    cfg = load_config(DEFAULT_CONFIG, under=under)
+    assert (cfg.model.model_type, cfg.model.checkpoint, cfg.model.init_seed) == ("vit_tiny", None, 7)
+    assert cfg.prompts.corrective_rounds == 1  # the recipe itself is the file's
+    lite = OFFICIAL["lite_medsam"]
+    cfg = load_config(DEFAULT_CONFIG, under=model_from_cache(cache("lite_medsam", lite.sha256)))
+    assert (cfg.model.model_type, cfg.model.checkpoint) == ("lite_medsam", "lite_medsam")
+    named = tmp_path / "c.yaml"
+    named.write_text("model:\n  model_type: vit_b\n  checkpoint: vit_b\n")
+    cfg = load_config(named, ["model.init_seed=3"], under=under)
+    assert (cfg.model.model_type, cfg.model.checkpoint, cfg.model.init_seed) == ("vit_b", "vit_b", 3)

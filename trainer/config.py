@@ -427,14 +427,43 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    under: dict[str, dict[str, Any]] | None = None,
+) -> Config:
     """Read a YAML config (or start from the defaults when ``path`` is ``None``) and apply overrides.
+
+    ``under`` gives values for fields the file leaves out (``model_from_cache``: the cache's model), beneath
+    the file's own values and the overrides.
 
     Raises ``ValueError`` naming the file for a folder, a file that is not UTF-8, bad YAML, a key written
     twice, or a section that is not a mapping.
     """
     d = {} if path is None else _read_yaml(Path(path))
+    for section, values in (under or {}).items():
+        d[section] = {**values, **(d.get(section) or {})}
     return from_dict(apply_overrides(d, list(overrides)))
+
+
+def model_from_cache(cache) -> dict[str, dict[str, Any]]:
+    """``{"model": {...}}``: the model a cache was built with, for a config that does not name one.
+
+    ``model_type`` always; ``checkpoint`` and ``init_seed`` where the signature's checkpoint id says which
+    weights they were (a random init's seed, or an official checkpoint's sha256); a checkpoint file of your
+    own is not known by path, so it must be given (``model.checkpoint=PATH``).
+    """
+    from embedcache.weights import OFFICIAL
+
+    model_type, ck = cache.signature["model_type"], cache.signature["checkpoint"]
+    model: dict[str, Any] = {"model_type": model_type}
+    if ck.startswith("random-init:"):
+        model.update(checkpoint=None, init_seed=int(ck.split(":")[1]))
+    official = [n for n, o in OFFICIAL.items() if o.sha256 == ck and o.model_type == model_type]
+    if official:
+        model["checkpoint"] = official[0]
+    return {"model": model}
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from embedcache import open_cache
 from trainer import checkpoint as ckpt
-from trainer.config import DEFAULT_CONFIG, Config, load_config, save_config
+from trainer.config import DEFAULT_CONFIG, Config, load_config, model_from_cache, save_config
 from trainer.session import setup, train_step
 from trainer.train import save, validate
 
@@ -93,7 +93,10 @@ def sweep(
     out = Path(out)
     cache = open_cache(cache_path)
     bases = {trial_name(c, lr): (c, lr) for c in configs for lr in lrs}
-    cfgs = {name: load_config(c, [*overrides, f"optim.lr={lr!r}"]) for name, (c, lr) in bases.items()}
+    under = model_from_cache(cache)
+    cfgs = {
+        name: load_config(c, [*overrides, f"optim.lr={lr!r}"], under=under) for name, (c, lr) in bases.items()
+    }
     steps = {cfg.run.steps for cfg in cfgs.values()}
     if len(steps) != 1:
         raise ValueError(f"the recipes must share run.steps to compete at equal steps; got {sorted(steps)}")
@@ -161,6 +164,7 @@ def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command
     finally:
         bar.close()
         s.loader.close()
+        s.lock.close()
         s.accelerator.free_memory()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from trainer import checkpoint as ckpt
-from trainer.config import DEFAULT_CONFIG, Config, load_config, save_config, to_dict
+from trainer.config import DEFAULT_CONFIG, Config, load_config, model_from_cache, save_config, to_dict
 from trainer.evaluate import Contender
 from trainer.plots import loss_curve
 from trainer.session import Session, StepStats, setup, train_step
@@ -213,5 +213,10 @@ def finish(s: Session) -> dict:
 def run_from_args(
     cache: str, config: str | None, overrides: list[str], out: str, resume: bool, command: str
 ) -> dict:
-    """The CLI's ``run``: load the config (the default recipe without one) with overrides and train."""
-    return run(cache, load_config(config or DEFAULT_CONFIG, overrides), out, resume=resume, command=command)
+    """The CLI's ``run``: load the config (the default recipe without one) with overrides and train. Model
+    fields the config leaves out are the cache's (``model_from_cache``)."""
+    from embedcache import open_cache
+
+    under = model_from_cache(open_cache(cache))
+    cfg = load_config(config or DEFAULT_CONFIG, overrides, under=under)
+    return run(cache, cfg, out, resume=resume, command=command)
