@@ -125,6 +125,7 @@ def box_overlays(folder: Path, images: np.ndarray, first: Contender, second: Con
             *masks,
             path,
             image_path=image_file(cache, i),
+            channels=cache.signature["dataset"].get("channels"),
             title=str(cache.image_id[i]),
             labels=(first.label, second.label),
             scores=scores,
