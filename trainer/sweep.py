@@ -156,8 +156,8 @@ def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command
                     stats = train_step(s)
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats.loss:.4f}")
-                    if cfg.run.save_every and s.state.step % cfg.run.save_every == 0:
-                        save(s, command)
+                    if cfg.run.save_every and s.state.step % cfg.run.save_every == 0 and s.state.step < step:
+                        save(s, command)  # a rung's own checkpoint is written once it is scored, below
                 s.state.evals[str(step)] = validate(s)
                 save(s, command)  # the rung's score is on disk with the weights it was measured on
             yield step, s.state.evals[str(step)]
