@@ -78,8 +78,13 @@ def _truncate(path: Path) -> None:
 
 def _trainer(*args: str, **kw) -> subprocess.Popen:
     """``python -m trainer ...`` in a child process with Ctrl-C's default handling."""
+    return _interruptible([sys.executable, "-m", "trainer", *args], **kw)
+
+
+def _interruptible(cmd: list[str], **kw) -> subprocess.Popen:
+    """``cmd`` in a child process with Ctrl-C's default handling, its stderr piped as text."""
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer", *args],
+        cmd,
         cwd=REPO,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -381,15 +386,7 @@ def test_ctrl_c_during_a_build_says_what_is_safe_and_a_rerun_resumes(tmp_path):
     data = tiny_dataset(tmp_path / "data", n_images=40)
     out = tmp_path / "c.zarr"
     cmd = cli_build_cmd(data, out, "--no-progress")
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = _interruptible(cmd)
     _wait_for(shard_file(out, 0), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
