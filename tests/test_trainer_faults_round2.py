@@ -379,6 +379,7 @@ def test_ctrl_c_during_a_run_says_what_is_safe_and_resume_continues(reference, r
     assert rc == 0, err
 
 
+@pytest.mark.slow  # about 40 s on 2 cores: a 40-image build interrupted and rerun
 def test_ctrl_c_during_a_build_says_what_is_safe_and_a_rerun_resumes(tmp_path):
     from embedcache import open_cache
     from embedcache.verify import shard_file
