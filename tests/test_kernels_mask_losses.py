@@ -216,9 +216,10 @@ def test_triton_matches_reference(shape, valid, factor, tol, seed):
     context = f"shape={shape} factor={factor} valid={valid_hw.tolist()} seed={seed}"
     got = run(logits, targets, valid_hw, weights, backend="triton")
     want = run(logits, targets, valid_hw, weights, backend="torch")
-    # Both sides are float32: a logit's gradient sums factor**2 pixels' terms, which can cancel, so its rounding
-    # error scales with the terms, not with the sum; the floor is the unsaturated term size, as for the float32
-    # reference above (a (1, 1, 1) case with one cancelling gradient of 3e-5 differed by 5e-9, seed 4137388827).
+    # Both sides are float32: a logit's gradient sums factor**2 pixels' terms, which can cancel, so its
+    # rounding error scales with the terms, not with the sum; the floor is the unsaturated term size, as for
+    # the float32 reference above (a (1, 1, 1) case whose gradient cancelled to 3e-5 differed by 5e-9 under
+    # seed 4137388827).
     scale = unsaturated_grad_scale(weights.sum(0), valid_hw, factor)
     compare(*got, *want, *tol, context, grad_scale=scale)
 
