@@ -237,18 +237,19 @@ def test_prompts_from_masks_and_corrective_click():
     assert q.point_labels[0, -1] == 1 and q.point_labels[1, -1] == 0
     assert q.mask_input.shape == (3, 1, 256, 256) and q.has_mask.all()
     assert corrective_click(p, low, masks, valid, g, mask_prompt_prob=0.0).mask_input is None
-    # the mask prompt is drawn per object with the configured probability
-    big = masks.repeat(200, 1, 1)
+    # the mask prompt is drawn per object with the configured probability (600 small objects)
+    small = torch.zeros(600, 32, 32, dtype=torch.bool)
+    small[:, 4:20, 4:20] = True
     half = corrective_click(
         Prompts(
             point_coords=torch.zeros(600, 0, 2),
             point_labels=torch.zeros(600, 0, dtype=torch.long),
-            boxes=boxes.repeat(200, 1),
+            boxes=torch.tensor([[4.0, 4, 20, 20]]).repeat(600, 1),
             has_box=torch.ones(600, dtype=torch.bool),
         ),
-        low.repeat(200, 1, 1),
-        big,
-        valid.repeat(200, 1),
+        torch.full((600, 256, 256), -10.0),
+        small,
+        torch.tensor([[32, 32]]).repeat(600, 1),
         g,
         mask_prompt_prob=0.5,
     )
