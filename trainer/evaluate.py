@@ -107,6 +107,7 @@ def predict_rounds(
         else:
             xy = np.array([farthest_interior_point(m) for m in gts], np.float64)[:, None] * scale
             labels = np.ones((n, 1), np.int64)
+        index = torch.zeros(n, dtype=torch.long, device=device)  # every object is of the one image
         low_in, shown, done = None, None, np.zeros(n, bool)
         for r in range(clicks + 1):
             points = None
@@ -114,7 +115,6 @@ def predict_rounds(
                 coords = torch.from_numpy(xy.astype(np.float32)).to(device)
                 points = (coords, torch.from_numpy(labels).to(device))
             sparse, dense = pe(points=points, boxes=boxes, masks=low_in if mask_prompt else None)
-            index = torch.zeros(n, dtype=torch.long, device=device)
             hs, up = decode(model.mask_decoder, emb, index, image_pe, sparse, dense)
             masks, iou = instance_head(model.mask_decoder, hs, up)
             pick = iou[:, 1:].argmax(1) + 1 if r == 0 and prompt == "point" else torch.zeros_like(iou[:, 0])
