@@ -24,7 +24,7 @@ from test_embedcache_support import REPO
 from embedcache.verify import shard_file
 from trainer import checkpoint as ckpt
 from trainer.cli import main
-from trainer.config import load_config
+from trainer.config import DEFAULT_CONFIG, load_config, model_from_cache
 from trainer.train import run
 
 # one image and one object per micro-batch, no evaluation: each step is a few ms of decoder work
@@ -211,24 +211,42 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_so(reference, 
 KILL_RUN = [*TINY, "run.steps=8", "run.save_every=2", "prompts.box_fraction=0.5"]
 
 
+def _kill_config(cache: Path):
+    """The config ``trainer run`` builds from KILL_RUN without ``--config``: the default recipe, the cache's
+    model."""
+    from embedcache import open_cache
+
+    return load_config(DEFAULT_CONFIG, KILL_RUN, under=model_from_cache(open_cache(cache)))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(reference, tmp_path_factory) -> Path:
     _, ref = reference
     out = tmp_path_factory.mktemp("trainer_kill") / "ref"
-    run(ref, load_config(None, KILL_RUN), out, progress=False)
+    run(ref, _kill_config(ref), out, progress=False)
     return out
 
 
+def _logged_steps(out: Path) -> int:
+    f = out / "losses.jsonl"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
 def _kill_at_random_and_resume(cache: Path, reference_run: Path, out: Path, rng: np.random.Generator) -> None:
+    """SIGKILL ``trainer run`` once ``after`` steps are logged (0: during setup) and a random few ms more, check
+    the signal killed it mid-run (not after it exited), then resume in this process."""
     cmd = [sys.executable, "-m", "trainer", "run", "--cache", str(cache), "--out", str(out), *KILL_RUN]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (out / "config.yaml").exists() and proc.poll() is None:  # setup has begun
-        time.sleep(0.01)
-    time.sleep(float(rng.uniform(0.0, 6.0)))  # setup, 8 steps and 4 checkpoints take 5.4 s here (measured)
+    after = int(rng.integers(0, 7))  # of 8 steps: at least the last step and its checkpoint are still to come
+    while not (out / "config.yaml").exists() or _logged_steps(out) < after:
+        assert proc.poll() is None, f"trainer run exited ({proc.returncode}) before step {after} was logged"
+        time.sleep(0.002)
+    time.sleep(float(rng.uniform(0.0, 0.05)))
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run(cache, load_config(None, KILL_RUN), out, resume=True, progress=False)
+    assert proc.wait() == -signal.SIGKILL, f"the run had already exited when SIGKILL came (after step {after})"
+    assert not (ckpt.step_dir(out, 8) / "model.safetensors").exists()
+    run(cache, _kill_config(cache), out, resume=True, progress=False)
     want = [json.loads(ln)["loss"] for ln in (reference_run / "losses.jsonl").read_text().splitlines()]
     got = [json.loads(ln)["loss"] for ln in (out / "losses.jsonl").read_text().splitlines()]
     assert got == want
