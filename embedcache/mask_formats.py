@@ -1,10 +1,11 @@
 """Measure candidate stored mask forms on a dataset: bytes on disk and time to give the ``input`` frame.
 
-``python -m embedcache.mask_formats DATA --mask-kind instance`` prints one row per form. The figures that
-chose the cache's form are in docs/cache-format.md. Forms:
+``python -m embedcache.mask_formats DATA --mask-kind instance [--model vit_b]`` prints one row per form, in
+the input frame of the model's preset (1024 for SAM, 256 for LiteMedSAM). The figures that chose the cache's
+form are in docs/cache-format.md. Forms:
 
 - ``crop-bits``: box crop, bit-packed, ragged, zstd (what the cache stores).
-- ``crop-bits+input``: the same, plus a second copy already in the 1024 input frame (box crop, bit-packed).
+- ``crop-bits+input``: the same, plus a second copy already in the input frame (box crop, bit-packed).
 - ``coco-rle``: pycocotools compressed RLE of the full original frame, per object.
 - ``label-map``: one zstd-compressed label map per image (objects must not overlap).
 """
@@ -17,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 from numcodecs import Zstd
+from pycocotools import mask as mask_utils
 
 from embedcache import masks as mk
 from embedcache.prepare import collect_metadata
+from embedcache.presets import MODEL_TYPES, get_preset
 from embedcache.readers import FolderReader
-from embedcache.readers.coco import _decode_rle
-
-IMAGE_SIZE = 1024  # the measurements use SAM's input frame
 
 ZSTD = Zstd(level=0)  # zarr v3's default compressor settings for the cache's small arrays
 
@@ -39,14 +39,22 @@ def _timeit(fn, n: int, repeat: int = 3) -> float:
     return float(np.median(times))
 
 
-def measure(data: Path, mask_kind: str) -> list[dict]:
-    """One dict per form: total bytes, bytes/object, ms per object for the input and original frames."""
-    from pycocotools import mask as mask_utils
-
+def measure(data: Path, mask_kind: str, model: str = "vit_b") -> list[dict]:
+    """One dict per form: total bytes, bytes/object, ms per object for the input and original frames, in the
+    input frame of ``model``'s preset."""
+    preset = get_preset(model)
+    side = preset.image_size
     reader = FolderReader(data, mask_kind=mask_kind)
     scan = reader.scan()
     meta, _ = collect_metadata(
-        reader, scan.records, scan_bad=scan.bad, skip_bad=True, val_fraction=0, seed=0, workers=4
+        reader,
+        scan.records,
+        scan_bad=scan.bad,
+        skip_bad=True,
+        val_fraction=0,
+        seed=0,
+        workers=4,
+        preset=preset,
     )
     box = meta["objects/box"].astype(np.int64)
     img = meta["objects/image_index"]
@@ -56,18 +64,18 @@ def measure(data: Path, mask_kind: str) -> list[dict]:
     bits = meta["objects/mask_bits"]
     m = len(box)
     crops = [mk.unpack(bits[off[j] : off[j + 1]], box[j]) for j in range(m)]
-    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    out = np.zeros((side, side), bool)
     rows = []
     fixed = m * (4 * 4 + 8 + 4 + 8 + 8)  # box f32x4, image i64, class i32, area i64, offset i64
 
     def input_crop_bits(j):
-        return mk.crop_to_input(crops[j], box[j], tuple(orig[img[j]]), tuple(inp[img[j]]), side=IMAGE_SIZE)
+        return mk.crop_to_input(crops[j], box[j], tuple(orig[img[j]]), tuple(inp[img[j]]), side=side)
 
     # crop-bits
     def read_a(j):
         out[:] = False
         c = mk.unpack(bits[off[j] : off[j + 1]], box[j])
-        mk.crop_to_input(c, box[j], tuple(orig[img[j]]), tuple(inp[img[j]]), side=IMAGE_SIZE, out=out)
+        mk.crop_to_input(c, box[j], tuple(orig[img[j]]), tuple(inp[img[j]]), side=side, out=out)
 
     def read_a_orig(j):
         mk.crop_to_original(mk.unpack(bits[off[j] : off[j + 1]], box[j]), box[j], tuple(orig[img[j]]))
@@ -113,7 +121,7 @@ def measure(data: Path, mask_kind: str) -> list[dict]:
     size_c = sum(len(r["counts"]) for r in rles) + fixed
 
     def read_c_orig(j):
-        return _decode_rle(rles[j]).astype(bool)
+        return mask_utils.decode(rles[j]).astype(bool)
 
     def read_c(j):
         full = read_c_orig(j)
@@ -170,9 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", type=Path)
     p.add_argument("--mask-kind", default="instance")
+    p.add_argument(
+        "--model", default="vit_b", choices=MODEL_TYPES, help="preset whose input frame is measured"
+    )
     args = p.parse_args(argv)
-    rows = measure(args.data, args.mask_kind)
-    print(f"{args.data} ({rows[0]['objects']} objects)")
+    rows = measure(args.data, args.mask_kind, args.model)
+    print(f"{args.data} ({rows[0]['objects']} objects, {args.model} input frame)")
     print(f"{'form':<20} {'bytes':>10} {'B/object':>9} {'input ms/obj':>13} {'original ms/obj':>16}")
     for r in rows:
         print(

@@ -83,3 +83,17 @@ def test_lowres_from_a_crop_equals_lowres_of_the_full_frame(region, side):
     full[0, r0:r1, c0:c1] = small
     got = mk.input_crop_to_lowres((r0, r1, c0, c1), small, block=side // 256)
     assert np.array_equal(got, mk.input_to_lowres(full)[0])
+
+
+@pytest.mark.parametrize("model", [None, "lite_medsam"])
+def test_mask_formats_command_runs(tmp_path, capsys, model):
+    """``python -m embedcache.mask_formats``, as docs/cache-format.md runs it (default preset) and at 256."""
+    from embedcache import mask_formats
+    from embedcache.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_images=2, min_side=40, max_side=64, max_objects=2)
+    mask_formats.main([str(data), "--mask-kind", "instance", *(["--model", model] if model else [])])
+    out = capsys.readouterr().out
+    forms = [line.split()[0] for line in out.splitlines()[2:]]
+    assert forms[:3] == ["crop-bits", "crop-bits+input", "coco-rle"] and forms[3].startswith("label-map")
+    assert f"{model or 'vit_b'} input frame" in out

@@ -14,7 +14,6 @@ from test_embedcache_support import write_pair as _write
 from embedcache import open_cache
 from embedcache.prepare import BadDataError
 from embedcache.readers import FolderReader
-from embedcache.readers.coco import _decode_rle
 
 
 def _objects(meta):
@@ -115,7 +114,7 @@ def test_coco_polygons_and_rle(tmp_path):
     assert meta["image_id"].tolist() == ["5"]
     assert [c for _, c, _ in objs] == [3, 4, 4]  # the crowd region is not an object
     assert reader.crowd_skipped == 1
-    poly = _decode_rle(mask_utils.merge(mask_utils.frPyObjects([[2, 2, 12, 2, 12, 12, 2, 12]], 30, 40)))
+    poly = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([[2, 2, 12, 2, 12, 12, 2, 12]], 30, 40)))
     assert np.array_equal(objs[0][2], poly.astype(bool))
     assert np.array_equal(objs[1][2], square.astype(bool)) and np.array_equal(objs[2][2], square.astype(bool))
 
