@@ -2,7 +2,9 @@
 
 ``mask_losses`` and ``class_ce`` dispatch on the tensors: CUDA tensors go to the Triton kernels, everything
 else to the plain-torch definitions in ``kernels.reference``. ``backend="triton"`` forces Triton (on CPU only
-under ``TRITON_INTERPRET=1``), ``backend="torch"`` forces the reference. ``min_bytes_moved`` gives the bytes
+under ``TRITON_INTERPRET=1``), ``backend="torch"`` forces the reference. Triton is optional (pyproject
+installs it on Linux only): without it the package imports, ``auto`` always takes the reference and
+``backend="triton"`` raises. ``min_bytes_moved`` gives the bytes
 ``mask_losses`` must move, for bandwidth figures.
 """
 

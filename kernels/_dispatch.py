@@ -4,20 +4,33 @@ path can run the given tensors."""
 from __future__ import annotations
 
 import torch
-import triton
 
-__all__ = ["INTERPRETED", "check_triton_args", "require_launchable", "resolve_backend"]
+try:
+    import triton
+except ImportError:  # optional: pyproject installs it on Linux only; the torch reference runs everywhere
+    triton = None
+
+__all__ = ["HAS_TRITON", "INTERPRETED", "check_triton_args", "require_launchable", "resolve_backend"]
+
+HAS_TRITON = triton is not None
 
 # Triton fixes compiled vs interpreted when ``triton.jit`` wraps a kernel (reading TRITON_INTERPRET), and
-# the op files wrap theirs at import, right after importing this module. So the mode is read once, here:
-# setting the variable later changes nothing. The interpreter tests set it before pytest starts (Makefile).
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+# the Triton op files wrap theirs at import, right after importing this module. So the mode is read once,
+# here: setting the variable later changes nothing. The interpreter tests set it before pytest starts
+# (Makefile). ``triton.knobs`` is new in triton 3.4, pyproject's floor.
+INTERPRETED = HAS_TRITON and bool(triton.knobs.runtime.interpret)
 
 
 def resolve_backend(backend: str, logits: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: ``"auto"`` picks Triton for CUDA logits; anything else raises."""
+    """``"triton"`` or ``"torch"``: ``"auto"`` picks Triton for CUDA logits when triton is installed;
+    ``"triton"`` without triton, or any other name, raises."""
     if backend == "auto":
-        return "triton" if logits.is_cuda else "torch"
+        return "triton" if logits.is_cuda and HAS_TRITON else "torch"
+    if backend == "triton" and not HAS_TRITON:
+        raise RuntimeError(
+            "backend='triton' needs the triton package (Linux: pip install 'triton>=3.4'); "
+            "backend='auto' or 'torch' runs the torch reference without it"
+        )
     if backend in ("triton", "torch"):
         return backend
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")

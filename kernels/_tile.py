@@ -6,7 +6,7 @@ its target pixels, the logits there and the store of their gradient, for an upsa
 
 Factor 4: the layout (high-res row ``y = 4k - 2 + r``, groups of 4 rows/cols, ``(BLOCK, 4, BLOCK, 4)``
 tiles, the overlapping backward blocks and the gather-based adjoint) is described in
-``kernels/mask_losses.py``'s module docstring and in ``docs/kernels.md``. Factor 1: a tile is a plain
+``kernels/mask_losses_triton.py``'s module docstring and in ``docs/kernels.md``. Factor 1: a tile is a plain
 ``(4 BLOCK, 4 BLOCK)`` block of pixels (the same target area as at factor 4); the logits are loaded as they
 are and the gradient is stored as it is: no stencil, no adjoint, no overlap.
 """

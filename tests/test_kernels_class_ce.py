@@ -25,7 +25,7 @@ import kernels
 from kernels._dispatch import INTERPRETED
 from kernels.reference import class_ce_reference
 
-ce_module = sys.modules["kernels.class_ce"]
+ce_module = sys.modules["kernels.class_ce_triton"]
 IGNORE = -100
 
 

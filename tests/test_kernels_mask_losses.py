@@ -7,6 +7,7 @@ with ``SAMTUNE_TEST_SEED=<seed>``.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import pytest
@@ -28,7 +29,7 @@ import kernels
 from kernels._dispatch import INTERPRETED
 from kernels.reference import MaskLosses, mask_losses_reference
 
-ml_module = sys.modules["kernels.mask_losses"]  # the attribute `kernels.mask_losses` is the function
+ml_module = sys.modules["kernels.mask_losses_triton"]
 
 LOSS_NAMES = ("focal", "bce", "dice", "mse")  # the differentiable ones
 
@@ -369,6 +370,27 @@ def test_auto_on_cpu_is_the_reference(factor, seed):
     assert torch.equal(got[1], want[1])
     with pytest.raises(ValueError, match="backend"):
         kernels.mask_losses(logits, targets, valid_hw, backend="cuda")
+
+
+def test_cpu_paths_run_without_triton(monkeypatch):
+    """Triton is optional (pyproject installs it on Linux only): without it, ``kernels`` imports, ``auto``
+    runs the reference with its gradient, and ``backend="triton"`` says what is missing."""
+    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError, as when absent
+    bare = importlib.import_module("kernels")
+    assert "kernels.mask_losses_triton" not in sys.modules and "kernels.class_ce_triton" not in sys.modules
+    logits, targets, valid_hw, _ = make_inputs(2, 3, 4, seed=0)
+    logits.requires_grad_(True)
+    got = bare.mask_losses(logits, targets, valid_hw)
+    want = mask_losses_reference(logits, targets, valid_hw)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    got.focal.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    labels = torch.randint(0, 3, (2, 12, 16))
+    assert bare.class_ce(torch.randn(2, 3, 3, 4), labels, valid_hw).shape == (2,)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        bare.mask_losses(logits, targets, valid_hw, backend="triton")
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the kernels were built for the interpreter, which runs CPU tensors")
