@@ -95,6 +95,20 @@ class Cache:
         self._mask_offset = read("objects/mask_offset", np.int64)
         self._loaded: dict[str, np.ndarray] = {}  # ragged mask bits, loaded on first use
         self._object_start = np.searchsorted(self.objects.image_index, np.arange(self.num_images + 1))
+        self.ignore_index: int | None = self.signature.get("dataset", {}).get("ignore_index")
+        """The semantic mask value whose pixels are neither trained nor scored (``ignore_mask``), or None."""
+        self._ignore: dict[str, np.ndarray] | None = None
+        if "ignore" in group:
+            self._ignore = {
+                name: read(f"ignore/{name}", np.int64)
+                for name in ("box", "mask_offset", "input_box", "input_mask_offset")
+            }
+        elif self.ignore_index is not None:
+            raise CacheError(
+                f"{path}: built with --ignore-index {self.ignore_index} by an embedcache that did not keep "
+                "the ignore region (its pixels were stored as background); rebuild it with "
+                "`embedcache build ... --overwrite`"
+            )
 
     def __repr__(self) -> str:
         s = self.signature
@@ -154,13 +168,15 @@ class Cache:
         return np.flatnonzero(self.split == split).astype(np.int64)
 
     def images_with_objects(self, split: str) -> np.ndarray:
-        """``(n,)`` int64 indices of the images of ``split`` (as ``image_indices``) with at least one object.
+        """``(n,)`` int64 indices of the images of ``split`` (as ``image_indices``) with at least one object
+        that has a pixel in the input frame (``objects.input_area > 0``).
 
-        Instance training, validation overlays and the benches skip images without objects: they have
-        nothing to prompt.
+        Instance training, validation overlays and the benches skip images without such objects: they have
+        nothing to prompt. An object that vanishes at the input size is neither trained nor scored.
         """
         idx = self.image_indices(split)
-        return idx[self._object_start[idx + 1] > self._object_start[idx]]
+        kept = np.bincount(self.objects.image_index[self.objects.input_area > 0], minlength=self.num_images)
+        return idx[kept[idx] > 0]
 
     def object_range(self, i: int) -> tuple[int, int]:
         """Objects of image ``i`` are ``start..stop-1``."""
@@ -182,6 +198,23 @@ class Cache:
         """Object ``j``'s mask inside its box: ``(y2 - y1, x2 - x1)`` bool."""
         bits = self._bits()[self._mask_offset[j] : self._mask_offset[j + 1]]
         return mk.unpack(bits, self.objects.box[j])
+
+    def ignore_mask(self, i: int, frame: str = "original") -> np.ndarray:
+        """Image ``i``'s ignore region: ``(H, W)`` bool in the ``"original"`` frame, or ``(S, S)`` bool in the
+        ``"input"`` frame (by the objects' nearest rule; False in the padding). All False when the image has
+        no ignored pixel or the cache no ignore index."""
+        if frame not in ("original", "input"):
+            raise ValueError(f"frame must be 'original' or 'input', got {frame!r}")
+        hw = tuple(int(v) for v in self.original_size[i]) if frame == "original" else (self.image_size,) * 2
+        if self._ignore is None:
+            return np.zeros(hw, bool)
+        prefix = "" if frame == "original" else "input_"
+        box, offsets = self._ignore[f"{prefix}box"][i], self._ignore[f"{prefix}mask_offset"]
+        name = f"ignore/{prefix}mask_bits"
+        if name not in self._loaded:
+            self._loaded[name] = read_array(self.group, name, self.path).astype(np.uint8)
+        crop = mk.unpack(self._loaded[name][offsets[i] : offsets[i + 1]], box)
+        return mk.crop_to_original(crop, box, hw)
 
     def masks(self, obj_idx, frame: str = "original"):
         """Exact masks of the objects ``obj_idx`` in one frame (rules in ``embedcache.masks``).

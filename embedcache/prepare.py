@@ -54,6 +54,8 @@ class Examined:
     """Objects left out for being below ``min_object_area``."""
     unclean: str | None
     """The reader's note on a mask whose values are not clean, or None."""
+    ignore: ObjectMask | None = None
+    """The pixels to neither train nor score (``ImageObjects.ignore``), or None."""
 
 
 def _examine(
@@ -83,7 +85,14 @@ def _examine(
                 f"(the largest has {largest}); lower it to keep them",
             )
         dropped = len(found.objects) - len(objects)
-        return Examined(record=record, hw=hw, objects=objects, dropped_small=dropped, unclean=found.unclean)
+        return Examined(
+            record=record,
+            hw=hw,
+            objects=objects,
+            dropped_small=dropped,
+            unclean=found.unclean,
+            ignore=found.ignore,
+        )
     except BadInput as e:
         return {"path": e.path, "reason": e.reason}
 
@@ -120,7 +129,8 @@ def collect_metadata(
     ``min_object_area`` is the smallest object kept, in original pixels; ``channels`` maps images whose
     channels are not declared grey or RGB (``embedcache.images.map_channels``).
 
-    ``meta`` maps the layout's array names (see ``embedcache.store``) to numpy arrays. ``report`` holds
+    ``meta`` maps the layout's array names (see ``embedcache.store``) to numpy arrays; the ``ignore/`` ones
+    only when the reader has an ignore index. ``report`` holds
     ``skipped`` (bad items left out), ``min_object_area``, ``objects_below_min_area`` and
     ``objects_vanished`` (``{"count", "images": [{"path", "objects"}]}``) and ``unclean_masks``
     (``[{"path", "reason"}]``).
@@ -136,6 +146,8 @@ def collect_metadata(
     if not good:
         raise BadDataError(bad or [{"path": str(reader.root), "reason": "no images found"}])
     meta = _arrays(good, Path(reader.root), preset)
+    if reader.describe().get("ignore_index") is not None:
+        meta.update(_ignore_arrays(good, meta))
     meta["split"] = assign_split(meta["image_id"].tolist(), val_fraction, seed)
     vanished = _vanished(good, meta)
     if vanished["count"] == len(meta["objects/area"]):
@@ -173,6 +185,33 @@ def _vanished(good: list[Examined], meta: dict) -> dict:
         meta["objects/image_index"][meta["objects/input_area"] == 0], minlength=len(good)
     ).tolist()
     return _per_image({e.record.image_path: k for e, k in zip(good, gone)})
+
+
+def _ignore_arrays(good: list[Examined], meta: dict) -> dict:
+    """The ``ignore/`` arrays: each image's ignore region in the original and the input frame, stored as an
+    object's mask is (all-zero boxes and no bytes for an image without one)."""
+    box, bits, offsets, in_box, in_bits, in_offsets = [], [], [0], [], [], [0]
+    for e, in_hw in zip(good, meta["input_size"]):
+        if e.ignore is None:
+            box_o = box_in = (0, 0, 0, 0)
+            packed = packed_in = np.zeros(0, np.uint8)
+        else:
+            box_o, packed = e.ignore.box, np.packbits(e.ignore.crop.ravel())
+            box_in, packed_in = input_frame_form(e.ignore.crop, e.ignore.box, e.hw, tuple(in_hw))
+        box.append(box_o)
+        bits.append(packed)
+        offsets.append(offsets[-1] + packed.size)
+        in_box.append(box_in)
+        in_bits.append(packed_in)
+        in_offsets.append(in_offsets[-1] + packed_in.size)
+    return {
+        "ignore/box": np.array(box, np.int32).reshape(-1, 4),
+        "ignore/mask_offset": np.array(offsets, np.int64),
+        "ignore/mask_bits": np.concatenate(bits),
+        "ignore/input_box": np.array(in_box, np.int32).reshape(-1, 4),
+        "ignore/input_mask_offset": np.array(in_offsets, np.int64),
+        "ignore/input_mask_bits": np.concatenate(in_bits),
+    }
 
 
 def _arrays(good: list[Examined], root: Path, preset: Preset) -> dict:

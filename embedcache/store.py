@@ -26,6 +26,11 @@
         input_area    (M,) int64                 foreground pixels in the input frame
         input_mask_offset (M + 1,) int64         as mask_offset, for the input-frame copy
         input_mask_bits   (B',) uint8            the input-frame masks, box-cropped and bit-packed
+      ignore/                     only when the reader has an ignore index (semantic --ignore-index)
+        box, mask_offset, mask_bits, input_box, input_mask_offset, input_mask_bits
+                                                 each image's ignore region, stored as objects/ stores an
+                                                 object's mask, one row per image (N, N + 1 offsets); an
+                                                 image without ignored pixels has all-zero boxes, no bytes
 
 Every chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec, last in each array's codec chain; the
 sharding codec checksums each shard's index the same way), so a flipped byte anywhere fails the read that
@@ -80,6 +85,22 @@ def _small(group: zarr.Group, name: str, data: np.ndarray) -> None:
         arr[...] = data
 
 
+def _ragged(group: zarr.Group, prefix: str, meta: dict) -> None:
+    """Write ``meta``'s ``PREFIX/mask_bits`` and ``PREFIX/input_mask_bits`` in 1 MiB chunks."""
+    for name in ("mask_bits", "input_mask_bits"):
+        bits = np.asarray(meta[f"{prefix}/{name}"], np.uint8)
+        arr = group.create_array(
+            name,
+            shape=bits.shape,
+            dtype=np.uint8,
+            chunks=(MASK_BITS_CHUNK,),
+            compressors=CHECKED,
+            config=ALL_CHUNKS,
+        )
+        if bits.size:
+            arr[:] = bits
+
+
 def write_metadata(
     group: zarr.Group, meta: dict, *, images_per_shard: int, tap_shape: tuple[int, int, int] | None = None
 ) -> None:
@@ -94,18 +115,12 @@ def write_metadata(
     for name in ("image_index", "box", "class_id", "area", "mask_offset", "input_box", "input_area"):
         _small(objects, name, np.asarray(meta[f"objects/{name}"]))
     _small(objects, "input_mask_offset", np.asarray(meta["objects/input_mask_offset"]))
-    for name in ("mask_bits", "input_mask_bits"):
-        bits = np.asarray(meta[f"objects/{name}"], np.uint8)
-        arr = objects.create_array(
-            name,
-            shape=bits.shape,
-            dtype=np.uint8,
-            chunks=(MASK_BITS_CHUNK,),
-            compressors=CHECKED,
-            config=ALL_CHUNKS,
-        )
-        if bits.size:
-            arr[:] = bits
+    _ragged(objects, "objects", meta)
+    if "ignore/box" in meta:
+        ignore = group.create_group("ignore")
+        for name in ("box", "mask_offset", "input_box", "input_mask_offset"):
+            _small(ignore, name, np.asarray(meta[f"ignore/{name}"]))
+        _ragged(ignore, "ignore", meta)
     s = images_per_shard
     for name, shape in (("embeddings", EMBED_SHAPE), (TAP_ARRAY, tap_shape)):
         if shape is None:  # tap_tokens: partial caches only

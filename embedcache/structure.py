@@ -32,6 +32,8 @@ def _lengths(c) -> list[str]:
         "objects/mask_offset": (c._mask_offset, m + 1),
         "objects/input_mask_offset": (c._input_offset, m + 1),
     }
+    if c._ignore is not None:
+        want.update({f"ignore/{name}": (a, n + name.endswith("offset")) for name, a in c._ignore.items()})
     problems = [f"{name}: {len(a)} rows, expected {k}" for name, (a, k) in want.items() if len(a) != k]
     if tuple(c.embeddings.shape[1:]) != EMBED_SHAPE:
         problems.append(f"embeddings: shape {c.embeddings.shape}, expected (N, *{EMBED_SHAPE})")
@@ -93,4 +95,20 @@ def structure_problems(c) -> list[str]:
     problems += _mask_bytes(
         "objects/input_mask_offset", c._input_offset, c._input_box, bits["input_mask_bits"].shape[0]
     )
+    if c._ignore is not None:
+        problems += _ignore_problems(c)
+    return problems
+
+
+def _ignore_problems(c) -> list[str]:
+    """Each image's ignore region (one row per image; all-zero boxes where it has none) lies in its image
+    and its bytes fit its box, in both frames."""
+    g, bits, problems = c._ignore, c.group["ignore"], []
+    for prefix, hw in (("", c.original_size), ("input_", c.input_size)):
+        problems += _boxes(f"ignore/{prefix}box", g[f"{prefix}box"], hw, np.ones(len(hw), bool))
+        if not problems:
+            stored = bits[f"{prefix}mask_bits"].shape[0]
+            problems += _mask_bytes(
+                f"ignore/{prefix}mask_offset", g[f"{prefix}mask_offset"], g[f"{prefix}box"], stored
+            )
     return problems

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache import masks as mk
 from embedcache.cache import Cache, CacheError, open_cache
 from embedcache.prepare import input_frame_form
 from embedcache.signature import expected_signature
@@ -124,6 +125,25 @@ def _check_objects(c: Cache, problems: list[str]) -> None:
             return
 
 
+def _check_ignore(c: Cache, problems: list[str]) -> None:
+    """Each image's stored input-frame ignore region against the rule applied to its original-frame one."""
+    if c._ignore is None:
+        return
+    for i in range(c.num_images):
+        original = c.ignore_mask(i, "original")
+        box = mk.mask_box(original)
+        want = np.zeros((c.image_size,) * 2, bool)
+        if box is not None:
+            x1, y1, x2, y2 = box
+            mk.crop_to_input(
+                original[y1:y2, x1:x2], box, original.shape, c.input_size[i], side=c.image_size, out=want
+            )
+        if not np.array_equal(c.ignore_mask(i, "input"), want):
+            problems.append(
+                f"image {i} ({c.image_id[i]}): stored input-frame ignore region differs from the rule"
+            )
+
+
 def verify(path: str | Path, *, embeddings: bool = True) -> list[str]:
     """All problems found in the cache at ``path`` (empty when it is sound).
 
@@ -141,6 +161,7 @@ def verify(path: str | Path, *, embeddings: bool = True) -> list[str]:
         _check_embeddings(c, problems)
     try:
         _check_objects(c, problems)
+        _check_ignore(c, problems)
     except CacheError as e:  # the ragged mask arrays are read here, not at open
         problems.append(str(e))
     return problems

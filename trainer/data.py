@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig
+from trainer.prompts import to_input_frame
 
 EMBEDDING_BYTES = 256 * 64 * 64 * 2  # one float16 embedding
 
@@ -50,7 +51,8 @@ class Batch:
     side: int
     """The preset's square input frame side S in pixels (1024 for SAM, 256 for LiteMedSAM)."""
     labels: torch.Tensor | None = None
-    """``(B, S, S)`` int64 class map in the input frame (-100 in the padding); semantic task only."""
+    """``(B, S, S)`` int64 class map in the input frame (-100 in the padding and the cache's ignore region);
+    semantic task only."""
     masks: torch.Tensor | None = None
     """``(P, S, S)`` bool target masks in the input frame, assembled by ``to`` on the step's device
     from the crops, so only the crops cross the host-device link. ``None`` until then, and for semantic
@@ -139,10 +141,9 @@ def input_boxes(cache, obj_idx: np.ndarray) -> np.ndarray:
     """``(n, 4)`` float32 cache boxes (original pixels) scaled to the input frame, as
     ``ResizeLongestSide.apply_boxes`` scales them for ``SamPredictor``."""
     img = cache.objects.image_index[obj_idx]
-    scale_h = cache.input_size[img, 0] / cache.original_size[img, 0]
-    scale_w = cache.input_size[img, 1] / cache.original_size[img, 1]
-    scale = np.stack([scale_w, scale_h, scale_w, scale_h], 1)
-    return (cache.objects.box[obj_idx].astype(np.float64) * scale).astype(np.float32)
+    corners = cache.objects.box[obj_idx].reshape(-1, 2, 2)
+    scaled = to_input_frame(corners, cache.original_size[img][:, None], cache.input_size[img][:, None])
+    return scaled.reshape(-1, 4).astype(np.float32)
 
 
 def image_file(cache, i: int) -> str:
@@ -212,11 +213,13 @@ class ImageStore:
 
 
 def choose_objects(cache, images: np.ndarray, k: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Object indices per image: all of them if at most ``k``, else a random ``k``, fresh each epoch."""
+    """Object indices per image: all of them if at most ``k``, else a random ``k``, fresh each epoch. Objects
+    that vanish at the input size (no target pixel, and ``evaluate`` does not score them) are left out."""
     out = []
     for i in images:
         start, stop = cache.object_range(int(i))
         objs = np.arange(start, stop)
+        objs = objs[cache.objects.input_area[objs] > 0]
         if len(objs) > k:
             objs = np.sort(np.random.default_rng([seed, epoch, int(i)]).choice(objs, k, replace=False))
         out.append(objs)
@@ -242,6 +245,8 @@ def read_batch(
         for b in range(len(images)):
             lab[b, valid[b, 0] :, :] = -100
             lab[b, :, valid[b, 1] :] = -100
+            if cache.ignore_index is not None:  # the dataset's ignore pixels are not background
+                lab[b][cache.ignore_mask(int(images[b]), "input")] = -100
         labels = torch.from_numpy(lab)
     return Batch(
         embeddings=store.embeddings(images),

@@ -165,10 +165,11 @@ def evaluate(
     mask_prompt: bool = True,
 ) -> dict:
     """Per prompt type ``{"miou", "dice", "n_objects", "iou_quantiles"}`` over all objects of ``images``
-    (cache indices); ``iou_quantiles`` maps each of ``IOU_QUANTILES`` to that quantile of the per-object IoUs.
-    With ``per_object`` each prompt type also has ``object_ids`` and ``ious``, sorted by object. With
-    ``clicks`` N > 0, ``clicks_key(prompt)`` holds each start's click curve (``trainer.clicks.click_summary``:
-    mIoU after 0..N corrective clicks, NoC85, NoC90); its round 0 is the prompt type's own score.
+    (cache indices) that have a pixel in the input frame (as in training); ``iou_quantiles`` maps each of
+    ``IOU_QUANTILES`` to that quantile of the per-object IoUs. With ``per_object`` each prompt type also has
+    ``object_ids`` and ``ious``, sorted by object. With ``clicks`` N > 0, ``clicks_key(prompt)`` holds each
+    start's click curve (``trainer.clicks.click_summary``: mIoU after 0..N corrective clicks, NoC85, NoC90);
+    its round 0 is the prompt type's own score.
 
     Runs on every process with a disjoint share of the images; every process returns the same result.
     """
@@ -185,6 +186,8 @@ def evaluate(
                 model, store, image, prompt, accelerator.device, chunk, clicks=clicks, mask_prompt=mask_prompt
             )
             for j, g in enumerate(gts):
+                if cache.objects.input_area[start + j] == 0:  # vanishes at the input size: not trained either
+                    continue
                 scores = [iou_and_dice(r[j], g) for r in rounds]
                 records.append((start + j, t, *scores[0], [s[0] for s in scores]))
     gathered = accelerator.gather_for_metrics(records, use_gather_object=True)

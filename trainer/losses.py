@@ -19,7 +19,12 @@ from __future__ import annotations
 import torch
 
 import kernels
+from kernels.reference import upsample, upsample_factor, valid_mask
 from trainer.config import LossConfig
+
+IGNORE = -100
+"""The label of pixels that count for nothing in the semantic loss: the padding and the cache's ignore
+region (``trainer.data.read_batch``)."""
 
 
 def instance_loss(
@@ -91,18 +96,48 @@ def semantic_loss(
         valid_hw: ``(B, 2)`` int input size.
     """
     b, c, h, w = logits.shape
-    ce = kernels.class_ce(logits, labels, valid_hw, ignore_index=-100, backend=cfg.backend)
+    ce = kernels.class_ce(logits, labels, valid_hw, ignore_index=IGNORE, backend=cfg.backend)
     loss = cfg.ce * ce.mean()
     logged = {"ce": ce.detach().mean()}
     if cfg.dice > 0:
         onehot = labels[:, None] == torch.arange(c, device=labels.device)[None, :, None, None]  # (B, C, H, W)
-        terms = kernels.mask_losses(
-            logits.reshape(b * c, h, w),
-            onehot.reshape(b * c, *labels.shape[1:]),
-            valid_hw.repeat_interleave(c, 0),
-            backend=cfg.backend,
-        )
-        loss = loss + cfg.dice * terms.dice.mean()
-        logged["dice"] = terms.dice.detach().mean()
-        logged["iou"] = terms.iou.mean()
+        onehot = onehot.reshape(b * c, *labels.shape[1:])
+        counted = labels != IGNORE  # the padding and the cache's ignore region
+        # the kernel counts its valid rectangle: ignored pixels inside it need the masked torch path (one host
+        # sync to choose; it materialises the (B C, S, S) upsampled logits, so it is taken only when needed)
+        if bool((~counted & valid_mask(valid_hw.to(labels.device), *labels.shape[1:])).any()):
+            dice, iou = masked_dice(logits.reshape(b * c, h, w), onehot, counted.repeat_interleave(c, 0))
+        else:
+            terms = kernels.mask_losses(
+                logits.reshape(b * c, h, w), onehot, valid_hw.repeat_interleave(c, 0), backend=cfg.backend
+            )
+            dice, iou = terms.dice, terms.iou
+        loss = loss + cfg.dice * dice.mean()
+        logged["dice"] = dice.detach().mean()
+        logged["iou"] = iou.mean()
     return loss, logged
+
+
+def masked_dice(
+    logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.mask_losses``' soft dice and hard IoU over an arbitrary set of pixels, not a rectangle.
+
+    Args:
+        logits: ``(N, h, w)`` low-resolution logits.
+        targets: ``(N, S, S)`` bool targets (S = 4h or h, as ``mask_losses``).
+        counted: ``(N, S, S)`` bool, the pixels that count; the others get no loss and no gradient.
+    Returns:
+        ``(N,)`` float32 dice loss (with ``mask_losses``' +1 smoothing) and ``(N,)`` hard IoU (1 on an empty
+        union).
+    """
+    factor = upsample_factor(tuple(logits.shape[-2:]), tuple(targets.shape), "targets")
+    x = upsample(logits.float()[:, None], factor)[:, 0]
+    t = targets & counted
+    p = torch.sigmoid(x) * counted
+    dice = 1 - (2 * (p * t).sum((1, 2)) + 1) / ((p + t).sum((1, 2)) + 1)
+    with torch.no_grad():
+        pred = (x > 0) & counted
+        union = (pred | t).sum((1, 2))
+        iou = torch.where(union > 0, (pred & t).sum((1, 2)) / union.clamp(min=1), 1.0)
+    return dice, iou

@@ -91,6 +91,8 @@ def evaluate_semantic(
 
     A class's IoU here is its intersection over its union summed over all images (a dataset-level count,
     not a mean of per-image scores); a class absent from every prediction and target is left out of the mean.
+    The cache's ignore region and the objects that vanish in the input frame (training never sees them) are
+    not scored.
     """
     was_training = model.training
     model.eval()
@@ -106,11 +108,14 @@ def evaluate_semantic(
         logits = class_logits(model, emb, valid_hw, model.semantic_head.prompt)
         pred = postprocess(logits.float(), (ih, iw), (oh, ow), cache.image_size).argmax(1)[0].cpu().numpy()
         gt = np.zeros((oh, ow), np.int64)
+        scored = ~cache.ignore_mask(image, "original")
         start, stop = cache.object_range(image)
         for j, m in zip(range(start, stop), cache.masks(np.arange(start, stop), "original")):
             gt[m] = cache.objects.class_id[j]
+            if cache.objects.input_area[j] == 0:  # no pixel in the input frame, so never trained: not scored
+                scored &= ~m
         for c in range(num_classes):
-            p, g = pred == c, gt == c
+            p, g = (pred == c) & scored, (gt == c) & scored
             counts[c] += [np.logical_and(p, g).sum(), np.logical_or(p, g).sum(), p.sum() + g.sum()]
         n += 1
     counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").cpu().numpy()

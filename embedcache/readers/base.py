@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from embedcache.images import BadInput
+from embedcache.masks import mask_box
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +59,9 @@ class ImageObjects:
     unclean: str | None = None
     """Why the mask's values are not clean (e.g. a binary mask with many grey levels after JPEG), or None.
     The build goes on and lists it in the build report."""
+    ignore: ObjectMask | None = None
+    """The pixels to neither train nor score (a semantic mask's ``ignore_index``) as one box-cropped mask
+    (``class_id`` 0), or None when the image has none."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +131,15 @@ def objects_from_labels(labels: np.ndarray, class_id: int = 1) -> list[ObjectMas
             ObjectMask(class_id=class_id, box=(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), crop=crop)
         )
     return out
+
+
+def region(mask: np.ndarray) -> ObjectMask | None:
+    """An ``(H, W)`` bool mask as one box-cropped ``ObjectMask`` of class 0, or None when it is empty."""
+    box = mask_box(mask)
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    return ObjectMask(class_id=0, box=box, crop=mask[y1:y2, x1:x2].copy())
 
 
 def check_nonempty(objects: list[ObjectMask], path: Path) -> list[ObjectMask]:

@@ -5,7 +5,8 @@ Mask kinds:
 - ``instance``: 0 is background, every other value is one object (values need not be consecutive).
 - ``binary``: every non-zero pixel is foreground; each 4-connected component is one object.
 - ``semantic``: values are class ids (0 background); each class's 4-connected components are objects that keep
-  the class id. Pixels equal to ``ignore_index`` belong to no object.
+  the class id. Pixels equal to ``ignore_index`` belong to no object; they are kept as the image's ignore
+  region (``ImageObjects.ignore``), which the trainer neither trains on nor scores.
 
 Objects are ordered by instance value, by raster order of components (binary) or by class then raster order.
 """
@@ -26,6 +27,7 @@ from embedcache.readers.base import (
     check_nonempty,
     file_problem,
     objects_from_labels,
+    region,
 )
 
 MASK_KINDS = ("instance", "binary", "semantic")
@@ -147,7 +149,7 @@ class FolderReader:
                 f"mask holds negative labels (min {int(labels[negative].min())}); labels must be >= 0, "
                 "0 being background",
             )
-        unclean = None
+        unclean, ignore = None, None
         if self.mask_kind == "instance":
             values, inverse = np.unique(labels, return_inverse=True)
             # relabel to 0..K so find_objects needs no table as large as the largest id
@@ -164,4 +166,6 @@ class FolderReader:
                     continue
                 components, _ = ndimage.label(labels == c)
                 objects.extend(objects_from_labels(components, class_id=int(c)))
-        return ImageObjects(objects=check_nonempty(objects, record.mask_path), unclean=unclean)
+            if self.ignore_index is not None:
+                ignore = region(labels == self.ignore_index)
+        return ImageObjects(objects=check_nonempty(objects, record.mask_path), unclean=unclean, ignore=ignore)
