@@ -46,6 +46,23 @@ class Prompts:
         )
 
 
+def to_input_frame(xy: np.ndarray, original_hw, input_hw) -> np.ndarray:
+    """``(..., 2)`` x, y in original pixels -> the input frame, each axis by its own ratio, as
+    ``ResizeLongestSide.apply_coords`` scales them for ``SamPredictor`` (MedSAM's square stretch scales the
+    two axes differently). The one place prompts change frame: cache boxes, eval clicks, the Predictor.
+
+    Args:
+        xy: ``(..., 2)`` float x, y; boxes as ``(..., 2, 2)`` corners.
+        original_hw, input_hw: ``(h, w)`` sizes, or arrays of them that broadcast against ``xy[..., 0]``
+            with a trailing ``2`` (``(n, 1, 2)`` for ``n`` boxes' corners).
+
+    Returns:
+        float64 ``xy`` scaled by ``(input_w / original_w, input_h / original_h)``.
+    """
+    ratio = np.asarray(input_hw, np.float64)[..., ::-1] / np.asarray(original_hw, np.float64)[..., ::-1]
+    return np.asarray(xy, np.float64) * ratio
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one micro-step's prompt draws: a pure function of (seed, step, rank)."""
     mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
