@@ -8,6 +8,7 @@
     trainer eval --cache train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval]
     trainer eval --cache test.zarr --checkpoint lite_medsam --checkpoint tuned.pth [--split all] --out DIR
     trainer eval ... --clicks 5 [--no-mask-prompt]     (multi-click evaluation: mIoU per click, NoC85/90)
+    trainer eval ... --auto amg [--amg-sweep]          (prompt-free instances: mSA, SA50, SA75)
     trainer export runs/NAME --out sam_tuned.pth [--which best]
     trainer demo --out demo
 """
@@ -90,6 +91,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="corrective rounds without the previous logits as the mask prompt",
     )
+    e.add_argument(
+        "--auto",
+        choices=("amg",),
+        default=None,
+        help="also segment every image without prompts (amg: SAM's automatic mask generator on the cached "
+        "embedding) and score the instances: mSA, SA50, SA75",
+    )
+    e.add_argument(
+        "--amg-sweep", action="store_true", help="with --auto amg, also re-score a grid of AMG thresholds"
+    )
+    e.add_argument(
+        "--amg-points-per-side", type=int, default=32, help="AMG's point grid (default 32: 1024 points)"
+    )
 
     x = sub.add_parser("export", help="write the tuned model as a full SAM state dict")
     x.add_argument("run", help="a trainer run folder")
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(sweep_from_args(args, args.overrides, "trainer " + shlex.join(argv))["table"], end="")
         elif args.command == "eval":
+            from trainer.amg import AmgConfig
             from trainer.eval_run import eval_run
 
             result = eval_run(
@@ -144,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 overlays=args.overlays,
                 clicks=args.clicks,
                 mask_prompt=args.mask_prompt,
+                auto=args.auto,
+                amg=AmgConfig(points_per_side=args.amg_points_per_side),
+                amg_sweep=args.amg_sweep,
             )
             if result:
                 print(result["table"], end="")

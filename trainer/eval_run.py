@@ -15,7 +15,9 @@ cache's tap tokens through the tuned encoder tail) instead.
 Outputs in ``OUT``: ``metrics.json`` (per model and prompt type: mIoU, dice, IoU quantiles and every object's
 IoU; with ``--clicks N`` also ``box_clicks`` and ``point_clicks``), ``table.md``, ``iou_distributions.png``,
 ``clicks.png`` (with ``--clicks``) and, for the first two models, ``overlays/<image>.png`` (image, ground
-truth, first model, second model).
+truth, first model, second model). With ``--auto amg`` every model also segments each image without prompts
+(``trainer.auto_eval``): its ``auto`` scores in ``metrics.json`` and ``table.md``, and
+``overlays_auto/<image>.png`` with every model's instances.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from embedcache import open_cache
 from embedcache.models import build_sam
 from embedcache.signature import check_compatible
 from trainer import checkpoint as ckpt
-from trainer.config import load_config
+from trainer.amg import AmgConfig
+from trainer.auto_eval import auto_overlays, auto_table, evaluate_amg
+from trainer.config import Config, load_config
 from trainer.data import ImageStore
 from trainer.decoder import PromptedDecoder
-from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key, evaluate
-from trainer.instance import box_overlays
+from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
 from trainer.plots import click_curves, iou_distributions
 from trainer.task import make_task
@@ -102,7 +105,7 @@ def metrics_table(metrics: dict[str, dict]) -> str:
     curves = {clicks_key(p) for p in PROMPT_TYPES}
     for label, per_prompt in metrics.items():
         for prompt, m in per_prompt.items():
-            if prompt in curves:
+            if prompt in curves or prompt == "auto":  # auto scores have their own table (auto_table)
                 continue
             quantiles = m.get("iou_quantiles", {})  # semantic metrics have none: no per-object IoU
             cells = [label, prompt, f"{m['miou']:.3f}", f"{m['dice']:.3f}"]
@@ -143,29 +146,41 @@ def eval_run(
     overlays: int | None = None,
     clicks: int = 0,
     mask_prompt: bool = True,
+    auto: str | None = None,
+    amg: AmgConfig | None = None,
+    amg_sweep: bool = False,
 ) -> dict:
     """Score a run's models and/or ``checkpoints`` on the ``split`` images of a cache and write ``out``.
 
     With ``clicks`` N > 0 each model also gets N corrective clicks from each start (``trainer.clicks``; the
     previous logits as the mask prompt unless not ``mask_prompt``): ``box_clicks`` and ``point_clicks`` in
-    its metrics, a second table in ``table.md``, and ``clicks.png``.
+    its metrics, a second table in ``table.md``, and ``clicks.png``. With ``auto="amg"`` each model also
+    gets ``trainer.auto_eval.evaluate_amg``'s scores (``amg`` its settings, default SAM's; ``amg_sweep`` the
+    threshold sweep) under ``"auto"``, a table section and instance overlays.
 
     Returns ``{"metrics", "table", "files"}`` on the main process, ``{}`` elsewhere. ``metrics`` maps each
-    model label to its per-prompt metrics (``trainer.evaluate.evaluate`` with ``per_object``), plus
+    model label to its metrics (the task's ``evaluate``: per prompt type, with ``per_object``), plus
     ``split``, ``cache`` and, with a run, ``weights``.
     """
     if run is None and not checkpoints:
         raise ValueError("trainer eval needs --run RUN and/or at least one --checkpoint")
     if run is None and out is None:
         raise ValueError("trainer eval without --run needs --out (where metrics.json goes)")
+    if auto not in (None, "amg"):
+        raise ValueError(f"--auto {auto}: the automatic method is amg")
     out = Path(out) if out else Path(run) / "eval"
     cache = open_cache(cache_path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     contenders, cfg = _run_models(cache, Path(run), which, device) if run else ([], None)
+    # the run's task scores every model; --checkpoint files alone are plain SAMs, scored by the default task
+    task = make_task(cfg if cfg is not None else Config())
     if checkpoints:
-        if cfg is not None and cfg.model.task != "instance":
-            raise ValueError("--checkpoint models are scored on instance prompts; this run is semantic")
+        if not task.scores_plain_sam:
+            raise ValueError(
+                f"--checkpoint files are plain SAMs, which this run's task ({cfg.model.task}) does not "
+                "score; score them in a trainer eval of their own"
+            )
         encoder = None if all(Path(s).is_dir() for s in checkpoints) else _cache_encoder(cache)
         contenders += [_checkpoint_model(cache, s, which, device, encoder) for s in checkpoints]
     labels = [c.label for c in contenders]
@@ -174,19 +189,17 @@ def eval_run(
     images = cache.image_indices(split)
     if cfg is not None and split == "val" and cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]
-    if cfg is not None and cfg.model.task != "instance":
-        if clicks:
-            raise ValueError("--clicks scores prompted instance masks; this run is semantic")
-        task = make_task(cfg)
-        scores = {c.label: task.validate(c.model, c.store, images, accelerator) for c in contenders}
-    else:
-        task = None
-        scores = {
-            c.label: evaluate(
-                c.model, c.store, images, accelerator, per_object=True, clicks=clicks, mask_prompt=mask_prompt
+    scores = {
+        c.label: task.evaluate(c.model, c.store, images, accelerator, clicks=clicks, mask_prompt=mask_prompt)
+        for c in contenders
+    }
+    n = (cfg.run.overlays if cfg is not None else 4) if overlays is None else overlays
+    auto_labels = {}
+    if auto == "amg":
+        for c in contenders:
+            scores[c.label]["auto"], auto_labels[c.label] = evaluate_amg(
+                c.model, c.store, images, accelerator, amg or AmgConfig(), sweep=amg_sweep, keep=n
             )
-            for c in contenders
-        }
     if not accelerator.is_main_process:
         return {}
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +213,9 @@ def eval_run(
         fed = "the previous logits as the mask prompt" if mask_prompt else "no mask prompt"
         table += f"\nmIoU after each corrective click ({fed}); NoC: interactions to reach 85 / 90 % IoU\n\n"
         table += curves
+    if auto is not None:
+        table += "\nautomatic instance segmentation: mSA over IoU 0.50-0.95, SA50, SA75, objects\n\n"
+        table += auto_table(scores)
     (out / "table.md").write_text(table)
     files = [out / "metrics.json", out / "table.md"]
     per_object = {
@@ -216,8 +232,7 @@ def eval_run(
             if clicks_key(p) in m
         }
         files.append(click_curves(per_start, out / "clicks.png"))
-    n = (cfg.run.overlays if cfg is not None else 4) if overlays is None else overlays
     if len(contenders) >= 2:
-        draw = task.overlays if task is not None else box_overlays
-        files += draw(out / "overlays", images, contenders[0], contenders[1], n)
+        files += task.overlays(out / "overlays", images, contenders[0], contenders[1], n)
+    files += auto_overlays(out / "overlays_auto", cache, auto_labels)
     return {"metrics": metrics, "table": table, "files": [str(f) for f in files]}

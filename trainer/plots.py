@@ -82,6 +82,45 @@ def overlay(
     return Path(out)
 
 
+def instance_overlay(
+    truth: np.ndarray,
+    preds: dict[str, np.ndarray],
+    out: str | Path,
+    *,
+    image_path: str | None = None,
+    channels: tuple[int, int, int] | None = None,
+    title: str = "",
+    scores: dict[str, float] | None = None,
+) -> Path:
+    """Image, true instances and each model's instances, coloured by instance id, side by side -> PNG.
+
+    ``truth`` and each of ``preds`` (model label -> labels) are ``(H, W)`` int labels, 0 background;
+    ``scores`` gives each model's mSA on this image. The image is read as in ``overlay``.
+    """
+    background = _image(image_path, channels, truth.shape)
+    base = np.full((*truth.shape, 3), 60, np.float32) if background is None else background * 0.6
+    # tab20 cycled over ids: neighbouring objects rarely share a colour
+    palette = np.array([matplotlib.colormaps["tab20"](k)[:3] for k in range(20)], np.float32) * 255
+    panels = {"image": None, "ground truth": truth}
+    for name, labels in preds.items():
+        panels[name + (f" (mSA {scores[name]:.2f})" if scores and name in scores else "")] = labels
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), dpi=100, squeeze=False)
+    for ax, (name, labels) in zip(axes[0], panels.items()):
+        rgb = base.copy()
+        if labels is not None:
+            on = labels > 0
+            rgb[on] = 0.45 * rgb[on] + 0.55 * palette[labels[on] % 20]
+        ax.imshow(rgb.clip(0, 255).astype(np.uint8))
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
+
+
 def _image(path: str | None, channels, shape: tuple[int, int]) -> np.ndarray | None:
     """``(H, W, 3)`` uint8 of the image at ``path`` by embedcache's rule, or None when it is missing,
     unreadable, or not of ``shape``."""
