@@ -61,7 +61,14 @@ __all__ = [
     "report_warnings",
 ]
 
-NOTES = ("skipped", "min_object_area", "objects_below_min_area", "objects_vanished", "unclean_masks")
+NOTES = (
+    "skipped",
+    "min_object_area",
+    "objects_below_min_area",
+    "objects_vanished",
+    "images_without_objects",
+    "unclean_masks",
+)
 """The metadata pass's findings, copied from the prepare report into the build report."""
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -404,7 +411,8 @@ def _finalize(out: Path) -> dict:
 
 def report_warnings(report: dict) -> list[str]:
     """The build report's findings a user should read, one line each: objects dropped below
-    ``min_object_area``, objects that vanish at the input size, and masks whose values are not clean."""
+    ``min_object_area``, objects that vanish at the input size, images left without objects, and masks whose
+    values are not clean."""
     lines = []
     small, gone = report["objects_below_min_area"], report["objects_vanished"]
     if small["count"]:
@@ -416,6 +424,12 @@ def report_warnings(report: dict) -> list[str]:
         lines.append(
             f"{gone['count']} object(s) in {len(gone['images'])} image(s) vanish at the model's input size: "
             "no pixel of them is left after resizing (build_report.objects_vanished)"
+        )
+    empty = report.get("images_without_objects", {"count": 0})  # absent from reports of older builds
+    if empty["count"]:
+        lines.append(
+            f"{empty['count']} image(s) have no object (build_report.images_without_objects): kept; "
+            "semantic training learns them as background, instance training and scoring skip them"
         )
     lines += [f"{m['path']}: {m['reason']}" for m in report["unclean_masks"]]
     return lines

@@ -76,14 +76,8 @@ def _examine(
                 "input size: too thin to encode",
             )
         found = reader.read_objects(record, hw)
+        # an image may end up without objects (docs/datasets.md): kept, and listed in the build report
         objects = [o for o in found.objects if o.area >= min_object_area]
-        if not objects:
-            largest = max(o.area for o in found.objects)
-            raise BadInput(
-                record.mask_path or record.image_path,
-                f"all {len(found.objects)} object(s) are below --min-object-area {min_object_area} pixels "
-                f"(the largest has {largest}); lower it to keep them",
-            )
         dropped = len(found.objects) - len(objects)
         return Examined(
             record=record,
@@ -123,7 +117,8 @@ def collect_metadata(
     channels: tuple[int, int, int] | None = None,
 ) -> tuple[dict, dict]:
     """Run the metadata pass. Returns ``(meta, report)``; raises ``BadDataError`` unless ``skip_bad``, and
-    ``ValueError`` when every object vanishes at the preset's input size (nothing would be left to train on).
+    ``ValueError`` when no image has an object, or every object vanishes at the preset's input size (nothing
+    would be left to train on). An image without objects is kept (``images_without_objects``).
 
     ``max_pixels`` bounds ``H * W`` of every image and mask (checked from the file header);
     ``min_object_area`` is the smallest object kept, in original pixels; ``channels`` maps images whose
@@ -132,8 +127,9 @@ def collect_metadata(
     ``meta`` maps the layout's array names (see ``embedcache.store``) to numpy arrays; the ``ignore/`` ones
     only when the reader has an ignore index. ``report`` holds
     ``skipped`` (bad items left out), ``min_object_area``, ``objects_below_min_area`` and
-    ``objects_vanished`` (``{"count", "images": [{"path", "objects"}]}``) and ``unclean_masks``
-    (``[{"path", "reason"}]``).
+    ``objects_vanished`` (``{"count", "images": [{"path", "objects"}]}``), ``images_without_objects``
+    (``{"count", "paths"}``, every image the mask or annotations give no object, or whose objects are all
+    below ``min_object_area``) and ``unclean_masks`` (``[{"path", "reason"}]``).
     """
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedcache-meta") as pool:
         results = list(
@@ -149,6 +145,13 @@ def collect_metadata(
     if reader.describe().get("ignore_index") is not None:
         meta.update(_ignore_arrays(good, meta))
     meta["split"] = assign_split(meta["image_id"].tolist(), val_fraction, seed)
+    if not len(meta["objects/area"]):
+        small = sum(e.dropped_small for e in good)
+        raise ValueError(
+            f"{reader.root}: none of the {len(good)} image(s) has an object"
+            + (f" ({small} object(s) are below --min-object-area {min_object_area} pixels)" if small else "")
+            + ", so the cache would hold nothing to train on; check the masks (or --mask-kind, --coco)"
+        )
     vanished = _vanished(good, meta)
     if vanished["count"] == len(meta["objects/area"]):
         largest = int(meta["objects/area"].max())
@@ -164,6 +167,7 @@ def collect_metadata(
             {e.record.mask_path or e.record.image_path: e.dropped_small for e in good}
         ),
         "objects_vanished": vanished,
+        "images_without_objects": _without_objects(good),
         "unclean_masks": [
             {"path": printable(e.record.mask_path or e.record.image_path), "reason": e.unclean}
             for e in good
@@ -177,6 +181,12 @@ def _per_image(counts: dict[Path, int]) -> dict:
     """``{"count": total, "images": [{"path", "objects"}]}`` over the images with a non-zero count."""
     images = [{"path": printable(p), "objects": int(k)} for p, k in counts.items() if k]
     return {"count": sum(i["objects"] for i in images), "images": images}
+
+
+def _without_objects(good: list[Examined]) -> dict:
+    """``{"count", "paths"}`` of the images left without any object (at most 100 paths listed)."""
+    paths = [printable(e.record.mask_path or e.record.image_path) for e in good if not e.objects]
+    return {"count": len(paths), "paths": paths[:100]}
 
 
 def _vanished(good: list[Examined], meta: dict) -> dict:

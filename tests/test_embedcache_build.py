@@ -82,8 +82,8 @@ def test_masks_in_three_frames(built):
 
 
 def test_images_with_objects_leaves_out_images_without_any(built, tmp_path):
-    # the readers refuse an image with no object, so make one: hand image 1's objects to image 0 (the
-    # object order stays sorted by image)
+    # make an image without objects in place: hand image 1's objects to image 0 (the object order stays
+    # sorted by image)
     path = tmp_path / "cache.zarr"
     shutil.copytree(built[1], path)
     index = zarr.open_group(path, mode="r+")["objects"]["image_index"]

@@ -110,14 +110,20 @@ def test_clean_binary_masks_are_not_reported(tmp_path):
     assert report["unclean_masks"] == [] and report["objects_below_min_area"]["count"] == 0
 
 
-def test_an_image_whose_objects_are_all_below_the_minimum_is_bad_input(tmp_path):
+def test_an_image_whose_objects_are_all_below_the_minimum_is_kept_without_objects(tmp_path):
+    """As any image without objects (tests/test_images_without_objects.py); alone, nothing is left."""
     m = np.zeros((20, 20), np.uint8)
     m[5:8, 5:8] = 1
     write_pair(tmp_path, "tiny", _grey((20, 20)), m)
-    with pytest.raises(
-        BadDataError, match=r"tiny\.png: all 1 object\(s\) are below --min-object-area 10 pixels"
-    ):
+    below = r"none of the 1 image.*1 object\(s\) are below --min-object-area 10"
+    with pytest.raises(ValueError, match=below):
         metadata(FolderReader(tmp_path))
+    big = np.zeros((20, 20), np.uint8)
+    big[10:15, 10:15] = 1
+    write_pair(tmp_path, "big", _grey((20, 20)), big)
+    meta, report = metadata_report(FolderReader(tmp_path))
+    assert meta["image_id"].tolist() == ["big", "tiny"] and meta["objects/image_index"].tolist() == [0]
+    assert report["images_without_objects"]["count"] == 1 and report["objects_below_min_area"]["count"] == 1
 
 
 def test_the_build_prints_its_warnings(tmp_path, capsys):

@@ -164,18 +164,14 @@ def _no_image(root, img, m):
     return "orphan.png"
 
 
-def _empty_mask(root, img, m):
-    _write(root, "empty", img, np.zeros_like(m))
-    return "empty.png"
-
-
 def _duplicate_stem(root, img, m):
     _write(root, "dup", img, m)
     Image.fromarray(img).save(root / "images" / "dup.jpg")
     return "dup.jpg"
 
 
-BAD_CASES = [_truncated, _unreadable_mask, _size_mismatch, _no_mask, _no_image, _empty_mask, _duplicate_stem]
+# an empty mask is not bad input: tests/test_images_without_objects.py
+BAD_CASES = [_truncated, _unreadable_mask, _size_mismatch, _no_mask, _no_image, _duplicate_stem]
 
 
 @pytest.mark.parametrize("make_bad", BAD_CASES, ids=lambda f: f.__name__.strip("_"))
@@ -214,18 +210,18 @@ def test_coco_bad_input(tmp_path):
             )
         )
     single[0]["height"] = 30
-    with pytest.raises(BadDataError, match=r"a\.png: empty mask"):
+    with pytest.raises(ValueError, match=r"none of the 1 image\(s\) has an object"):  # kept, but alone
         _meta(_coco(tmp_path, [], single))
 
 
 def test_skip_bad_build_lists_skips_in_the_report(tmp_path):
-    root, _ = _good_and(tmp_path / "d", _empty_mask)
+    root, _ = _good_and(tmp_path / "d", _size_mismatch)
     _no_mask(root, np.zeros((20, 20, 3), np.uint8), None)
-    with pytest.raises(BadDataError, match=r"2 bad(.|\n)*lonely\.png(.|\n)*empty\.png"):  # all at once
+    with pytest.raises(BadDataError, match=r"2 bad(.|\n)*lonely\.png(.|\n)*size\.png"):  # all at once
         build(root, tmp_path / "c.zarr")
     report = build(root, tmp_path / "c2.zarr", skip_bad=True, images_per_shard=1)
     assert report["num_images"] == 1 and report["num_skipped"] == 2
-    assert sorted(s["path"].rsplit("/", 1)[-1] for s in report["skipped"]) == ["empty.png", "lonely.png"]
+    assert sorted(s["path"].rsplit("/", 1)[-1] for s in report["skipped"]) == ["lonely.png", "size.png"]
 
 
 def test_coco_end_to_end_build(tmp_path):

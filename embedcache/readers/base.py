@@ -13,7 +13,6 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage
 
-from embedcache.images import BadInput
 from embedcache.masks import mask_box
 
 
@@ -140,10 +139,3 @@ def region(mask: np.ndarray) -> ObjectMask | None:
         return None
     x1, y1, x2, y2 = box
     return ObjectMask(class_id=0, box=box, crop=mask[y1:y2, x1:x2].copy())
-
-
-def check_nonempty(objects: list[ObjectMask], path: Path) -> list[ObjectMask]:
-    """An image with no object at all is bad input: the annotation is probably missing."""
-    if not objects:
-        raise BadInput(path, "empty mask: no object in this image")
-    return objects

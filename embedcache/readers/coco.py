@@ -24,7 +24,6 @@ from embedcache.readers.base import (
     ImageRecord,
     ObjectMask,
     ScanResult,
-    check_nonempty,
     file_problem,
 )
 
@@ -266,4 +265,4 @@ class CocoReader:
             objects.append(
                 ObjectMask(class_id=int(a["category_id"]), box=box, crop=mask[y1:y2, x1:x2].copy())
             )
-        return ImageObjects(objects=check_nonempty(objects, record.image_path))
+        return ImageObjects(objects=objects)

@@ -24,7 +24,6 @@ from embedcache.readers.base import (
     ImageObjects,
     ImageRecord,
     ScanResult,
-    check_nonempty,
     file_problem,
     objects_from_labels,
     region,
@@ -168,4 +167,4 @@ class FolderReader:
                 objects.extend(objects_from_labels(components, class_id=int(c)))
             if self.ignore_index is not None:
                 ignore = region(labels == self.ignore_index)
-        return ImageObjects(objects=check_nonempty(objects, record.mask_path), unclean=unclean, ignore=ignore)
+        return ImageObjects(objects=objects, unclean=unclean, ignore=ignore)
