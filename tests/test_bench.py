@@ -79,6 +79,7 @@ def test_command_tiny(name, work, tmp_path):
     check_section(doc["sections"][name], name, out)
 
 
+@pytest.mark.slow  # 25 s on 2 cores; test_command_tiny runs each bench at tiny size in make test
 def test_all_tiny(work, tmp_path):
     out = tmp_path / "results"
     assert cli.main(["all", "--size", "tiny", "--out", str(out), "--work", str(work), "--device", "cpu"]) == 0

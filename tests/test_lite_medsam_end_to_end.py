@@ -27,6 +27,10 @@ from trainer.evaluate import iou_and_dice, predict_objects
 from trainer.model import tuned_sam
 from trainer.predictor import Predictor
 
+# about 3 min of 2-core CPU for the module (kvasir5 at full resolution through build, run, eval and two
+# predictors); make test stays under its 15 min with it in the slow set (pytest -m slow runs it)
+pytestmark = pytest.mark.slow
+
 RUN = [
     "model.model_type=lite_medsam",
     "model.checkpoint=lite_medsam",

@@ -40,6 +40,7 @@ def upstream_lite_medsam(tmp_path_factory):
     return mlt.model(pretrained=True, root=tmp_path_factory.mktemp("mlt"))
 
 
+@pytest.mark.slow  # 70 s on 2 cores; the box-mask parity below still runs upstream's model in make test
 def test_lite_medsam_cache_equals_upstream(shared_data, tmp_path, upstream_lite_medsam):
     data = shared_data / "kvasir5"
     build(data, tmp_path / "c.zarr", model_type="lite_medsam", checkpoint="lite_medsam", mask_kind="binary")
