@@ -150,15 +150,23 @@ def fetch(name: str, *, folder: Path | None = None) -> Path:
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path | None:
-    """A checkpoint argument -> a local path: an existing file as is, an official name fetched, None kept."""
+    """A checkpoint argument -> a local path: an existing file as is, an official name fetched, ``hf:FOLDER``
+    (an HF transformers ``SamModel`` folder) converted to a SAM state dict under ``weights_dir()``, None
+    kept."""
     if checkpoint is None:
         return None
     s = str(checkpoint)
+    if s.startswith("hf:"):
+        from embedcache.hf_keys import hf_folder_checkpoint
+
+        return hf_folder_checkpoint(s.removeprefix("hf:"), weights_dir())
     if Path(s).is_file():
         return Path(s)
     if s in OFFICIAL or s in ALIASES:
         return fetch(s)
-    raise FileNotFoundError(f"{s}: checkpoint file not found (official names: {', '.join(OFFICIAL)})")
+    raise FileNotFoundError(
+        f"{s}: checkpoint file not found (official names: {', '.join(OFFICIAL)}; an HF folder: hf:FOLDER)"
+    )
 
 
 def _checksum_text(ck: OfficialCheckpoint) -> str:
