@@ -39,7 +39,7 @@ from torchvision.ops import batched_nms
 
 from trainer.decoder import PromptedDecoder
 from trainer.evaluate import postprocess
-from trainer.prompts import Prompts
+from trainer.prompts import Prompts, to_input_frame
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,9 +120,8 @@ def grid_candidates(
     if model.encoder_tail is not None:  # tap tokens: the tail makes the embedding once for every chunk
         embedding = model.encoder_tail(embedding)
         model = PromptedDecoder(model.prompt_encoder, model.mask_decoder)
-    (oh, ow), (ih, iw) = original_hw, input_hw
+    oh, ow = original_hw
     points = build_point_grid(cfg.points_per_side) * np.array([ow, oh])  # SAM scales the grid to the image
-    scale = np.array([iw / ow, ih / oh])  # ResizeLongestSide.apply_coords
     out = MaskData(
         iou_preds=torch.zeros(0, device=device),
         points=torch.zeros(0, 2, device=device),
@@ -134,7 +133,9 @@ def grid_candidates(
         xy = points[lo : lo + cfg.points_per_batch]
         n = len(xy)
         prompts = Prompts(
-            point_coords=torch.as_tensor(xy * scale, dtype=torch.float32, device=device)[:, None],
+            point_coords=torch.as_tensor(
+                to_input_frame(xy, original_hw, input_hw), dtype=torch.float32, device=device
+            )[:, None],
             point_labels=torch.ones(n, 1, dtype=torch.int64, device=device),
             boxes=torch.zeros(n, 4, device=device),
             has_box=torch.zeros(n, dtype=torch.bool, device=device),
