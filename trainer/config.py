@@ -35,6 +35,15 @@ def check_choices(section: Any) -> None:
             raise ValueError(f"{name}.{f} must be one of {'|'.join(get_args(hint))}, got {value!r}")
 
 
+def check_at_least(section: Any, low: float, *fields: str) -> None:
+    """Each of ``fields`` of a config section is ``>= low``; ``ValueError`` naming ``section.field`` and the
+    value of the first that is not."""
+    name = _SECTION_NAMES[type(section)]
+    for f in fields:
+        if getattr(section, f) < low:
+            raise ValueError(f"{name}.{f} must be >= {low}, got {getattr(section, f)!r}")
+
+
 def check_finite(section: Any) -> None:
     """Every ``float`` field (and every number of a ``tuple[float, ...]`` one) of a config section is finite.
 
@@ -106,8 +115,11 @@ class ModelConfig:
                 f"model.encoder_adapter={self.encoder_adapter} needs model.encoder_tail_blocks >= 1 "
                 "(and a cache built with the same --tail-blocks)"
             )
-        if not self.conv_lora_scales or min(self.conv_lora_scales) < 1 or self.conv_lora_balance < 0:
-            raise ValueError("model.conv_lora_scales must be integers >= 1; conv_lora_balance >= 0")
+        if not self.conv_lora_scales or min(self.conv_lora_scales) < 1:
+            raise ValueError(
+                f"model.conv_lora_scales must be integers >= 1, got {list(self.conv_lora_scales)}"
+            )
+        check_at_least(self, 0, "conv_lora_balance")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model.model_type={self.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
         if self.lora_rank < 0:
@@ -178,8 +190,7 @@ class PromptConfig:
             raise ValueError(f"prompts.box_fraction must be in [0, 1], got {self.box_fraction}")
         if self.box_fraction < 1.0 and self.pos_points < 1:
             raise ValueError("point-prompted objects need prompts.pos_points >= 1")
-        if min(self.box_jitter, self.box_jitter_max_px, self.neg_points, self.box_points) < 0:
-            raise ValueError("prompt jitter and point counts must be >= 0")
+        check_at_least(self, 0, "box_jitter", "box_jitter_max_px", "neg_points", "box_points")
         if self.corrective_rounds < 0:
             raise ValueError("prompts.corrective_rounds must be >= 0")
         if not 0.0 <= self.mask_prompt_prob <= 1.0:
@@ -218,9 +229,10 @@ class LossConfig:
     def __post_init__(self):
         check_choices(self)
         check_finite(self)
-        weights = (self.focal, self.dice, self.iou_head, self.bce, self.mse, self.ce)
-        if min(weights) < 0 or max(weights) == 0:
-            raise ValueError("loss weights must be >= 0 and at least one > 0")
+        weights = ("focal", "dice", "iou_head", "bce", "mse", "ce")
+        check_at_least(self, 0, *weights)
+        if not any(getattr(self, w) for w in weights):
+            raise ValueError(f"every loss weight is 0 (loss.{', loss.'.join(weights)}); set at least one > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,10 +266,10 @@ class OptimConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         check_choices(self)
         check_finite(self)
-        if not 0 < self.lr < float("inf") or self.grad_accum < 1 or self.clip_norm < 0:
-            raise ValueError(
-                f"optim: lr must be finite and > 0 (got {self.lr}), grad_accum >= 1, clip_norm >= 0"
-            )
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"optim.lr must be finite and > 0, got {self.lr}")
+        check_at_least(self, 1, "grad_accum")
+        check_at_least(self, 0, "clip_norm")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"optim.warmup is a fraction of run.steps in [0, 1), got {self.warmup}")
 
@@ -290,8 +302,7 @@ class RunConfig:
             raise ValueError(f"run.seed must be >= 0, got {self.seed}")
         if self.steps < 1 or self.stop_at < 0:
             raise ValueError("run.steps must be >= 1 and run.stop_at >= 0")
-        if min(self.eval_every, self.save_every, self.log_every, self.keep_checkpoints) < 0:
-            raise ValueError("run cadences must be >= 0")
+        check_at_least(self, 0, "eval_every", "save_every", "log_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -411,6 +422,11 @@ def _as_float(v):
         return v
 
 
+def _one_line(e: Exception) -> str:
+    """A PyYAML error's message on one line (it spreads the problem and its position over several)."""
+    return " ".join(str(e).split())
+
+
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.field=value`` strings to a nested dict; values are parsed as YAML scalars."""
     d = {k: dict(v or {}) for k, v in d.items()}
@@ -422,7 +438,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
-            raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_one_line(e)})") from None
         d.setdefault(section, {})[name] = value
     return d
 
@@ -507,7 +523,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         d = yaml.load(text, Loader=_StrictLoader) or {}
     except yaml.YAMLError as e:  # its message gives the line and column
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise ValueError(f"{path}: not valid YAML ({_one_line(e)})") from None
     except ValueError as e:  # a key written twice
         raise ValueError(f"{path}: {e}") from None
     if not isinstance(d, dict):
