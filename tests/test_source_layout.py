@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -22,3 +23,56 @@ def test_no_statement_is_split_by_its_trailing_comment():
         if SPLIT_BY_COMMENT.match(line)
     ]
     assert not hits, "put these comments on their own line above the statement:\n" + "\n".join(hits)
+
+
+# The registries that map a task's or a variant's config value to its class; everything else goes through
+# them (the task protocol, trainer.variant's protocol) and never compares those values itself.
+REGISTRIES = ("trainer/task.py", "trainer/variants.py")
+ALLOWED = (*REGISTRIES, "trainer/config.py")  # config declares the choices and checks them field by field
+
+
+def _registry_names() -> set[str]:
+    """The keys of ``TASKS`` and ``ENCODER_ADAPTERS`` as their files spell them (no import: this test stays
+    fast); ``none`` is left out, as other settings use it too."""
+    names = set()
+    for rel in REGISTRIES:
+        for node in ast.walk(ast.parse((REPO / rel).read_text())):
+            target = getattr(node, "target", None) or (
+                node.targets[0] if isinstance(node, ast.Assign) else None
+            )
+            if isinstance(target, ast.Name) and target.id in ("TASKS", "ENCODER_ADAPTERS"):
+                names |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+    return names - {"none"}
+
+
+def _name_comparisons(source: str, names: set[str]) -> list[int]:
+    """Lines of ``source`` that compare with a registry name (``== "conv_lora"``, ``"semantic" in ...``) or
+    compare ``.task`` / ``.encoder_adapter`` at all."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        sides += [e for s in sides if isinstance(s, (ast.Tuple, ast.List, ast.Set)) for e in s.elts]
+        named = any(isinstance(s, ast.Constant) and s.value in names for s in sides)
+        by_field = any(isinstance(s, ast.Attribute) and s.attr in ("task", "encoder_adapter") for s in sides)
+        if named or by_field:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_tasks_and_variants_are_not_compared_by_name_outside_their_registries():
+    names = _registry_names()
+    assert {"instance", "semantic", "lora", "conv_lora"} <= names  # the parse found the registries
+    assert _name_comparisons('if cfg.model.task != "instance":\n    pass\n', names) == [1]
+    assert _name_comparisons('ok = adapter in ("lora",)\n', names) == [1]
+    hits = [
+        f"{path.relative_to(REPO)}:{n}: {path.read_text().splitlines()[n - 1].strip()}"
+        for path in sorted((REPO / "trainer").rglob("*.py"))
+        if path.relative_to(REPO).as_posix() not in ALLOWED
+        for n in _name_comparisons(path.read_text(), names)
+    ]
+    assert not hits, (
+        "ask the task or the variant (trainer.task.Task, trainer.variant.Variant) instead of comparing its "
+        "name:\n" + "\n".join(hits)
+    )

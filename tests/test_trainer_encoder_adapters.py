@@ -18,7 +18,6 @@ from embedcache.models import build_sam
 from embedcache.synthetic import make_dataset
 from embedcache.tap import run_tail, split_tail
 from trainer import checkpoint as ckpt
-from trainer.adapted import conv_lora_sidecar, load_adapted_sam
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.conv_lora import ConvLoRALinear
@@ -26,6 +25,7 @@ from trainer.data import ImageStore
 from trainer.evaluate import iou_and_dice, predict_objects
 from trainer.model import tuned_sam
 from trainer.train import run
+from trainer.tuned import load_tuned, sidecar_path
 
 BASE = [
     "data.max_objects=2",
@@ -95,13 +95,9 @@ def test_export_reloads_and_sam_predictor_reproduces_eval(trained, data_and_cach
     assert not torch.equal(plain.image_encoder.neck[0].weight, start.image_encoder.neck[0].weight)  # tuned
     for name in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):  # the frozen prefix is the start's
         assert torch.equal(plain.image_encoder.state_dict()[name], start.image_encoder.state_dict()[name])
-    if adapter == "lora":
-        assert not conv_lora_sidecar(out).exists()
-        sam = plain
-    else:
-        assert conv_lora_sidecar(out).is_file()
-        sam = load_adapted_sam("vit_tiny", out)
-        assert isinstance(sam.image_encoder.blocks[1].attn.qkv, ConvLoRALinear)
+    assert sidecar_path(out, "conv_lora").is_file() == (adapter == "conv_lora")
+    sam = load_tuned(out).sam  # the manifest names the preset and the sidecars
+    assert isinstance(sam.image_encoder.blocks[1].attn.qkv, ConvLoRALinear) == (adapter == "conv_lora")
 
     cfg = load_config(run_dir / "config.yaml")
     _, tuned = tuned_sam(cfg, ckpt.resolve_weights(run_dir, "last"))

@@ -15,9 +15,11 @@ from test_embedcache_support import build, tiny_dataset
 from embedcache import open_cache
 from embedcache.models import build_sam
 from embedcache.tap import encode_with_tap
+from trainer.config import ModelConfig
 from trainer.conv_lora import ConvLoRALinear
-from trainer.encoder_tail import EncoderTail, add_encoder_adapters
+from trainer.encoder_tail import EncoderTail
 from trainer.lora import LoRALinear, merge_lora
+from trainer.variants import add_encoder_adapters
 
 ADAPTERS = ("none", "lora", "conv_lora")
 SCALES = (1, 2, 3)
@@ -25,7 +27,14 @@ SCALES = (1, 2, 3)
 
 def _tail(encoder, k, adapter, **kw) -> EncoderTail:
     tail = EncoderTail(encoder, k, **kw)
-    add_encoder_adapters(list(tail.blocks), adapter, rank=4, alpha=8.0, scales=SCALES)  # scale 2
+    m = ModelConfig(
+        encoder_tail_blocks=k,
+        encoder_adapter=adapter,
+        encoder_rank=4,
+        encoder_alpha=8.0,
+        conv_lora_scales=SCALES,
+    )
+    add_encoder_adapters(list(tail.blocks), m)  # scale 2
     return tail
 
 

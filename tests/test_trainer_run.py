@@ -332,7 +332,8 @@ def test_two_processes_with_accelerate_launch(cache_path, tmp_path):
 
 
 def test_semantic_mode_trains_and_exports(tmp_path):
-    from trainer.semantic import load_semantic_segmenter, semantic_sidecar
+    from trainer.semantic import SemanticSegmenter
+    from trainer.tuned import load_tuned, sidecar_path
 
     data = make_dataset(tmp_path / "sem", n_images=5, seed=1, kind="semantic")
     cache = tmp_path / "sem.zarr"
@@ -374,9 +375,9 @@ def test_semantic_mode_trains_and_exports(tmp_path):
     assert load_config(out / "config.yaml").model.num_classes == 4  # background + 3 shape kinds
     exported = tmp_path / "sem.pth"
     assert main(["export", str(out), "--out", str(exported)]) == 0
-    assert semantic_sidecar(exported).is_file()
+    assert sidecar_path(exported, "semantic").is_file()
     build_sam("vit_tiny", exported)  # the SAM part loads strictly
-    seg = load_semantic_segmenter("vit_tiny", exported)
+    seg = SemanticSegmenter(load_tuned(exported))
     from PIL import Image
 
     image = np.asarray(Image.open(sorted((data / "images").glob("*.png"))[0]).convert("RGB"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import typing
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from embedcache.models import build_sam
 from trainer.config import Config, load_config, to_dict
 from trainer.decoder import PromptedDecoder, decode, embed_prompts, instance_head
 from trainer.lora import add_lora, merge_lora
-from trainer.order import batches, permutation
+from trainer.order import batches, micro_batches, permutation
 from trainer.prompts import (
     Prompts,
     corrective_click,
@@ -98,6 +99,26 @@ def test_permutation_is_pure_disjoint_and_shard_local():
     assert [len(x) for x in b] == [2, 2]
 
 
+def test_micro_batches_resume_exactly_and_cover_each_epoch_once_per_rank():
+    """The loader's order: 10 images (cache indices 100..109) in shards of 4, 2 ranks, batches of 2."""
+    images, shard_of = np.arange(100, 110), np.arange(10) // 4
+    kw = dict(seed=7, world=2, batch=2, shard_of=shard_of)
+    run = list(itertools.islice(micro_batches(images, rank=1, **kw), 9))
+    assert [e for e, _ in run] == [0, 0, 1, 1, 2, 2, 3, 3, 4]  # 5 per rank per epoch, 1 left over: 2 batches
+    # resuming at any (epoch, position) continues the uninterrupted order exactly
+    for k in range(9):
+        epoch, position = divmod(k, 2)
+        resumed = list(
+            itertools.islice(micro_batches(images, rank=1, epoch=epoch, position=position, **kw), 9 - k)
+        )
+        assert [(e, b.tolist()) for e, b in resumed] == [(e, b.tolist()) for e, b in run[k:]]
+    # one epoch: the ranks read disjoint images, none twice, all but the remainder of 10 over 2 x 2
+    both = [b for r in (0, 1) for _, b in itertools.islice(micro_batches(images, rank=r, **kw), 2)]
+    flat = np.concatenate(both)
+    assert len(flat) == len(set(flat.tolist())) == 8 and set(flat.tolist()) <= set(images.tolist())
+    assert run[0][1].tolist() != run[2][1].tolist() or run[1][1].tolist() != run[3][1].tolist()  # reshuffled
+
+
 def test_lr_schedule():
     from trainer.config import OptimConfig
 
@@ -137,6 +158,13 @@ def test_embed_prompts_matches_sam_prompt_encoder(sam):
     sparse, _ = embed_prompts(pe, mixed)
     ref, _ = pe(points=(coords, labels), boxes=None, masks=None)
     torch.testing.assert_close(sparse[:, :2], ref, rtol=0, atol=0)
+    # without box slots, SAM's own padding (evaluation and the Predictor), and a mask prompt as SAM embeds it
+    low = torch.randn(1, 1, 256, 256)
+    no_slots = Prompts(point_coords=coords, point_labels=labels, boxes=None, has_box=None, mask_input=low)
+    sparse, dense = embed_prompts(pe, no_slots)
+    ref, ref_dense = pe(points=(coords, labels), boxes=None, masks=low)
+    torch.testing.assert_close(sparse, ref, rtol=0, atol=0)
+    torch.testing.assert_close(dense, ref_dense, rtol=0, atol=0)
 
 
 def test_one_decoder_call_with_uneven_object_counts_matches_sam_per_image(sam):

@@ -1,5 +1,5 @@
-"""A SAM with Conv-LoRA encoder adapters, exported as SAM's own state dict plus an adapter file, and loaded
-back for prediction.
+"""Conv-LoRA on the encoder tail as a variant: trained with its routers' balance loss, exported as an adapter
+file beside SAM's own state dict, and loaded back for prediction.
 
 Conv-LoRA cannot be merged into the weights (its expert is chosen per input), so ``trainer export`` writes:
 
@@ -11,81 +11,100 @@ Conv-LoRA cannot be merged into the weights (its expert is chosen per input), so
 
 Predict with the adapters::
 
-    from trainer.adapted import load_adapted_sam
+    import trainer
     from trainer.predictor import Predictor
 
-    sam = load_adapted_sam("lite_medsam", "tuned.pth")  # finds tuned.conv_lora.pth beside it
-    predictor = Predictor(sam, "lite_medsam")  # set_image / predict as SamPredictor, any preset
+    tuned = trainer.load_tuned("tuned.pth")  # finds tuned.conv_lora.pth beside it
+    predictor = Predictor(tuned)  # set_image / predict as SamPredictor, any preset
 
-(``segment_anything.SamPredictor(sam)`` works too for SAM's own 1024-input presets.)
+(``segment_anything.SamPredictor(tuned.sam)`` works too for SAM's own 1024-input presets.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from segment_anything.modeling import Sam
+from torch import nn
 
-from embedcache.models import build_sam
 from trainer.conv_lora import ConvLoRALinear
+from trainer.variant import Variant
+
+if TYPE_CHECKING:
+    from trainer.config import ModelConfig
+    from trainer.decoder import PromptedDecoder
 
 FORMAT = 1
 
 
-def conv_lora_sidecar(out: str | Path) -> Path:
-    """The adapter file written beside the exported ``out`` (``x.pth`` -> ``x.conv_lora.pth``)."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.conv_lora.pth")
+class EncoderConvLoRA(Variant):
+    """``model.encoder_adapter=conv_lora``: Conv-LoRA on the tail blocks' ``qkv``; its routers learn from
+    their balance loss, their noise is seeded per micro-step, and it exports to the ``conv_lora`` sidecar."""
 
+    sidecar = "conv_lora"
 
-def detach_conv_lora(sam: Sam) -> dict:
-    """Put each ``ConvLoRALinear`` of ``sam`` back to its frozen base ``nn.Linear`` and return the adapter
-    file's content (module docstring); ``sam.state_dict()`` is then plain segment_anything keys."""
-    adapters = {}
-    for path, m in list(sam.named_modules()):
-        if isinstance(m, ConvLoRALinear):
-            state = {k: v.detach().cpu() for k, v in m.state_dict().items() if not k.startswith("base.")}
-            adapters[path] = {
-                "rank": m.lora_a.shape[0],
-                "alpha": m.scale * m.lora_a.shape[0],
-                "scales": list(m.scales),
-                "balance_coef": m.router.balance_coef,
-                "state_dict": state,
-            }
+    def __init__(self, m: ModelConfig):
+        self.rank, self.alpha = m.encoder_rank, m.encoder_alpha
+        self.scales, self.balance_coef = m.conv_lora_scales, m.conv_lora_balance
+
+    def wrap(self, blocks: list[nn.Module]) -> None:
+        """Wrap each block's ``attn.qkv`` (zero update at init)."""
+        for blk in blocks:
+            blk.attn.qkv = ConvLoRALinear(blk.attn.qkv, self.rank, self.alpha, self.scales, self.balance_coef)
+
+    def apply(self, sam: Sam, model: PromptedDecoder) -> None:
+        self.wrap(list(model.encoder_tail.blocks))
+
+    def before_micro_step(self, model: PromptedDecoder, g: torch.Generator) -> None:
+        model.encoder_tail.noise_seed = g.initial_seed() + 1  # the routers' noise: per micro-step, like g
+
+    def loss_terms(self, model: PromptedDecoder) -> dict[str, torch.Tensor]:
+        # the routers learn only from their balance loss (trainer.conv_lora), whatever the task
+        return {"conv_lora_balance": model.encoder_tail.balance_loss()}
+
+    def export(self, sam: Sam, model: PromptedDecoder) -> dict:
+        """Put each ``ConvLoRALinear`` of ``sam`` back to its frozen base ``nn.Linear`` and return the
+        adapter file's content (module docstring)."""
+        adapters = {}
+        for path, m in list(sam.named_modules()):
+            if isinstance(m, ConvLoRALinear):
+                state = {k: v.detach().cpu() for k, v in m.state_dict().items() if not k.startswith("base.")}
+                adapters[path] = {
+                    "rank": m.lora_a.shape[0],
+                    "alpha": m.scale * m.lora_a.shape[0],
+                    "scales": list(m.scales),
+                    "balance_coef": m.router.balance_coef,
+                    "state_dict": state,
+                }
+                parent, _, name = path.rpartition(".")
+                setattr(sam.get_submodule(parent), name, m.base)
+        return {"format": FORMAT, "adapters": adapters}
+
+    @classmethod
+    def load(cls, sam: Sam, model: PromptedDecoder, content: dict, where: Path) -> None:
+        if not isinstance(content, dict) or content.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a samtune Conv-LoRA adapter file (format {FORMAT})")
+        for path, spec in content["adapters"].items():
             parent, _, name = path.rpartition(".")
-            setattr(sam.get_submodule(parent), name, m.base)
-    return {"format": FORMAT, "adapters": adapters}
+            try:
+                owner = sam.get_submodule(parent)
+                base = getattr(owner, name)
+            except AttributeError as e:
+                raise ValueError(f"{where}: adapter for {path!r}, which this model does not have") from e
+            layer = ConvLoRALinear(
+                base, spec["rank"], spec["alpha"], tuple(spec["scales"]), spec["balance_coef"]
+            )
+            missing, unexpected = layer.load_state_dict(spec["state_dict"], strict=False)
+            if unexpected or any(not k.startswith("base.") for k in missing):
+                raise ValueError(f"{where}: adapter {path!r} does not fit: {missing + unexpected}")
+            setattr(owner, name, layer.to(base.weight.device))
 
 
-def load_adapted_sam(
-    model_type: str, sam_path: str | Path, adapters: str | Path | None = None, *, seed: int = 0
-) -> Sam:
-    """The exported SAM with its Conv-LoRA adapters in place, in eval mode (for ``SamPredictor`` or samtune's
-    own evaluation).
+def load_adapted_sam(model_type: str, sam_path: str | Path) -> Sam:
+    """The exported SAM with its Conv-LoRA adapters in place, in eval mode: ``trainer.load_tuned``'s
+    ``sam``. ``model_type`` must be the export's preset."""
+    from trainer.tuned import load_tuned
 
-    Args:
-        model_type: the preset (``vit_b``, ``lite_medsam``, ...).
-        sam_path: the exported ``.pth`` (a plain SAM state dict).
-        adapters: its adapter file; default ``conv_lora_sidecar(sam_path)``.
-    """
-    adapters = Path(adapters) if adapters is not None else conv_lora_sidecar(sam_path)
-    if not adapters.is_file():
-        raise FileNotFoundError(f"{adapters}: Conv-LoRA adapter file not found (written by trainer export)")
-    content = torch.load(adapters, map_location="cpu", weights_only=True)
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise ValueError(f"{adapters}: not a samtune Conv-LoRA adapter file (format {FORMAT})")
-    sam = build_sam(model_type, sam_path, seed=seed)
-    for path, spec in content["adapters"].items():
-        parent, _, name = path.rpartition(".")
-        try:
-            owner = sam.get_submodule(parent)
-            base = getattr(owner, name)
-        except AttributeError as e:
-            raise ValueError(f"{adapters}: adapter for {path!r}, which {model_type} does not have") from e
-        layer = ConvLoRALinear(base, spec["rank"], spec["alpha"], tuple(spec["scales"]), spec["balance_coef"])
-        missing, unexpected = layer.load_state_dict(spec["state_dict"], strict=False)
-        if unexpected or any(not k.startswith("base.") for k in missing):
-            raise ValueError(f"{adapters}: adapter {path!r} does not fit: {missing + unexpected}")
-        setattr(owner, name, layer)
-    return sam.eval()
+    return load_tuned(sam_path, model_type=model_type).sam

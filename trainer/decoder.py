@@ -32,17 +32,23 @@ def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, to
     """Sparse and dense prompt embeddings of ``P`` objects with mixed prompt kinds, in one batched pass.
 
     Points come first, then the two box corners, as in ``PromptEncoder.forward``; objects without a box get
-    two padding tokens in the box slots. With boxes only (N = 0 points) the result equals
-    ``pe(points=None, boxes=..., masks=...)``.
+    two padding tokens in the box slots. Prompts without box slots (``boxes`` is ``None``) get one padding
+    token after their points instead, as ``PromptEncoder`` pads point-only prompts. The result equals
+    ``pe(points=..., boxes=..., masks=...)`` when every object has the same kinds of prompt (tested).
 
     Returns:
-        sparse ``(P, N + 2, 256)`` and dense ``(P, 256, 64, 64)`` (a broadcast view of ``no_mask_embed``
-        where there is no mask prompt).
+        sparse ``(P, N + 2, 256)`` (``(P, N + 1, 256)`` without box slots) and dense ``(P, 256, 64, 64)`` (a
+        broadcast view of ``no_mask_embed`` where there is no mask prompt).
     """
-    p = prompts.boxes.shape[0]
-    corners = prompts.boxes.reshape(p, 2, 2)
-    corner_labels = torch.tensor([BOX_TL, BOX_BR], device=corners.device).expand(p, 2)
-    corner_labels = torch.where(prompts.has_box[:, None], corner_labels, PAD)
+    p = prompts.point_coords.shape[0]
+    if prompts.boxes is None:
+        # no box slots: one padding point after the points, as PromptEncoder pads point-only prompts
+        corners = prompts.point_coords.new_zeros((p, 1, 2))
+        corner_labels = torch.full((p, 1), PAD, device=corners.device)
+    else:
+        corners = prompts.boxes.reshape(p, 2, 2)
+        corner_labels = torch.tensor([BOX_TL, BOX_BR], device=corners.device).expand(p, 2)
+        corner_labels = torch.where(prompts.has_box[:, None], corner_labels, PAD)
     coords = torch.cat([prompts.point_coords, corners], 1) + 0.5  # SAM embeds pixel centres
     labels = torch.cat([prompts.point_labels, corner_labels], 1)
     sparse = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)
@@ -53,9 +59,7 @@ def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, to
     h, w = pe.image_embedding_size
     dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, h, w)
     if prompts.mask_input is not None:
-        # PromptEncoder has no public way to embed a mask prompt alone (forward also embeds points and boxes,
-        # and pads them its own way), so its mask branch is called directly
-        masked = pe._embed_masks(prompts.mask_input)
+        masked = pe.mask_downscaling(prompts.mask_input)  # what PromptEncoder's mask branch runs
         has = prompts.has_mask
         dense = masked if has is None else torch.where(has[:, None, None, None], masked, dense)
     return sparse, dense
@@ -116,18 +120,32 @@ class Decoded(NamedTuple):
     iou: torch.Tensor | None
     """``(P, 4)`` predicted IoU of SAM's masks; ``None`` with a semantic head, which has no IoU token."""
 
+    def shown(self, multimask: torch.Tensor) -> torch.Tensor:
+        """``(P, 256, 256)`` logits of the mask a user would see: for ``(P,)`` bool ``multimask`` objects the
+        multimask output the IoU head rates best (as ``SamPredictor`` users pick), else the single-mask
+        output 0."""
+        best = self.iou[:, 1:].argmax(1) + 1
+        pick = torch.where(multimask, best, torch.zeros_like(best))
+        return self.logits[torch.arange(pick.shape[0], device=pick.device), pick]
+
 
 Refine = Callable[[int, Decoded, Prompts], "Prompts | None"]
 """``PromptedDecoder.forward``'s interactive rounds: ``(round, its Decoded, its prompts) -> next prompts``."""
 
 
 class PromptedDecoder(nn.Module):
-    """What trains: SAM's prompt encoder and mask decoder (and, in semantic mode, the class head).
+    """What trains and what predicts: SAM's prompt encoder and mask decoder, and the slots the variants
+    (``trainer.variants``) fill: a head with its own output tokens (the semantic head) and an encoder tail.
 
     The image encoder is not part of it: training reads its outputs from the cache and never runs it. With
     an ``encoder_tail`` (``trainer.encoder_tail``: the encoder's last blocks and neck, with adapters) the
     cache gives the tokens entering those blocks instead, and the tail turns them into the embeddings,
-    once per image per call, inside ``forward`` (so DDP sees its parameters).
+    once per image per call, inside ``forward`` (so DDP sees its parameters). Evaluation, the overlays and
+    the Predictor predict through ``forward``'s two halves, ``image_embeddings`` and ``decode_prompts``.
+
+    The slots are registered in a fixed order (``semantic_head``, then ``encoder_tail``) whether filled or
+    not, so that the parameter order, and with it the optimiser state of a checkpoint, does not depend on
+    the order in which variants fill them; ``semantic_head`` keeps its name for the checkpoints' keys.
     """
 
     def __init__(
@@ -136,8 +154,8 @@ class PromptedDecoder(nn.Module):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        self.semantic_head = semantic_head
-        self.encoder_tail = encoder_tail
+        self.register_module("semantic_head", semantic_head)
+        self.register_module("encoder_tail", encoder_tail)
 
     def forward(
         self,
@@ -146,7 +164,8 @@ class PromptedDecoder(nn.Module):
         prompts: Prompts | None,
         refine: Refine | None = None,
     ) -> Decoded | list[Decoded]:
-        """``P`` objects of ``B`` images through one prompt-encoder and one mask-decoder call per round.
+        """``P`` objects of ``B`` images through one prompt-encoder and one mask-decoder call per round:
+        ``decode_prompts(image_embeddings(embeddings), ...)``.
 
         Args:
             embeddings: ``(B, 256, 64, 64)`` image embeddings; with an encoder tail, the ``(B, 64, 64, C)``
@@ -163,8 +182,22 @@ class PromptedDecoder(nn.Module):
 
         One ``forward`` for both tasks, so that DDP wraps either.
         """
-        if self.encoder_tail is not None:
-            embeddings = self.encoder_tail(embeddings)
+        return self.decode_prompts(self.image_embeddings(embeddings), image_index, prompts, refine)
+
+    def image_embeddings(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What the store gives -> ``(B, 256, 64, 64)`` image embeddings: the embeddings themselves, or, with
+        an encoder tail, the ``(B, 64, 64, C)`` tap tokens run through it."""
+        return inputs if self.encoder_tail is None else self.encoder_tail(inputs)
+
+    def decode_prompts(
+        self,
+        embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        prompts: Prompts | None,
+        refine: Refine | None = None,
+    ) -> Decoded | list[Decoded]:
+        """``forward`` on ``(B, 256, 64, 64)`` image embeddings (``image_embeddings``' output): callers that
+        decode one image's objects in chunks embed the image once."""
         if refine is None:
             return self._decode(embeddings, image_index, prompts)
         rounds = []

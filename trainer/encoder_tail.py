@@ -13,7 +13,7 @@ that SAM, as ``build_trainable`` does for the decoder.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,32 +21,17 @@ from torch.utils.checkpoint import checkpoint
 
 from embedcache.tap import run_tail, split_tail
 from trainer.conv_lora import ConvLoRALinear
-from trainer.lora import LoRALinear
+from trainer.lora import LoRALinear, merge_lora
+from trainer.variant import Variant
 
-EncoderAdapter = Literal["none", "lora", "conv_lora"]
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
+    from trainer.config import ModelConfig
+    from trainer.decoder import PromptedDecoder
 
-def add_encoder_adapters(
-    blocks: list[nn.Module],
-    adapter: EncoderAdapter,
-    *,
-    rank: int,
-    alpha: float,
-    scales: tuple[int, ...] = (),
-    balance_coef: float = 1e-2,
-) -> int:
-    """Wrap each block's ``attn.qkv`` in the chosen adapter (zero update at init); returns how many."""
-    if adapter == "none":
-        return 0
-    for blk in blocks:
-        base = blk.attn.qkv
-        if adapter == "lora":
-            blk.attn.qkv = LoRALinear(base, rank, alpha)
-        elif adapter == "conv_lora":
-            blk.attn.qkv = ConvLoRALinear(base, rank, alpha, scales, balance_coef)
-        else:
-            raise ValueError(f"encoder adapter must be none, lora or conv_lora, got {adapter!r}")
-    return len(blocks)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+"""torch's public batch-norm classes (their common base ``_BatchNorm`` is private)."""
 
 
 def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +69,7 @@ class EncoderTail(nn.Module):
         LiteMedSAM's embeddings at zero-init adapters)."""
         super().train(mode)
         for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, BATCH_NORMS):
                 m.eval()
         return self
 
@@ -101,3 +86,35 @@ class EncoderTail(nn.Module):
         losses = [m.balance_loss for m in self.modules() if isinstance(m, ConvLoRALinear)]
         losses = [x for x in losses if x is not None]
         return torch.stack(losses).sum() if losses else self.neck[0].weight.new_zeros(())
+
+
+class EncoderTailVariant(Variant):
+    """``model.encoder_tail_blocks`` k > 0: the encoder's last k blocks and its neck train, run on a partial
+    cache's tap tokens (``PromptedDecoder.encoder_tail``). The tail's modules are ``sam``'s own, so the
+    export is in SAM's state dict; the adapters on its blocks are variants of their own."""
+
+    def __init__(self, m: ModelConfig):
+        self.k, self.checkpoint_blocks = m.encoder_tail_blocks, m.encoder_checkpoint
+
+    def apply(self, sam: Sam, model: PromptedDecoder) -> None:
+        tail = EncoderTail(sam.image_encoder, self.k, checkpoint_blocks=self.checkpoint_blocks)
+        tail.neck.requires_grad_(True)
+        model.encoder_tail = tail
+
+
+class EncoderLoRA(Variant):
+    """``model.encoder_adapter=lora``: LoRA on the tail blocks' ``qkv``, merged into SAM's weights."""
+
+    def __init__(self, m: ModelConfig):
+        self.rank, self.alpha = m.encoder_rank, m.encoder_alpha
+
+    def wrap(self, blocks: list[nn.Module]) -> None:
+        """Wrap each block's ``attn.qkv`` (zero update at init)."""
+        for blk in blocks:
+            blk.attn.qkv = LoRALinear(blk.attn.qkv, self.rank, self.alpha)
+
+    def apply(self, sam: Sam, model: PromptedDecoder) -> None:
+        self.wrap(list(model.encoder_tail.blocks))
+
+    def merge(self, sam: Sam) -> None:
+        merge_lora(sam.image_encoder)

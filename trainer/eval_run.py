@@ -33,11 +33,10 @@ from embedcache.signature import check_compatible
 from trainer import checkpoint as ckpt
 from trainer.amg import AmgConfig
 from trainer.auto_eval import auto_overlays, auto_table, evaluate_amg
-from trainer.config import load_config
+from trainer.config import Config, load_config
 from trainer.data import ImageStore
 from trainer.decoder import PromptedDecoder
-from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key, evaluate
-from trainer.instance import box_overlays
+from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
 from trainer.plots import click_curves, iou_distributions
 from trainer.task import make_task
@@ -160,7 +159,7 @@ def eval_run(
     threshold sweep) under ``"auto"``, a table section and instance overlays.
 
     Returns ``{"metrics", "table", "files"}`` on the main process, ``{}`` elsewhere. ``metrics`` maps each
-    model label to its per-prompt metrics (``trainer.evaluate.evaluate`` with ``per_object``), plus
+    model label to its metrics (the task's ``evaluate``: per prompt type, with ``per_object``), plus
     ``split``, ``cache`` and, with a run, ``weights``.
     """
     if run is None and not checkpoints:
@@ -174,9 +173,14 @@ def eval_run(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     contenders, cfg = _run_models(cache, Path(run), which, device) if run else ([], None)
+    # the run's task scores every model; --checkpoint files alone are plain SAMs, scored by the default task
+    task = make_task(cfg if cfg is not None else Config())
     if checkpoints:
-        if cfg is not None and cfg.model.task != "instance":
-            raise ValueError("--checkpoint models are scored on instance prompts; this run is semantic")
+        if not task.scores_plain_sam:
+            raise ValueError(
+                f"--checkpoint files are plain SAMs, which this run's task ({cfg.model.task}) does not "
+                "score; score them in a trainer eval of their own"
+            )
         encoder = None if all(Path(s).is_dir() for s in checkpoints) else _cache_encoder(cache)
         contenders += [_checkpoint_model(cache, s, which, device, encoder) for s in checkpoints]
     labels = [c.label for c in contenders]
@@ -185,19 +189,10 @@ def eval_run(
     images = cache.image_indices(split)
     if cfg is not None and split == "val" and cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]
-    if cfg is not None and cfg.model.task != "instance":
-        if clicks:
-            raise ValueError("--clicks scores prompted instance masks; this run is semantic")
-        task = make_task(cfg)
-        scores = {c.label: task.validate(c.model, c.store, images, accelerator) for c in contenders}
-    else:
-        task = None
-        scores = {
-            c.label: evaluate(
-                c.model, c.store, images, accelerator, per_object=True, clicks=clicks, mask_prompt=mask_prompt
-            )
-            for c in contenders
-        }
+    scores = {
+        c.label: task.evaluate(c.model, c.store, images, accelerator, clicks=clicks, mask_prompt=mask_prompt)
+        for c in contenders
+    }
     n = (cfg.run.overlays if cfg is not None else 4) if overlays is None else overlays
     auto_labels = {}
     if auto == "amg":
@@ -238,7 +233,6 @@ def eval_run(
         }
         files.append(click_curves(per_start, out / "clicks.png"))
     if len(contenders) >= 2:
-        draw = task.overlays if task is not None else box_overlays
-        files += draw(out / "overlays", images, contenders[0], contenders[1], n)
+        files += task.overlays(out / "overlays", images, contenders[0], contenders[1], n)
     files += auto_overlays(out / "overlays_auto", cache, auto_labels)
     return {"metrics": metrics, "table": table, "files": [str(f) for f in files]}

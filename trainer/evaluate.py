@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from trainer.clicks import click_summary, next_click
 from trainer.data import ImageStore, input_boxes
-from trainer.decoder import PromptedDecoder, decode, instance_head
-from trainer.prompts import PAD, farthest_interior_point
+from trainer.decoder import Decoded, PromptedDecoder
+from trainer.prompts import PAD, Prompts, farthest_interior_point, to_input_frame
 
 PROMPT_TYPES = ("box", "point")
 
@@ -86,51 +86,75 @@ def predict_rounds(
     Returns:
         ``rounds[r][j]``: the ``(H, W)`` bool mask of the image's object ``j`` after ``r`` clicks.
     """
-    cache = store.cache
-    start, stop = cache.object_range(image)
-    ih, iw = (int(v) for v in cache.input_size[image])
-    oh, ow = (int(v) for v in cache.original_size[image])
-    scale = np.array([iw / ow, ih / oh])  # ResizeLongestSide.apply_coords
-    emb = store.embeddings(np.array([image])).to(device).float()
-    if model.encoder_tail is not None:  # the store gave tap tokens: the tail makes the embedding, once
-        emb = model.encoder_tail(emb)
-    pe = model.prompt_encoder
-    image_pe = pe.get_dense_pe()
+    start, stop = store.cache.object_range(image)
+    # the model's own forward, in its two halves: the image once, then each chunk of objects
+    emb = model.image_embeddings(store.embeddings(np.array([image])).to(device).float())
     rounds = [[] for _ in range(clicks + 1)]
     for lo in range(start, stop, chunk):
         obj = np.arange(lo, min(stop, lo + chunk))
-        n = len(obj)
-        gts = cache.masks(obj, "original") if prompt == "point" or clicks else None
-        boxes = torch.from_numpy(input_boxes(cache, obj)).to(device) if prompt == "box" else None
-        if prompt == "box":
-            xy, labels = np.zeros((n, 0, 2)), np.zeros((n, 0), np.int64)
-        else:
-            xy = np.array([farthest_interior_point(m) for m in gts], np.float64)[:, None] * scale
-            labels = np.ones((n, 1), np.int64)
-        index = torch.zeros(n, dtype=torch.long, device=device)  # every object is of the one image
-        low_in, shown, done = None, None, np.zeros(n, bool)
-        for r in range(clicks + 1):
-            points = None
-            if labels.shape[1]:
-                coords = torch.from_numpy(xy.astype(np.float32)).to(device)
-                points = (coords, torch.from_numpy(labels).to(device))
-            sparse, dense = pe(points=points, boxes=boxes, masks=low_in if mask_prompt else None)
-            hs, up = decode(model.mask_decoder, emb, index, image_pe, sparse, dense)
-            masks, iou = instance_head(model.mask_decoder, hs, up)
-            pick = iou[:, 1:].argmax(1) + 1 if r == 0 and prompt == "point" else torch.zeros_like(iou[:, 0])
-            low = masks[torch.arange(n, device=device), pick.long()][:, None]
-            full = (postprocess(low.float(), (ih, iw), (oh, ow), cache.image_size)[:, 0] > 0).cpu().numpy()
-            shown = full if shown is None else np.where(done[:, None, None], shown, full)
-            rounds[r].extend(shown)
-            if r == clicks:
-                break
-            made = [next_click(p, g) for p, g in zip(shown, gts)]
-            done |= np.array([c is None for c in made])
-            new_xy = np.array([(c[0], c[1]) if c else (0.0, 0.0) for c in made], np.float64) * scale
-            new_label = np.array([c[2] if c else PAD for c in made], np.int64)
-            xy = np.concatenate([xy, new_xy[:, None]], 1)
-            labels = np.concatenate([labels, new_label[:, None]], 1)
-            low_in = low.float()
+        for r, masks in enumerate(_chunk_rounds(model, emb, store.cache, obj, prompt, clicks, mask_prompt)):
+            rounds[r].extend(masks)
+    return rounds
+
+
+def _chunk_rounds(
+    model: PromptedDecoder,
+    emb: torch.Tensor,
+    cache,
+    obj: np.ndarray,
+    prompt: str,
+    clicks: int,
+    mask_prompt: bool,
+) -> list[np.ndarray]:
+    """``predict_rounds`` for the objects ``obj`` of one image with ``(1, 256, 64, 64)`` embedding ``emb``:
+    one ``decode_prompts`` call whose ``refine`` shows each round's masks and makes the next clicks.
+
+    Returns:
+        ``(len(obj), H, W)`` bool masks after 0..``clicks`` clicks.
+    """
+    image, n, device = int(cache.objects.image_index[obj[0]]), len(obj), emb.device
+    ih, iw = (int(v) for v in cache.input_size[image])
+    oh, ow = (int(v) for v in cache.original_size[image])
+    gts = cache.masks(obj, "original") if prompt == "point" or clicks else None
+    if prompt == "box":
+        xy, labels = np.zeros((n, 0, 2)), np.zeros((n, 0), np.int64)
+        boxes = torch.from_numpy(input_boxes(cache, obj)).to(device)
+        has_box = torch.ones(n, dtype=torch.bool, device=device)
+    else:
+        far = np.array([farthest_interior_point(m) for m in gts], np.float64)[:, None]
+        xy, labels = to_input_frame(far, (oh, ow), (ih, iw)), np.ones((n, 1), np.int64)
+        boxes = has_box = None  # no box slots: SAM pads point-only prompts with one padding point
+    shown, done, rounds = None, np.zeros(n, bool), []
+
+    def prompts_of(xy: np.ndarray, labels: np.ndarray, low_in: torch.Tensor | None) -> Prompts:
+        return Prompts(
+            point_coords=torch.from_numpy(xy.astype(np.float32)).to(device),
+            point_labels=torch.from_numpy(labels).to(device),
+            boxes=boxes,
+            has_box=has_box,
+            mask_input=low_in if mask_prompt else None,
+        )
+
+    def refine(r: int, out: Decoded, asked: Prompts) -> Prompts | None:
+        """Show round ``r``'s masks, then give the next round's prompts (one click more), or ``None``."""
+        nonlocal xy, labels, shown, done
+        multimask = torch.full((n,), r == 0 and prompt == "point", device=device)
+        low = out.shown(multimask)[:, None]
+        full = (postprocess(low.float(), (ih, iw), (oh, ow), cache.image_size)[:, 0] > 0).cpu().numpy()
+        shown = full if shown is None else np.where(done[:, None, None], shown, full)
+        rounds.append(shown)
+        if r == clicks:
+            return None
+        made = [next_click(p, g) for p, g in zip(shown, gts)]
+        done |= np.array([c is None for c in made])
+        new_xy = np.array([(c[0], c[1]) if c else (0.0, 0.0) for c in made], np.float64)
+        new_label = np.array([c[2] if c else PAD for c in made], np.int64)
+        xy = np.concatenate([xy, to_input_frame(new_xy, (oh, ow), (ih, iw))[:, None]], 1)
+        labels = np.concatenate([labels, new_label[:, None]], 1)
+        return prompts_of(xy, labels, low.float())
+
+    index = torch.zeros(n, dtype=torch.long, device=device)  # every object is of the one image
+    model.decode_prompts(emb, index, prompts_of(xy, labels, None), refine)
     return rounds
 
 

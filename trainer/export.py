@@ -1,30 +1,35 @@
-"""``trainer export``: a full SAM state dict (frozen encoder + tuned prompt encoder/decoder, LoRA merged).
+"""``trainer export``: a full SAM state dict (frozen encoder + tuned prompt encoder/decoder, LoRA merged) and
+one sidecar per variant that cannot merge, named by ``trainer.tuned.sidecar_path``, each written atomically.
 
-The file loads strictly with ``embedcache.build_sam(type, path)`` and, for the official types, with
-``segment_anything.sam_model_registry[type](checkpoint=path)``. With an encoder tail, the tuned neck is in
-it and encoder LoRA is merged into the tail blocks' ``qkv``; Conv-LoRA adapters go to the
-``.conv_lora.pth`` sidecar (``trainer.adapted.load_adapted_sam`` loads both). In semantic mode the class head
-goes to the ``.semantic.pth`` sidecar (see ``trainer.semantic``).
+The SAM file loads strictly with ``embedcache.build_sam(type, path)`` and, for the official types, with
+``segment_anything.sam_model_registry[type](checkpoint=path)``. Each variant's ``merge`` and ``export``
+(``trainer.variant``) decide what goes where: with an encoder tail the tuned neck is in the SAM file and
+encoder LoRA is merged into the tail blocks' ``qkv``; Conv-LoRA adapters go to ``.conv_lora.pth``, a task's
+head to its own sidecar (``.semantic.pth``). ``trainer.load_tuned`` rebuilds any of them from the manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from pathlib import Path
 
 import torch
+from segment_anything.modeling import Sam
 
-from trainer.adapted import conv_lora_sidecar, detach_conv_lora
 from trainer.checkpoint import resolve_weights
-from trainer.config import load_config
+from trainer.config import ModelConfig, load_config
+from trainer.decoder import PromptedDecoder
 from trainer.model import tuned_sam
-from trainer.semantic import semantic_sidecar
+from trainer.tuned import MANIFEST, manifest, sidecar_path
+from trainer.variants import variants_for
 
 
 def export(run: str | Path, out: str | Path, *, which: str = "best") -> list[Path]:
-    """Write the tuned SAM of run folder ``run`` to ``out`` (atomically); returns the files written.
+    """Write the tuned model of run folder ``run`` to ``out`` and its sidecars; returns the files written,
+    ``out`` first.
 
     Args:
         run: a ``trainer run`` output folder.
@@ -39,25 +44,36 @@ def export(run: str | Path, out: str | Path, *, which: str = "best") -> list[Pat
     weights = resolve_weights(run, which)
     cfg = load_config(weights.parent / "config.yaml")
     sam, model = tuned_sam(cfg, weights)
-    adapters = detach_conv_lora(sam)  # Conv-LoRA cannot merge: it goes to its own file, SAM keeps its keys
+    return export_model(sam, model, cfg.model, out)
+
+
+def export_model(sam: Sam, model: PromptedDecoder, m: ModelConfig, out: Path) -> list[Path]:
+    """Write ``tuned_sam``'s ``sam`` and ``model`` (variants merged, built from model config ``m``) to
+    ``out`` and its sidecars; returns the files written, ``out`` first."""
+    sidecars = {}
+    for variant in variants_for(m):
+        content = variant.export(sam, model)  # takes off sam what cannot merge: SAM keeps its own keys
+        if content is not None:
+            sidecars[variant.sidecar] = content
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    if adapters["adapters"]:  # before the model file, so that a model file never lacks its adapters
-        written.append(_save(adapters, conv_lora_sidecar(out)))
-    written.insert(0, _save(sam.state_dict(), out))
-    if model.semantic_head is not None:
-        head = model.semantic_head
-        sidecar = {"num_classes": head.num_classes, "prompt": head.prompt, "state_dict": head.state_dict()}
-        written.append(_save(sidecar, semantic_sidecar(out)))
-    return written
+    # the sidecars and the manifest before the model file, so that a model file never lacks them
+    written = [_save(content, sidecar_path(out, name)) for name, content in sidecars.items()]
+    info = manifest(m.model_type, list(sidecars))
+    written.append(_save(info, sidecar_path(out, MANIFEST, ".json"), _dump_json))
+    return [_save(sam.state_dict(), out), *written]
+
+
+def _dump_json(obj, f) -> None:
+    f.write(json.dumps(obj, indent=2).encode() + b"\n")
 
 
 class ExportError(RuntimeError):
     """``trainer export`` cannot write its file; the message names it and what to do."""
 
 
-def _save(obj, path: Path) -> Path:
-    """``torch.save`` to ``.tmp-<name>``, then ``os.replace`` onto ``path``: it is whole or untouched.
+def _save(obj, path: Path, dump=torch.save) -> Path:
+    """``dump(obj, file)`` (``torch.save``) to ``.tmp-<name>``, then ``os.replace`` onto ``path``: it is whole
+    or untouched.
 
     Whatever stops the write, the temp file is removed. A full disk or the file-size limit (``ulimit -f``)
     raises ``ExportError``; a folder that refuses writes, the ``PermissionError`` the CLI names.
@@ -65,7 +81,7 @@ def _save(obj, path: Path) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         with open(tmp, "wb") as f:  # a file object, so that a failed write's OSError reaches us
-            torch.save(obj, f)
+            dump(obj, f)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

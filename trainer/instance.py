@@ -27,9 +27,16 @@ class InstanceTask:
     """SAM's own training: prompts from each object's mask, one mask (or SAM's three) per prompt."""
 
     reads_labels = False
+    head = None
+    scores_plain_sam = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        if cfg.loss.ce > 0:
+            raise ValueError("loss.ce is the semantic task's loss; set model.task=semantic")
 
     @staticmethod
     def resolve(cfg: Config, cache) -> Config:
@@ -37,9 +44,6 @@ class InstanceTask:
 
     def train_images(self, cache) -> np.ndarray:
         return cache.images_with_objects("train")  # an image without objects has nothing to prompt
-
-    def head(self, mask_decoder: nn.Module) -> None:
-        return None
 
     def loss(
         self, model: nn.Module, batch: Batch, g: torch.Generator, accelerator
@@ -58,7 +62,7 @@ class InstanceTask:
         def refine(r: int, out: Decoded, prompts: Prompts) -> Prompts | None:
             if r == p.corrective_rounds:
                 return None
-            shown = shown_logits(out, self.multimask(prompts)).detach()
+            shown = out.shown(self.multimask(prompts)).detach()
             asked.append(
                 corrective_click(
                     prompts, shown, batch.masks, batch.valid_hw, g, mask_prompt_prob=p.mask_prompt_prob
@@ -89,6 +93,20 @@ class InstanceTask:
     def validate(self, model: nn.Module, store: ImageStore, images: np.ndarray, accelerator) -> dict:
         return evaluate(model, store, images, accelerator)
 
+    def evaluate(
+        self,
+        model: nn.Module,
+        store: ImageStore,
+        images: np.ndarray,
+        accelerator,
+        *,
+        clicks: int,
+        mask_prompt,
+    ) -> dict:
+        return evaluate(
+            model, store, images, accelerator, per_object=True, clicks=clicks, mask_prompt=mask_prompt
+        )
+
     def score(self, metrics: dict) -> float:
         return metrics["box"]["miou"]
 
@@ -96,14 +114,6 @@ class InstanceTask:
         self, folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int
     ) -> list[Path]:
         return box_overlays(folder, images, first, second, n)
-
-
-def shown_logits(out: Decoded, multimask: torch.Tensor) -> torch.Tensor:
-    """``(P, 256, 256)`` logits of the mask a user would see: for ``multimask`` objects the multimask output
-    the IoU head rates best (as ``SamPredictor`` users pick), else the single-mask output 0."""
-    best = out.iou[:, 1:].argmax(1) + 1
-    pick = torch.where(multimask, best, torch.zeros_like(best))
-    return out.logits[torch.arange(pick.shape[0], device=pick.device), pick]
 
 
 def box_overlays(folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int) -> list[Path]:

@@ -14,10 +14,19 @@ for 40 lines, and Conv-LoRA is not in peft, so it needs a module of its own eith
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from segment_anything.modeling.transformer import Attention
 from torch import nn
+
+from trainer.variant import Variant
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+    from trainer.config import ModelConfig
+    from trainer.decoder import PromptedDecoder
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -67,3 +76,17 @@ def merge_lora(module: nn.Module) -> int:
                 setattr(parent, name, child.merged())
                 n += 1
     return n
+
+
+class DecoderLoRA(Variant):
+    """``model.lora_rank`` > 0: LoRA on every attention projection of the decoder's two-way transformer,
+    merged into plain ``nn.Linear`` weights for prediction and export (no sidecar)."""
+
+    def __init__(self, m: ModelConfig):
+        self.rank, self.alpha = m.lora_rank, m.lora_alpha
+
+    def apply(self, sam: Sam, model: PromptedDecoder) -> None:
+        add_lora(sam.mask_decoder.transformer, self.rank, self.alpha)  # trainable by default
+
+    def merge(self, sam: Sam) -> None:
+        merge_lora(sam.mask_decoder)

@@ -1,4 +1,4 @@
-"""Building what trains from a SAM: freeze, add LoRA, add the semantic head, load and merge weights."""
+"""Building what trains from a SAM: freeze, apply the config's variants, load weights and merge them."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from segment_anything.modeling import Sam
 from embedcache.models import build_sam
 from trainer.config import Config
 from trainer.decoder import PromptedDecoder
-from trainer.encoder_tail import EncoderTail, add_encoder_adapters
-from trainer.lora import add_lora, merge_lora
-from trainer.task import make_task
+from trainer.variants import variants_for
 
 
 def start_checkpoint(cfg: Config) -> Path | None:
@@ -29,39 +27,23 @@ def build_start_sam(cfg: Config) -> Sam:
 
 
 def build_trainable(sam: Sam, cfg: Config) -> PromptedDecoder:
-    """Wrap ``sam``'s prompt encoder and mask decoder (shared, not copied), ``requires_grad`` set per config.
+    """Wrap ``sam``'s prompt encoder and mask decoder (shared, not copied), ``requires_grad`` set per config,
+    and apply the config's variants (``trainer.variants.variants_for``: decoder LoRA, the encoder tail and
+    its adapter, the task's head). Loading trained weights into the result updates ``sam`` itself.
 
-    The image encoder stays frozen and out of the returned module, except its tail with
-    ``model.encoder_tail_blocks``: those blocks (with ``model.encoder_adapter`` on their ``qkv``) and the
-    neck. LoRA adapters (``model.lora_rank``) go on every attention projection of the decoder's two-way
-    transformer; the task adds its head, if it has one. Loading trained weights into the result updates
-    ``sam`` itself.
+    The image encoder stays frozen and out of the returned module, except the tail a variant puts in.
     """
     m = cfg.model
     sam.requires_grad_(False)
     sam.mask_decoder.requires_grad_(m.train_mask_decoder)
     sam.prompt_encoder.requires_grad_(m.train_prompt_encoder)
-    tail = None
+    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
     # adapters start from a seeded draw: the same config builds the same starting model in any process
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.init_seed)
-        if m.lora_rank:
-            add_lora(sam.mask_decoder.transformer, m.lora_rank, m.lora_alpha)  # trainable by default
-        if m.encoder_tail_blocks:
-            tail = EncoderTail(
-                sam.image_encoder, m.encoder_tail_blocks, checkpoint_blocks=m.encoder_checkpoint
-            )
-            tail.neck.requires_grad_(True)
-            add_encoder_adapters(
-                list(tail.blocks),
-                m.encoder_adapter,
-                rank=m.encoder_rank,
-                alpha=m.encoder_alpha,
-                scales=m.conv_lora_scales,
-                balance_coef=m.conv_lora_balance,
-            )
-    head = make_task(cfg).head(sam.mask_decoder)
-    return PromptedDecoder(sam.prompt_encoder, sam.mask_decoder, head, tail)
+        for variant in variants_for(m):
+            variant.apply(sam, model)
+    return model
 
 
 def load_weights(model: PromptedDecoder, weights: str | Path) -> None:
@@ -72,12 +54,14 @@ def load_weights(model: PromptedDecoder, weights: str | Path) -> None:
 
 
 def tuned_sam(cfg: Config, weights: str | Path) -> tuple[Sam, PromptedDecoder]:
-    """The starting SAM with a checkpoint's tuned parts loaded and LoRA (decoder and encoder) merged: ready to
-    export or predict. Conv-LoRA adapters stay in place (they cannot be merged; ``trainer.adapted``)."""
+    """The starting SAM with a checkpoint's tuned parts loaded and each variant's ``merge`` done (LoRA,
+    decoder and encoder, folded into the weights): ready to export or predict. What cannot merge stays in
+    place (Conv-LoRA, the task's head)."""
     sam = build_start_sam(cfg)
     model = build_trainable(sam, cfg)
     load_weights(model, weights)
-    merge_lora(sam)
+    for variant in variants_for(cfg.model):
+        variant.merge(sam)
     return sam.eval(), model.eval()
 
 

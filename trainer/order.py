@@ -6,6 +6,8 @@ resumed run reads exactly the images an uninterrupted run would have read, in th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 
@@ -48,3 +50,28 @@ def batches(
     """Rank ``rank``'s micro-batches of positions for one epoch; an incomplete last batch is dropped."""
     mine = permutation(seed, epoch, n, world, shard_of=shard_of)[rank]
     return [mine[i : i + batch] for i in range(0, len(mine) - batch + 1, batch)]
+
+
+def micro_batches(
+    images: np.ndarray,
+    *,
+    seed: int,
+    world: int,
+    rank: int,
+    batch: int,
+    shard_of: np.ndarray | None = None,
+    epoch: int = 0,
+    position: int = 0,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Rank ``rank``'s micro-batches over ``images``, forever, from micro-batch ``position`` of ``epoch`` on:
+    ``(epoch, (batch,) images)``, each epoch's ``batches`` in turn. What the loader reads, and, being a
+    pure function of its arguments, what a resume at ``(epoch, position)`` continues exactly.
+
+    Args:
+        images: ``(n,)`` the items to order (the training images' cache indices).
+        shard_of: ``(n,)`` shard id of each item (``permutation``'s shard-aware order).
+    """
+    while True:
+        for idx in batches(seed, epoch, len(images), world, rank, batch, shard_of=shard_of)[position:]:
+            yield epoch, images[idx]
+        epoch, position = epoch + 1, 0

@@ -15,21 +15,33 @@ from segment_anything.modeling import Sam
 
 from embedcache.preprocess import resize, to_model_input
 from embedcache.presets import get_preset
+from trainer.decoder import PromptedDecoder
 from trainer.evaluate import postprocess
+from trainer.prompts import Prompts, to_input_frame
+from trainer.tuned import TunedSam
 
 
 class Predictor:
     """``set_image(image)`` once, then ``predict(box=..., point_coords=..., ...)`` per prompt.
 
     Args:
-        sam: a ``Sam`` built for ``model_type`` (``embedcache.models.build_sam``, or ``trainer export``'s
-            file loaded by it).
+        model: a tuned model (``trainer.load_tuned``: its variants in place, predicting through its
+            ``PromptedDecoder``), or a ``Sam`` (``embedcache.models.build_sam``, or ``trainer export``'s file
+            loaded by it).
         model_type: the preset name (``lite_medsam``, ``vit_b``, ...): its resize rule, normalisation and
-            input side.
+            input side; a tuned model knows its own.
     """
 
-    def __init__(self, sam: Sam, model_type: str):
+    def __init__(self, model: Sam | TunedSam, model_type: str | None = None):
+        if isinstance(model, TunedSam):
+            sam, decoder, model_type = model.sam, model.model, model_type or model.model_type
+        else:
+            sam, decoder = model, PromptedDecoder(model.prompt_encoder, model.mask_decoder)
+        if model_type is None:
+            raise ValueError("Predictor(sam, model_type): name the preset of a plain Sam")
         self.sam = sam.eval()
+        self.decoder = decoder.eval()
+        """The prompt encoder and decoder (and head): prompts go through the model's own forward."""
         self.preset = get_preset(model_type)
         self.features: torch.Tensor | None = None
         """``(1, 256, 64, 64)`` image embedding of the image set last."""
@@ -49,12 +61,6 @@ class Predictor:
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
         self.features = self.sam.image_encoder(to_model_input([resized], self.preset, self.device))
-
-    def _to_input_frame(self, xy: np.ndarray) -> np.ndarray:
-        """``(..., 2)`` x, y in original pixels -> the input frame, per axis (as
-        ``ResizeLongestSide.apply_coords``; MedSAM's square stretch scales the two axes differently)."""
-        (oh, ow), (ih, iw) = self.original_size, self.input_size
-        return np.asarray(xy, np.float64) * np.array([iw / ow, ih / oh])
 
     @torch.no_grad()
     def predict(
@@ -77,22 +83,27 @@ class Predictor:
         if self.features is None:
             raise RuntimeError("call set_image before predict")
         dev = self.device
-        points = None
-        if point_coords is not None:
-            coords = torch.as_tensor(self._to_input_frame(point_coords), dtype=torch.float32, device=dev)
-            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=dev)
-            points = (coords[None], labels[None])
-        boxes = None
-        if box is not None:
-            xyxy = self._to_input_frame(np.asarray(box, np.float64).reshape(2, 2)).reshape(1, 4)
-            boxes = torch.as_tensor(xyxy, dtype=torch.float32, device=dev)
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low, iou = self.sam.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+        frame = (self.original_size, self.input_size)
+        n = 0 if point_coords is None else len(point_coords)
+        prompts = None  # no prompt at all: no sparse tokens, as PromptEncoder gives
+        if n or box is not None:
+            coords = to_input_frame(np.zeros((0, 2)) if not n else point_coords, *frame)
+            xyxy = None if box is None else to_input_frame(np.asarray(box).reshape(2, 2), *frame)
+            prompts = Prompts(
+                point_coords=torch.as_tensor(coords[None], dtype=torch.float32, device=dev),
+                point_labels=torch.as_tensor(
+                    np.asarray(point_labels if n else [], np.int64)[None], device=dev
+                ),
+                boxes=None
+                if xyxy is None
+                else torch.as_tensor(xyxy.reshape(1, 4), dtype=torch.float32, device=dev),
+                has_box=None if xyxy is None else torch.ones(1, dtype=torch.bool, device=dev),
+            )
+        out = self.decoder.decode_prompts(
+            self.features, torch.zeros(1, dtype=torch.long, device=dev), prompts
         )
+        # SAM's MaskDecoder.forward: output 0 alone, or the three multimask outputs
+        pick = slice(1, None) if multimask_output else slice(0, 1)
+        low, iou = out.logits[:, pick], out.iou[:, pick]
         full = postprocess(low, self.input_size, self.original_size, self.preset.image_size) > 0
         return full[0].cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()

@@ -28,10 +28,11 @@ class Prompts:
     """``(P, N, 2)`` float32 (x, y); N may be 0."""
     point_labels: torch.Tensor
     """``(P, N)`` int64: 1 positive, 0 negative, -1 padding (embedded as SAM's not-a-point)."""
-    boxes: torch.Tensor
-    """``(P, 4)`` float32 xyxy; ignored where ``has_box`` is False."""
-    has_box: torch.Tensor
-    """``(P,)`` bool."""
+    boxes: torch.Tensor | None
+    """``(P, 4)`` float32 xyxy; ignored where ``has_box`` is False. ``None``: no box slots at all (point-only
+    prompts, padded as ``PromptEncoder`` pads them; evaluation and the Predictor)."""
+    has_box: torch.Tensor | None
+    """``(P,)`` bool; ``None`` with ``boxes``."""
     mask_input: torch.Tensor | None = None
     """``(P, 1, 256, 256)`` float32 low-res logits of a previous prediction, or ``None``."""
     has_mask: torch.Tensor | None = None

@@ -7,8 +7,8 @@ decoder pass per image gives ``(C, 256, 256)`` class logits, trained with ``ce``
 What the export loads into: ``trainer export`` writes (1) the full SAM state dict, in which the shared
 transformer and upscaling are the semantic-tuned ones (it loads strictly into ``build_sam`` and
 ``sam_model_registry``, but SAM's own prompted masks are then not what was trained), and (2) beside it
-``<out>.semantic.pth`` with the class tokens and MLPs. ``load_semantic_segmenter(model_type, out)`` puts the
-two together into ``SemanticSegmenter``, which maps an image to a ``(H, W)`` class map.
+``<out>.semantic.pth`` with the class tokens and MLPs (``SemanticHeadVariant``). ``trainer.load_tuned(out)``
+puts them (and any other sidecar) together; ``SemanticSegmenter`` maps an image to a ``(H, W)`` class map.
 """
 
 from __future__ import annotations
@@ -16,17 +16,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from trainer.config import Config
+from trainer.config import Config, ModelConfig
 from trainer.data import Batch, ImageStore
 from trainer.decoder import PromptedDecoder
 from trainer.evaluate import Contender, postprocess
 from trainer.losses import semantic_loss
 from trainer.prompts import Prompts
+from trainer.variant import Variant
+
+if TYPE_CHECKING:
+    from trainer.tuned import TunedSam
 
 
 class SemanticHead(nn.Module):
@@ -134,35 +139,53 @@ def evaluate_semantic(
     }
 
 
-def semantic_sidecar(path: str | Path) -> Path:
-    """Where the class head goes beside an exported SAM state dict."""
-    path = Path(path)
-    return (
-        path.with_name(path.name + ".semantic.pth")
-        if path.suffix != ".pth"
-        else path.with_suffix(".semantic.pth")
-    )
+class SemanticHeadVariant(Variant):
+    """The semantic task's head as a variant: it fills ``PromptedDecoder.semantic_head`` and exports to the
+    ``semantic`` sidecar (``{"num_classes", "prompt", "state_dict"}``)."""
+
+    sidecar = "semantic"
+
+    def __init__(self, m: ModelConfig):
+        self.num_classes, self.prompt = m.num_classes, m.semantic_prompt
+
+    def apply(self, sam: nn.Module, model: PromptedDecoder) -> None:
+        # the MLPs are copies of the decoder's, frozen with it when only adapters train; the head always
+        # trains
+        model.semantic_head = SemanticHead(sam.mask_decoder, self.num_classes, self.prompt).requires_grad_(
+            True
+        )
+
+    def export(self, sam: nn.Module, model: PromptedDecoder) -> dict:
+        head = model.semantic_head
+        return {"num_classes": head.num_classes, "prompt": head.prompt, "state_dict": head.state_dict()}
+
+    @classmethod
+    def load(cls, sam: nn.Module, model: PromptedDecoder, content: dict, where: Path) -> None:
+        try:
+            head = SemanticHead(sam.mask_decoder, int(content["num_classes"]), content["prompt"])
+            head.load_state_dict(content["state_dict"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{where}: not a samtune semantic head file ({e})") from e
+        model.semantic_head = head.to(sam.mask_decoder.iou_token.weight.device)
 
 
 class SemanticSegmenter(nn.Module):
-    """A SAM (image encoder, prompt encoder, decoder) plus a ``SemanticHead``: image -> class map."""
+    """A tuned model with a semantic head (``trainer.load_tuned``): image -> class map."""
 
-    def __init__(self, sam: nn.Module, head: SemanticHead, model_type: str):
+    def __init__(self, tuned: TunedSam):
         super().__init__()
-        self.sam = sam
-        self.head = head
-        self.model_type = model_type
+        self.tuned = tuned
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` int64 class map at the original resolution."""
         from trainer.predictor import Predictor
 
-        predictor = Predictor(self.sam, self.model_type)
+        predictor = Predictor(self.tuned)
         predictor.set_image(image)
-        decoder = PromptedDecoder(self.sam.prompt_encoder, self.sam.mask_decoder, self.head)
+        model = self.tuned.model
         valid_hw = torch.tensor([predictor.input_size], device=predictor.device)
-        logits = class_logits(decoder, predictor.features, valid_hw, self.head.prompt)
+        logits = class_logits(model, predictor.features, valid_hw, model.semantic_head.prompt)
         side = predictor.preset.image_size
         return (
             postprocess(logits, predictor.input_size, predictor.original_size, side)
@@ -173,23 +196,27 @@ class SemanticSegmenter(nn.Module):
 
 
 def load_semantic_segmenter(model_type: str, exported: str | Path) -> SemanticSegmenter:
-    """Load ``trainer export``'s SAM state dict and its ``.semantic.pth`` sidecar."""
-    from embedcache.models import build_sam
+    """``trainer.load_tuned(exported)`` (the SAM state dict and its sidecars) as a ``SemanticSegmenter``;
+    ``model_type`` must be the export's preset."""
+    from trainer.tuned import load_tuned
 
-    sam = build_sam(model_type, exported)
-    side = torch.load(semantic_sidecar(exported), map_location="cpu", weights_only=True)
-    head = SemanticHead(sam.mask_decoder, int(side["num_classes"]), side["prompt"])
-    head.load_state_dict(side["state_dict"])
-    return SemanticSegmenter(sam, head.eval(), model_type).eval()
+    return SemanticSegmenter(load_tuned(exported, model_type=model_type)).eval()
 
 
 class SemanticTask:
     """One output token per class, trained with ``ce`` (+ ``dice``) against the cache's class maps."""
 
     reads_labels = True
+    head = SemanticHeadVariant
+    scores_plain_sam = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        if cfg.loss.ce == 0:
+            raise ValueError("model.task=semantic trains with ce: set loss.ce > 0")
 
     @staticmethod
     def resolve(cfg: Config, cache) -> Config:
@@ -201,12 +228,6 @@ class SemanticTask:
 
     def train_images(self, cache) -> np.ndarray:
         return cache.image_indices("train")  # an image without objects is all background: still a target
-
-    def head(self, mask_decoder: nn.Module) -> SemanticHead:
-        head = SemanticHead(mask_decoder, self.cfg.model.num_classes, self.cfg.model.semantic_prompt)
-        # the MLPs are copies of the decoder's, frozen with it when only adapters train; the head always
-        # trains
-        return head.requires_grad_(True)
 
     def loss(
         self, model: nn.Module, batch: Batch, g: torch.Generator, accelerator
@@ -220,6 +241,20 @@ class SemanticTask:
 
     def validate(self, model: nn.Module, store: ImageStore, images: np.ndarray, accelerator) -> dict:
         return evaluate_semantic(model, store, images, accelerator, self.cfg.model.num_classes)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        store: ImageStore,
+        images: np.ndarray,
+        accelerator,
+        *,
+        clicks: int,
+        mask_prompt,
+    ) -> dict:
+        if clicks:
+            raise ValueError("--clicks scores prompted instance masks; a semantic head has no click rounds")
+        return self.validate(model, store, images, accelerator)
 
     def score(self, metrics: dict) -> float:
         return metrics["semantic"]["miou"]

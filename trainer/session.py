@@ -29,9 +29,11 @@ from trainer import checkpoint as ckpt
 from trainer.config import Config, OptimConfig, save_config, to_dict
 from trainer.data import ImageStore, Prefetcher, pick_residency
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, trainable_parameters
-from trainer.order import batches
+from trainer.order import batches, micro_batches
 from trainer.prompts import step_generator
 from trainer.task import TASKS, Task, make_task
+from trainer.variant import Variant
+from trainer.variants import variants_for
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,6 +74,9 @@ class Session:
     """The run folder."""
     cache: Cache
     task: Task
+    variants: list[Variant]
+    """The model's variants (``trainer.variants.variants_for``): ``train_step`` calls their per micro-step
+    hooks and adds their loss terms."""
     accelerator: Accelerator
     model: nn.Module
     """The ``PromptedDecoder``, prepared: on the device, DDP-wrapped with several processes."""
@@ -173,8 +178,69 @@ def _setup(cache, cfg: Config, out: Path, lock: ExitStack, *, resume, command, c
     cfg = TASKS[cfg.model.task].resolve(cfg, cache)
     task = make_task(cfg)
     cuda = torch.cuda.is_available() if cpu is None else not cpu
+    accelerator = _accelerator(cfg, out, cuda)
+    found = _open_run_folder(out, cfg, accelerator, lock, resume=resume, command=command)
+
+    # the model: SAM's prompt encoder + mask decoder + the config's variants; the image encoder never runs
+    model = build_trainable(build_start_sam(cfg), cfg)
+    start_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
+    params = trainable_parameters(model)
+    opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    # prepare: move to the device, wrap in DDP when there are several processes, wrap the optimiser for
+    # accumulation and mixed precision. The learning rate is set by hand from lr_factor(step) (train_step).
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    train_images, val_images = split or (task.train_images(cache), cache.image_indices("val"))
+    if cfg.run.val_max_images:
+        val_images = val_images[: cfg.run.val_max_images]
+    store, per_epoch = _store(cache, cfg, train_images, val_images, accelerator)
+    state = TrainState()
+    if resume and found is not None:
+        found = good_checkpoint(out, say=accelerator.is_main_process)
+        _check_resume_config(json.loads((found / "config.json").read_text()), to_dict(cfg), found)
+        # save_state's counterpart: weights, optimiser moments, RNG states
+        accelerator.load_state(str(found))
+        state = read_train_state(found / "trainer_state.json")
+        if accelerator.is_main_process:
+            print(f"resuming from {found} (step {state.step}, epoch {state.epoch})", flush=True)
+    # data: this rank's share of a pure, shard-aware order, from the state's position on
+    order = micro_batches(
+        train_images,
+        seed=cfg.run.seed,
+        world=accelerator.num_processes,
+        rank=accelerator.process_index,
+        batch=cfg.data.images_per_batch,
+        shard_of=train_images // cache.images_per_shard,
+        epoch=state.epoch,
+        position=state.batch_in_epoch,
+    )
+    loader = Prefetcher(store, order, cfg.data, seed=cfg.run.seed, semantic=task.reads_labels, pin=cuda)
+    return Session(
+        cfg=cfg,
+        out=out,
+        cache=cache,
+        task=task,
+        variants=variants_for(cfg.model),
+        accelerator=accelerator,
+        model=model,
+        start_model=start_model,
+        params=params,
+        optimizer=optimizer,
+        store=store,
+        loader=loader,
+        state=state,
+        train_images=train_images,
+        val_images=val_images,
+        per_epoch=per_epoch,
+        lock=lock,
+    )
+
+
+def _accelerator(cfg: Config, out: Path, cuda: bool) -> Accelerator:
+    """The run's accelerator: precision, accumulation, DDP and logging settings of ``cfg``."""
     precision = cfg.optim.mixed_precision
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not cuda,
         # bf16 autocast on GPU (SAM's decoder is fine in bf16; the losses are computed in fp32 by kernels)
         mixed_precision=("bf16" if cuda else "no") if precision == "auto" else precision,
@@ -185,7 +251,13 @@ def _setup(cache, cfg: Config, out: Path, lock: ExitStack, *, resume, command, c
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    device = accelerator.device
+
+
+def _open_run_folder(
+    out: Path, cfg: Config, accelerator: Accelerator, lock: ExitStack, *, resume: bool, command: str
+) -> Path | None:
+    """Lock ``out`` (main process), refuse a start over checkpoints or a resume of a non-run folder, and
+    write the resolved ``config.yaml``; returns the newest checkpoint (``None``: none yet)."""
     if accelerator.is_main_process:
         run_folder_lock(out, lock)
     found = ckpt.latest_checkpoint(out)
@@ -205,22 +277,15 @@ def _setup(cache, cfg: Config, out: Path, lock: ExitStack, *, resume, command, c
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml", header=command or "resolved config of this run")
     accelerator.wait_for_everyone()
+    return found
 
-    # the model: SAM's prompt encoder + mask decoder (+ LoRA, + the task's head); the image encoder never runs
-    model = build_trainable(build_start_sam(cfg), cfg)
-    start_model = copy.deepcopy(model).eval().requires_grad_(False).to(device)
-    params = trainable_parameters(model)
-    opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    # prepare: move to the device, wrap in DDP when there are several processes, wrap the optimiser for
-    # accumulation and mixed precision. The learning rate is set by hand from lr_factor(step) (train_step).
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    # data: this rank's share of a pure, shard-aware order; embeddings resident per data.residency
-    train_images, val_images = split or (task.train_images(cache), cache.image_indices("val"))
-    if cfg.run.val_max_images:
-        val_images = val_images[: cfg.run.val_max_images]
-    tail = cfg.model.encoder_tail_blocks
+def _store(
+    cache: Cache, cfg: Config, train_images: np.ndarray, val_images: np.ndarray, accelerator: Accelerator
+) -> tuple[ImageStore, int]:
+    """The image store (embeddings resident per ``data.residency``) and the micro-batches per epoch on each
+    process (``ValueError`` when the training images cannot fill one)."""
+    device, tail = accelerator.device, cfg.model.encoder_tail_blocks
     residency = pick_residency(cache, train_images, cfg.data, device, tail_blocks=tail)
     store = ImageStore(cache, residency, device, tail_blocks=tail)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -236,53 +301,7 @@ def _setup(cache, cfg: Config, out: Path, lock: ExitStack, *, resume, command, c
             f"{len(val_images)} val images, {per_epoch} micro-batches per epoch per process",
             flush=True,
         )
-
-    state = TrainState()
-    if resume and found is not None:
-        found = good_checkpoint(out, say=accelerator.is_main_process)
-        _check_resume_config(json.loads((found / "config.json").read_text()), to_dict(cfg), found)
-        # save_state's counterpart: weights, optimiser moments, RNG states
-        accelerator.load_state(str(found))
-        state = read_train_state(found / "trainer_state.json")
-        if accelerator.is_main_process:
-            print(f"resuming from {found} (step {state.step}, epoch {state.epoch})", flush=True)
-    shard_of = train_images // cache.images_per_shard
-
-    def jobs(epoch: int, position: int):
-        """(epoch, images) of every micro-batch of this rank from a position on, forever."""
-        while True:
-            b = cfg.data.images_per_batch
-            order = batches(cfg.run.seed, epoch, len(train_images), world, rank, b, shard_of=shard_of)
-            for idx in order[position:]:
-                yield epoch, train_images[idx]
-            epoch, position = epoch + 1, 0
-
-    loader = Prefetcher(
-        store,
-        jobs(state.epoch, state.batch_in_epoch),
-        cfg.data,
-        seed=cfg.run.seed,
-        semantic=task.reads_labels,
-        pin=cuda,
-    )
-    return Session(
-        cfg=cfg,
-        out=out,
-        cache=cache,
-        task=task,
-        accelerator=accelerator,
-        model=model,
-        start_model=start_model,
-        params=params,
-        optimizer=optimizer,
-        store=store,
-        loader=loader,
-        state=state,
-        train_images=train_images,
-        val_images=val_images,
-        per_epoch=per_epoch,
-        lock=lock,
-    )
+    return store, per_epoch
 
 
 def run_folder_lock(out: Path, held: ExitStack) -> None:
@@ -398,14 +417,13 @@ def train_step(s: Session) -> StepStats:
         )
         # accumulate: no gradient all-reduce until the last micro-batch of the step
         with accelerator.accumulate(s.model):
-            tail = accelerator.unwrap_model(s.model).encoder_tail
-            if tail is not None:
-                tail.noise_seed = g.initial_seed() + 1  # Conv-LoRA's router noise: per micro-step, like g
+            unwrapped = accelerator.unwrap_model(s.model)
+            for variant in s.variants:  # per micro-step state (Conv-LoRA's router noise seed)
+                variant.before_micro_step(unwrapped, g)
             loss, logged = s.task.loss(s.model, batch, g, accelerator)
-            if tail is not None and cfg.model.encoder_adapter == "conv_lora":
-                # the routers learn only from their balance loss (trainer.conv_lora), whatever the task
-                balance = tail.balance_loss()
-                loss, logged = loss + balance, {**logged, "conv_lora_balance": balance.detach()}
+            for variant in s.variants:  # what the variants add to the loss (Conv-LoRA's balance loss)
+                for name, term in variant.loss_terms(unwrapped).items():
+                    loss, logged = loss + term, {**logged, name: term.detach()}
             every = accelerator.gather(loss.detach().float().reshape(1))
             if not bool(torch.isfinite(every).all()):  # the one host read of the loss per micro-batch
                 latest = ckpt.latest_checkpoint(s.out)

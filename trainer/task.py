@@ -1,9 +1,10 @@
 """What a training task is: one small protocol, and the registry that ``model.task`` names.
 
-A task owns what differs between instance and semantic training: which images train, the decoder head, the
-loss of a micro-batch (with its prompts), validation and its headline score, and the end-of-run figures.
-Everything else (the session, the step, the loop, checkpoints) is shared. A new task is one file with a
-class that has this shape, plus its line in ``TASKS``.
+A task owns what differs between instance and semantic training: which images train, the decoder head (a
+variant, ``trainer.variant``, so that it exports and loads like the others), the loss of a micro-batch (with
+its prompts), validation, ``trainer eval``'s metrics and its headline score, and the end-of-run figures.
+Everything else (the session, the step, the loop, checkpoints, eval, export) is shared. A new task is one
+file with a class that has this shape, plus its line in ``TASKS``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from trainer.config import Config
     from trainer.data import Batch, ImageStore
     from trainer.evaluate import Contender
+    from trainer.variant import Variant
 
 
 class Task(Protocol):
@@ -31,6 +33,19 @@ class Task(Protocol):
     reads_labels: ClassVar[bool]
     """The loader builds ``(B, S, S)`` class maps (``Batch.labels``; S the input side), not object masks."""
 
+    head: ClassVar[type[Variant] | None]
+    """The variant that puts the task's head on the model, built from ``model`` config and exported like
+    any variant (``trainer.variants``); ``None``: SAM's own mask and IoU heads."""
+
+    scores_plain_sam: ClassVar[bool]
+    """A plain SAM (a ``trainer eval --checkpoint`` file, no head) is a model of this task, so such files
+    are scored beside a run of it."""
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        """Refuse a config this task cannot train (``ValueError`` naming the fields), when it is built."""
+        ...
+
     @staticmethod
     def resolve(cfg: Config, cache: Cache) -> Config:
         """The config with the fields this task derives from the cache filled in (a new object)."""
@@ -38,10 +53,6 @@ class Task(Protocol):
 
     def train_images(self, cache: Cache) -> np.ndarray:
         """``(n,)`` int64 cache indices of the images that train."""
-        ...
-
-    def head(self, mask_decoder: nn.Module) -> nn.Module | None:
-        """The module ``PromptedDecoder`` puts on the decoder (``None``: SAM's own mask and IoU heads)."""
         ...
 
     def loss(
@@ -56,6 +67,20 @@ class Task(Protocol):
 
     def validate(self, model: nn.Module, store: ImageStore, images: np.ndarray, accelerator) -> dict:
         """Metrics of the unwrapped ``model`` on the cache images ``images``, equal on every process."""
+        ...
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        store: ImageStore,
+        images: np.ndarray,
+        accelerator,
+        *,
+        clicks: int,
+        mask_prompt,
+    ) -> dict:
+        """``trainer eval``'s metrics: ``validate``'s, per object where the task has objects; with ``clicks``
+        N > 0 the click curves (``ValueError`` where the task has no click rounds)."""
         ...
 
     def score(self, metrics: dict) -> float:
