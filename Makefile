@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q $(TORCH)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,hf,onnx]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -9,7 +9,7 @@
     trainer eval --cache test.zarr --checkpoint lite_medsam --checkpoint tuned.pth [--split all] --out DIR
     trainer eval ... --clicks 5 [--no-mask-prompt]     (multi-click evaluation: mIoU per click, NoC85/90)
     trainer eval ... --auto amg [--amg-sweep]          (prompt-free instances: mSA, SA50, SA75)
-    trainer export runs/NAME --out sam_tuned.pth [--which best]
+    trainer export runs/NAME --out sam_tuned.pth [--which best] [--format sam|hf|onnx]
     trainer demo --out demo
 """
 
@@ -105,10 +105,17 @@ def _parser() -> argparse.ArgumentParser:
         "--amg-points-per-side", type=int, default=32, help="AMG's point grid (default 32: 1024 points)"
     )
 
-    x = sub.add_parser("export", help="write the tuned model as a full SAM state dict")
+    x = sub.add_parser("export", help="write the tuned model: a SAM state dict, an HF folder, or ONNX")
     x.add_argument("run", help="a trainer run folder")
-    x.add_argument("--out", required=True, help="the .pth to write")
+    x.add_argument("--out", required=True, help="the .pth (sam), new folder (hf) or .onnx (onnx) to write")
     x.add_argument("--which", default="best", help="best (default), last, or a step number")
+    x.add_argument(
+        "--format",
+        default="sam",
+        choices=("sam", "hf", "onnx"),
+        help="sam: segment_anything state dict (+ sidecars); hf: transformers SamModel folder; onnx: the "
+        "prompt encoder and mask decoder as SAM's ONNX model",
+    )
 
     d = sub.add_parser("demo", help="LiteMedSAM tuned on synthetic cells on CPU, packaged vs tuned")
     d.add_argument("--out", default="demo", help="folder for everything the demo writes")
@@ -167,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(result["table"], end="")
                 print("\n".join(result["files"]))
         elif args.command == "export":
-            from trainer.export import export
+            if args.format == "hf":
+                from trainer.export_hf import export_hf as export
+            elif args.format == "onnx":
+                from trainer.export_onnx import export_onnx as export
+            else:
+                from trainer.export import export
 
             for path in export(args.run, args.out, which=args.which):
                 print(path)
