@@ -121,3 +121,21 @@ def test_sidecars_follow_one_rule():
     assert sidecar_path("a/x.pth", "conv_lora").as_posix() == "a/x.conv_lora.pth"
     assert sidecar_path("a/x.bin", "semantic").as_posix() == "a/x.bin.semantic.pth"
     assert sidecar_path("x.pth", MANIFEST, ".json").as_posix() == "x.samtune.json"
+
+
+def test_a_failed_export_leaves_no_sidecar_without_its_model(tmp_path, monkeypatch):
+    import trainer.export
+
+    cfg, sam, model = _tuned("instance", "conv_lora", 0)
+    out = tmp_path / "t.pth"
+    save = trainer.export._save
+
+    def full_disk(obj, path, *args):
+        if path == out:
+            raise trainer.export.ExportError(f"{path}: writing failed (No space left on device)")
+        return save(obj, path, *args)
+
+    monkeypatch.setattr(trainer.export, "_save", full_disk)
+    with pytest.raises(trainer.export.ExportError, match="No space left"):
+        export_model(sam, model, cfg.model, out)
+    assert list(tmp_path.iterdir()) == []  # the Conv-LoRA sidecar and the manifest were written, then removed

@@ -56,11 +56,20 @@ def export_model(sam: Sam, model: PromptedDecoder, m: ModelConfig, out: Path) ->
         if content is not None:
             sidecars[variant.sidecar] = content
     out.parent.mkdir(parents=True, exist_ok=True)
-    # the sidecars and the manifest before the model file, so that a model file never lacks them
-    written = [_save(content, sidecar_path(out, name)) for name, content in sidecars.items()]
-    info = manifest(m.model_type, list(sidecars))
-    written.append(_save(info, sidecar_path(out, MANIFEST, ".json"), _dump_json))
-    return [_save(sam.state_dict(), out), *written]
+    # the sidecars and the manifest before the model file, so that a model file never lacks them; when a
+    # later file fails, the earlier ones go too: no sidecar is left without its model
+    written = []
+    try:
+        for name, content in sidecars.items():
+            written.append(_save(content, sidecar_path(out, name)))
+        info = manifest(m.model_type, list(sidecars))
+        written.append(_save(info, sidecar_path(out, MANIFEST, ".json"), _dump_json))
+        return [_save(sam.state_dict(), out), *written]
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
 
 
 def _dump_json(obj, f) -> None:
