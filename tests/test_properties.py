@@ -81,11 +81,8 @@ def test_label_maps_round_trip_through_the_folder_reader(profile, kind, tmp_path
             Image.fromarray(labels).save(path)
         record = ImageRecord(image_id="m", image_path=root / "images" / "m.png", mask_path=path)
         want = expected_objects(labels, kind)
-        try:
-            found = reader.read_objects(record, labels.shape).objects
-        except BadInput as e:  # only an image without objects may be refused, and the mask is named
-            assert not want and e.path == str(path) and "empty mask" in e.reason
-            return
+        # a map without objects gives none: it is valid data (tests/test_images_without_objects.py)
+        found = reader.read_objects(record, labels.shape).objects
         got = [(o.class_id, mk.crop_to_original(o.crop, o.box, labels.shape)) for o in found]
         assert [c for c, _ in got] == [c for c, _ in want]
         assert all(np.array_equal(g, w) for (_, g), (_, w) in zip(got, want))
