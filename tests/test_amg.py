@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from segment_anything.utils.amg import MaskData, mask_to_rle_pytorch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.utils.amg import MaskData, mask_to_rle_pytorch, rle_to_mask
 from torch import nn
 
 from embedcache.models import build_sam
+from embedcache.synthetic import make_image
 from trainer.amg import AmgConfig, amg_labels, grid_candidates, select, sweep_configs, to_labels
 from trainer.decoder import Decoded, PromptedDecoder
 from trainer.instance_metrics import image_scores
@@ -42,7 +44,10 @@ class DiscDecoder(nn.Module):
         self.labels = torch.from_numpy(disc_labels((SIDE, SIDE)))
         self.calls = 0
 
-    def forward(self, embeddings, image_index, prompts):
+    def image_embeddings(self, inputs):
+        return inputs
+
+    def decode_prompts(self, embeddings, image_index, prompts):
         self.calls += 1
         xy = prompts.point_coords[:, 0].long()
         under = self.labels[xy[:, 1].clamp(0, SIDE - 1), xy[:, 0].clamp(0, SIDE - 1)]
@@ -117,3 +122,25 @@ def test_plumbing_on_random_vit_tiny_and_refusals():
         grid_candidates(semantic, emb, (1024, 768), (400, 300), 1024, cfg)
     with pytest.raises(ValueError, match="pred_iou_thresh"):
         AmgConfig(pred_iou_thresh=1.5)
+
+
+@pytest.mark.slow  # SAM's generator upsamples every mask to 1024 x 1024: 25 s on the shared 2 cores
+def test_a_plain_sam_gives_sam_automatic_mask_generators_masks():
+    sam = build_sam("vit_tiny", seed=1).eval()
+    with torch.no_grad():  # a random decoder's logits hardly leave (-1, 1); scaled, its masks are stable
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= 30
+    image, _ = make_image(np.random.default_rng(0), 120, 90, 2)
+    # NMS at 1.0 keeps every mask that passes, so the two lists are long enough to differ
+    kw = dict(points_per_side=3, pred_iou_thresh=0.05, stability_score_thresh=0.05, box_nms_thresh=1.0)
+    theirs = SamAutomaticMaskGenerator(sam, points_per_batch=4, **kw).generate(image)
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
+    cfg = AmgConfig(points_per_batch=5, **kw)
+    ours = select(grid_candidates(model, predictor.features, predictor.input_size, (120, 90), 1024, cfg), cfg)
+    assert len(theirs) == len(ours["rles"]) > 1
+    for t, rle, iou, xy in zip(theirs, ours["rles"], ours["iou_preds"], ours["points"]):
+        np.testing.assert_array_equal(rle_to_mask(rle), t["segmentation"])
+        assert float(iou) == pytest.approx(t["predicted_iou"], abs=1e-5)
+        np.testing.assert_allclose(xy.numpy(), t["point_coords"][0])

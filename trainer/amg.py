@@ -10,9 +10,10 @@ predicted IoU. The pieces segment_anything has are used as they are (``build_poi
 What differs from ``SamAutomaticMaskGenerator``:
 
 - the embedding is the cache's (or a fresh one from ``trainer.automatic``), never re-encoded;
-- the points go through the model's own forward (``PromptedDecoder``), one call per chunk of
-  ``points_per_batch`` points, so LoRA, a tuned decoder or an encoder tail predict as they train. Its
-  point-only prompts carry two padding tokens in the box slots, where ``SamPredictor`` carries one;
+- the points go through the model's own forward (``PromptedDecoder``: ``image_embeddings`` once, then
+  ``decode_prompts`` once per chunk of ``points_per_batch`` points), so LoRA, a tuned decoder or an encoder
+  tail predict as they train; point-only prompts are padded as ``PromptEncoder`` pads them, so for a plain
+  SAM the masks are ``SamAutomaticMaskGenerator``'s (tested);
 - ``grid_candidates`` keeps every candidate above a floor (RLE, predicted IoU, stability, box), so that
   ``select`` can re-score other thresholds without decoding again (``--amg-sweep``);
 - the result is one ``(H, W)`` int32 label image: masks are painted largest first, so a small object on top
@@ -100,7 +101,7 @@ def grid_candidates(
     Args:
         model: a prompted decoder with SAM's mask and IoU heads (not a semantic head).
         embedding: ``(1, 256, 64, 64)`` image embedding, or the ``(1, 64, 64, C)`` tap tokens of a model with
-            an encoder tail (run once here).
+            an encoder tail (``image_embeddings`` runs it once here).
         input_hw: the image's size in the input frame (after the preset's resize, before padding).
         original_hw: the image's original size ``(H, W)``.
         side: the preset's square input side (1024 for SAM, 256 for LiteMedSAM).
@@ -116,10 +117,7 @@ def grid_candidates(
         raise ValueError("AMG needs SAM's mask and IoU heads; this model has a semantic head")
     iou_floor, stab_floor = floor or (cfg.pred_iou_thresh, cfg.stability_score_thresh)
     device = next(model.parameters()).device
-    embedding = embedding.to(device).float()
-    if model.encoder_tail is not None:  # tap tokens: the tail makes the embedding once for every chunk
-        embedding = model.encoder_tail(embedding)
-        model = PromptedDecoder(model.prompt_encoder, model.mask_decoder)
+    embedding = model.image_embeddings(embedding.to(device).float())  # once for every chunk
     oh, ow = original_hw
     points = build_point_grid(cfg.points_per_side) * np.array([ow, oh])  # SAM scales the grid to the image
     out = MaskData(
@@ -137,10 +135,10 @@ def grid_candidates(
                 to_input_frame(xy, original_hw, input_hw), dtype=torch.float32, device=device
             )[:, None],
             point_labels=torch.ones(n, 1, dtype=torch.int64, device=device),
-            boxes=torch.zeros(n, 4, device=device),
-            has_box=torch.zeros(n, dtype=torch.bool, device=device),
+            boxes=None,
+            has_box=None,
         )
-        decoded = model(embedding, torch.zeros(n, dtype=torch.long, device=device), prompts)
+        decoded = model.decode_prompts(embedding, torch.zeros(n, dtype=torch.long, device=device), prompts)
         # (n * 3, H, W) logits of the multimask outputs, point after point as SAM flattens them
         logits = postprocess(decoded.logits[:, 1:].float(), input_hw, original_hw, side).flatten(0, 1)
         batch = MaskData(

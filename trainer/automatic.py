@@ -26,8 +26,8 @@ class AutoSegmenter:
 
     Args:
         model: a ``trainer run`` folder (its tuned model), an official checkpoint name (``lite_medsam``,
-            ``vit_b``, ...) or a SAM state dict file such as ``trainer export`` writes.
-        model_type: the preset of a state dict file (a run and an official name know theirs).
+            ``vit_b``, ...) or a file ``trainer export`` wrote (``trainer.load_tuned``: its sidecars too).
+        model_type: the preset of a state dict file without an export manifest (the others know theirs).
         which: the run's checkpoint: ``best``, ``last`` or a step number.
         amg: AMG's settings (default SAM's).
         channels: the ``embedcache build --channels`` the model's cache was built with, for image files of
@@ -70,6 +70,7 @@ class AutoSegmenter:
 def _load(model: str | Path, model_type: str | None, which: str):
     """``(Sam, preset name)`` for ``AutoSegmenter``'s ``model``."""
     from embedcache.weights import ALIASES, OFFICIAL, resolve_checkpoint
+    from trainer.tuned import load_tuned
 
     if Path(model).is_dir():  # a run folder
         from trainer import checkpoint as ckpt
@@ -83,8 +84,9 @@ def _load(model: str | Path, model_type: str | None, which: str):
             raise ValueError(f"{model}: a semantic run has no IoU head for AMG; segment with its class head")
         return sam, cfg.model.model_type
     name = ALIASES.get(str(model), str(model))
-    if name in OFFICIAL:
+    if name in OFFICIAL and not Path(model).is_file():
         return build_sam(OFFICIAL[name].model_type, resolve_checkpoint(name)), OFFICIAL[name].model_type
-    if model_type is None:
-        raise ValueError(f"{model}: a state dict file needs model_type (its preset: vit_b, lite_medsam, ...)")
-    return build_sam(model_type, resolve_checkpoint(model)), model_type
+    tuned = load_tuned(model, model_type=model_type)
+    if tuned.model.semantic_head is not None:
+        raise ValueError(f"{model}: a semantic export has no IoU head for AMG; segment with its class head")
+    return tuned.sam, tuned.model_type
