@@ -11,14 +11,20 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 import zarr.storage._local as zarr_local
-from test_embedcache_support import REPO, assert_same_cache, build, cli_build, cli_build_cmd
+from test_embedcache_support import (
+    REPO,
+    assert_same_cache,
+    build,
+    cli_build,
+    cli_build_cmd,
+    sigkill_mid_build,
+)
 
 from embedcache import CacheError, open_cache
 from embedcache.build import CacheLockedError, CacheWriteError
@@ -344,15 +350,15 @@ def test_zarr_local_store_writes_by_rename(tmp_path, monkeypatch):
 
 
 def _kill_at_random_and_resume(data: Path, ref: Path, out: Path, rng: np.random.Generator) -> None:
-    """SIGKILL a CLI build after a random delay (prepare, encode or finalise), resume it, compare."""
+    """SIGKILL a CLI build while it prepares, or after its shard 0 or 1 is written (3 shards), a random
+    0-0.2 s later; check the kill ended it; resume it and compare."""
     cmd = cli_build_cmd(data, out)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not lock_path(out).exists() and proc.poll() is None:  # imports done, the build has begun
-        time.sleep(0.01)
-    # after taking its lock the build ran 5.8 s (measured on 2 shared cores): most kills land inside it
-    time.sleep(float(rng.uniform(0.0, 7.0)))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    phase = int(rng.integers(0, 3))
+    if phase == 0:
+        sigkill_mid_build(proc, lock_path(out).exists, rng, "it took its lock")
+    else:
+        sigkill_mid_build(proc, shard_file(out, phase - 1).exists, rng, f"shard {phase - 1} was written")
     build(data, out)
     assert_same_cache(ref, out)
     assert verify(out) == []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,17 @@ def cli_build_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     cmd = [sys.executable, "-m", "embedcache", "build", "--data", str(data), "--out", str(out)]
     cmd += ["--model", "vit_tiny", "--images-per-shard", "2", "--batch-size", "2", "--workers", "2"]
     return [*cmd, "--device", "cpu", "--no-progress", *extra]
+
+
+def sigkill_mid_build(proc: subprocess.Popen, ready, rng: np.random.Generator, what: str) -> None:
+    """SIGKILL the build ``proc`` a random 0-0.2 s after ``ready()`` turns true, and fail unless the signal
+    is what ended it: a build that had already exited would make the resume check vacuous."""
+    while not ready():
+        assert proc.poll() is None, f"the build exited ({proc.returncode}) before {what}"
+        time.sleep(0.005)
+    time.sleep(float(rng.uniform(0.0, 0.2)))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"the build had already exited when SIGKILL came ({what})"
 
 
 def cli_build(data: Path, out: Path, *extra: str, env: dict | None = None, check: bool = True):
