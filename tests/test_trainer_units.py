@@ -68,8 +68,11 @@ def test_config_choices_are_checked_from_the_literal_annotations(override):
 def test_config_is_frozen_and_task_choices_are_the_registry():
     from trainer.config import ModelConfig
     from trainer.task import TASKS
+    from trainer.variants import ENCODER_ADAPTERS
 
-    assert set(typing.get_args(typing.get_type_hints(ModelConfig)["task"])) == set(TASKS)
+    hints = typing.get_type_hints(ModelConfig)
+    assert set(typing.get_args(hints["task"])) == set(TASKS)
+    assert set(typing.get_args(hints["encoder_adapter"])) == set(ENCODER_ADAPTERS)
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.num_classes = 3  # type: ignore[misc]
