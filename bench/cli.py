@@ -1,4 +1,4 @@
-"""``bench embed|train|kernels|io|all [--size tiny|small|full] [--out bench/results]``.
+"""``bench embed|train|kernels|io|onnx|all [--size tiny|small|full] [--out bench/results]``.
 
 Each command runs its bench, prints a table, and merges its section into today's report for this device
 (``<out>/<device>_<yyyymmdd>.json`` and ``.md``; see :mod:`bench.report`). ``all`` runs the four in turn and
@@ -23,11 +23,15 @@ from bench.context import SIZES, Context
 from bench.report import Env, print_section, write_report
 
 BENCHES = ("embed", "train", "kernels", "io")
+# needs the onnx extra, and its export alone takes about a minute on 2 cores: run it by name, not in `all`
+ON_REQUEST = ("onnx",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[1])
-    ap.add_argument("command", choices=(*BENCHES, "all"), help="which bench to run; all = every one in turn")
+    ap.add_argument(
+        "command", choices=(*BENCHES, *ON_REQUEST, "all"), help="which bench to run; all = every one in turn"
+    )
     ap.add_argument(
         "--size",
         choices=SIZES,

@@ -88,3 +88,18 @@ def test_real_lite_medsam_onnx_gives_the_torch_masks(lite_medsam, shared_data, t
         assert result["prompts"] == 3 * min(cache.num_objects, per_image or cache.num_objects)
         assert result["max_logit_diff"] < 1e-3
         assert result["differing_max_abs_logit"] < 1e-3
+
+
+def test_bench_onnx_tiny_writes_the_ratio(tmp_path):
+    import json
+
+    from bench import cli
+
+    out = tmp_path / "out"
+    assert (
+        cli.main(["onnx", "--size", "tiny", "--out", str(out), "--work", str(tmp_path), "--device", "cpu"])
+        == 0
+    )
+    (report,) = out.glob("*.json")
+    (ratio,) = json.loads(report.read_text())["sections"]["onnx"]["ratios"]
+    assert ratio["name"] == "onnxruntime / torch latency" and ratio["value"] > 0
