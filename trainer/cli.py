@@ -8,7 +8,7 @@
     trainer eval --cache train.zarr --run runs/NAME [--which best] [--out runs/NAME/eval]
     trainer eval --cache test.zarr --checkpoint lite_medsam --checkpoint tuned.pth [--split all] --out DIR
     trainer eval ... --clicks 5 [--no-mask-prompt]     (multi-click evaluation: mIoU per click, NoC85/90)
-    trainer eval ... --auto amg [--amg-sweep]          (prompt-free instances: mSA, SA50, SA75)
+    trainer eval ... --auto amg|ais [--amg-sweep]      (prompt-free instances: mSA, SA50, SA75)
     trainer export runs/NAME --out sam_tuned.pth [--which best] [--format sam|hf|onnx]
     trainer demo --out demo
 """
@@ -93,10 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--auto",
-        choices=("amg",),
+        choices=("amg", "ais"),
         default=None,
         help="also segment every image without prompts (amg: SAM's automatic mask generator on the cached "
-        "embedding) and score the instances: mSA, SA50, SA75",
+        "embedding; ais: a model.task=ais run's head and a seeded watershed) and score the instances: mSA, "
+        "SA50, SA75",
     )
     e.add_argument(
         "--amg-sweep", action="store_true", help="with --auto amg, also re-score a grid of AMG thresholds"

@@ -75,9 +75,10 @@ class ModelConfig:
     """Rank of LoRA adapters on the decoder's attention projections; 0 means no LoRA."""
     lora_alpha: float = 8.0
     """LoRA scale numerator: the update is ``(alpha / rank) * B @ A``."""
-    task: Literal["instance", "semantic"] = "instance"
+    task: Literal["instance", "semantic", "ais"] = "instance"
     """The task (``trainer.task.TASKS``). ``instance``: one prompted mask per object. ``semantic``: one output
-    token per class, trained with ``loss.ce``."""
+    token per class, trained with ``loss.ce``. ``ais``: a prompt-free head predicting foreground, centre and
+    boundary distance for automatic instance segmentation (``trainer.ais``)."""
     num_classes: int = 0
     """Semantic task only: classes including background 0. 0 means the cache's largest class id + 1, which
     the run resolves and records in its config."""

@@ -116,7 +116,8 @@ class Decoded(NamedTuple):
 
     logits: torch.Tensor
     """``(P, K, 256, 256)`` low-res logits: SAM's 4 masks (K = 4; the single-mask output is index 0, the
-    multimask outputs 1..3), or one map per class with a semantic head (K = C)."""
+    multimask outputs 1..3), one map per class with a semantic head (K = C), or the 3 maps of an AIS head
+    (``trainer.ais``; P = B images, no prompts)."""
     iou: torch.Tensor | None
     """``(P, 4)`` predicted IoU of SAM's masks; ``None`` with a semantic head, which has no IoU token."""
 
@@ -143,19 +144,26 @@ class PromptedDecoder(nn.Module):
     once per image per call, inside ``forward`` (so DDP sees its parameters). Evaluation, the overlays and
     the Predictor predict through ``forward``'s two halves, ``image_embeddings`` and ``decode_prompts``.
 
-    The slots are registered in a fixed order (``semantic_head``, then ``encoder_tail``) whether filled or
-    not, so that the parameter order, and with it the optimiser state of a checkpoint, does not depend on
-    the order in which variants fill them; ``semantic_head`` keeps its name for the checkpoints' keys.
+    The slots are registered in a fixed order (``semantic_head``, ``encoder_tail``, then ``ais_head``, the
+    AIS task's prompt-free head, ``trainer.ais``) whether filled or not, so that the parameter order, and
+    with it the optimiser state of a checkpoint, does not depend on the order in which variants fill them;
+    ``semantic_head`` keeps its name for the checkpoints' keys.
     """
 
     def __init__(
-        self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, semantic_head=None, encoder_tail=None
+        self,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        semantic_head=None,
+        encoder_tail=None,
+        ais_head=None,
     ):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.register_module("semantic_head", semantic_head)
         self.register_module("encoder_tail", encoder_tail)
+        self.register_module("ais_head", ais_head)
 
     def forward(
         self,
@@ -172,7 +180,8 @@ class PromptedDecoder(nn.Module):
                 tap tokens it turns into them (once, however many rounds).
             image_index: ``(P,)`` int64, the image of each object (semantic mode: ``arange(B)``).
             prompts: the prompts of the ``P`` objects, or ``None`` for none at all (a prompt-free semantic
-                head: no sparse tokens, SAM's no-mask dense embedding).
+                head: no sparse tokens, SAM's no-mask dense embedding; an AIS head: the head alone reads the
+                ``B`` embeddings and ``image_index`` must be ``arange(B)``).
             refine: interactive rounds inside this one forward (so that DDP sees one forward per backward,
                 however many rounds): called as ``refine(round, decoded, prompts)`` after each round, it gives
                 the next round's prompts, or ``None`` to stop.
@@ -198,6 +207,8 @@ class PromptedDecoder(nn.Module):
     ) -> Decoded | list[Decoded]:
         """``forward`` on ``(B, 256, 64, 64)`` image embeddings (``image_embeddings``' output): callers that
         decode one image's objects in chunks embed the image once."""
+        if prompts is None and self.ais_head is not None:  # (B, 3, 256, 256) AIS map logits, no decoder
+            return Decoded(self.ais_head(embeddings), None)
         if refine is None:
             return self._decode(embeddings, image_index, prompts)
         rounds = []

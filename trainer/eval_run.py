@@ -16,12 +16,14 @@ Outputs in ``OUT``: ``metrics.json`` (per model and prompt type: mIoU, dice, IoU
 IoU; with ``--clicks N`` also ``box_clicks`` and ``point_clicks``), ``table.md``, ``iou_distributions.png``,
 ``clicks.png`` (with ``--clicks``) and, for the first two models, ``overlays/<image>.png`` (image, ground
 truth, first model, second model). With ``--auto amg`` every model also segments each image without prompts
-(``trainer.auto_eval``): its ``auto`` scores in ``metrics.json`` and ``table.md``, and
-``overlays_auto/<image>.png`` with every model's instances.
+(``trainer.auto_eval``; ``--auto ais``: a ``model.task=ais`` run by its AIS head, ``trainer.ais``): its
+``auto`` scores in ``metrics.json`` and ``table.md``, and ``overlays_auto/<image>.png`` with every model's
+instances.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from embedcache import open_cache
 from embedcache.models import build_sam
 from embedcache.signature import check_compatible
 from trainer import checkpoint as ckpt
+from trainer.ais import evaluate_ais
 from trainer.amg import AmgConfig
 from trainer.auto_eval import auto_overlays, auto_table, evaluate_amg
 from trainer.config import Config, load_config
@@ -40,6 +43,9 @@ from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
 from trainer.plots import click_curves, iou_distributions
 from trainer.task import make_task
+
+AUTO_METHODS = ("amg", "ais")
+"""``trainer eval --auto``'s choices: SAM's automatic mask generator, or the AIS head (``trainer.ais``)."""
 
 
 def _run_models(
@@ -156,7 +162,8 @@ def eval_run(
     previous logits as the mask prompt unless not ``mask_prompt``): ``box_clicks`` and ``point_clicks`` in
     its metrics, a second table in ``table.md``, and ``clicks.png``. With ``auto="amg"`` each model also
     gets ``trainer.auto_eval.evaluate_amg``'s scores (``amg`` its settings, default SAM's; ``amg_sweep`` the
-    threshold sweep) under ``"auto"``, a table section and instance overlays.
+    threshold sweep) under ``"auto"`` (``auto="ais"``: ``trainer.ais.evaluate_ais``'s), a table section and
+    instance overlays.
 
     Returns ``{"metrics", "table", "files"}`` on the main process, ``{}`` elsewhere. ``metrics`` maps each
     model label to its metrics (the task's ``evaluate``: per prompt type, with ``per_object``), plus
@@ -166,8 +173,8 @@ def eval_run(
         raise ValueError("trainer eval needs --run RUN and/or at least one --checkpoint")
     if run is None and out is None:
         raise ValueError("trainer eval without --run needs --out (where metrics.json goes)")
-    if auto not in (None, "amg"):
-        raise ValueError(f"--auto {auto}: the automatic method is amg")
+    if auto not in (None, *AUTO_METHODS):
+        raise ValueError(f"--auto {auto}: the automatic methods are amg and ais")
     out = Path(out) if out else Path(run) / "eval"
     cache = open_cache(cache_path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -195,10 +202,14 @@ def eval_run(
     }
     n = (cfg.run.overlays if cfg is not None else 4) if overlays is None else overlays
     auto_labels = {}
-    if auto == "amg":
+    if auto is not None:
+        methods = {  # ais: models with an AIS head (trainer.ais); the others are refused
+            "amg": partial(evaluate_amg, cfg=amg or AmgConfig(), sweep=amg_sweep),
+            "ais": evaluate_ais,
+        }
         for c in contenders:
-            scores[c.label]["auto"], auto_labels[c.label] = evaluate_amg(
-                c.model, c.store, images, accelerator, amg or AmgConfig(), sweep=amg_sweep, keep=n
+            scores[c.label]["auto"], auto_labels[c.label] = methods[auto](
+                c.model, c.store, images, accelerator, keep=n
             )
     if not accelerator.is_main_process:
         return {}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.ais import AisTask
 from trainer.instance import InstanceTask
 from trainer.semantic import SemanticTask
 
@@ -94,7 +95,7 @@ class Task(Protocol):
         ...
 
 
-TASKS: dict[str, type[Task]] = {"instance": InstanceTask, "semantic": SemanticTask}
+TASKS: dict[str, type[Task]] = {"instance": InstanceTask, "semantic": SemanticTask, "ais": AisTask}
 """``model.task`` -> its class; the choices of ``ModelConfig.task`` must be these keys."""
 
 

@@ -129,7 +129,9 @@ def validate_and_keep_best(s: Session) -> dict:
     metrics = validate(s)
     if metrics:
         state.evals[str(state.step)] = metrics
-        s.accelerator.log({f"val/{t}_miou": v["miou"] for t, v in metrics.items()}, step=state.step)
+        # mIoU of the prompted and semantic tasks, mSA of the automatic ones (model.task=ais)
+        logged = {f"val/{t}_{k}": v[k] for t, v in metrics.items() for k in ("miou", "msa") if k in v}
+        s.accelerator.log(logged, step=state.step)
         score = s.task.score(metrics)
         if score > state.best_score:
             state.best_score, state.best_step = score, state.step
