@@ -1,0 +1,170 @@
+"""``model.task=ais``: the AIS head, its loss and sidecar (fast, no cache), and on the vit_tiny reference
+cache the task in the shared step (the loss falls, resume is exact) and ``AutoSegmenter`` on image files
+equal to ``trainer eval --auto ais``'s labels (slow: the cache's build)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from embedcache import open_cache
+from trainer import checkpoint as ckpt
+from trainer.ais import AisHead, ais_loss, evaluate_ais, image_targets
+from trainer.automatic import AutoSegmenter
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.data import ImageStore, image_file
+from trainer.distance_maps import distance_targets
+from trainer.export import export_model
+from trainer.model import build_start_sam, build_trainable, trainable_parameters
+from trainer.train import run
+from trainer.tuned import MANIFEST, load_tuned, sidecar_path
+from trainer.variants import variants_for
+
+
+def _discs(side: int = 64) -> torch.Tensor:
+    """``(1, 4, side, side)`` targets of two touching discs, every pixel weighted (the head is fully
+    convolutional: a 16x16 embedding gives 64x64 maps, 16 times cheaper than the real 64x64 one)."""
+    yy, xx = np.mgrid[:side, :side] * (64 / side)
+    labels = np.zeros((side, side), np.int32)
+    labels[np.hypot(yy - 32, xx - 25) < 8] = 1
+    labels[np.hypot(yy - 32, xx - 40) < 8] = 2
+    maps = distance_targets(labels)
+    return torch.from_numpy(np.concatenate([maps, np.ones((1, side, side), np.float32)]))[None]
+
+
+def test_the_loss_is_zero_for_the_targets_and_trains_the_head_down():
+    targets = _discs()
+    exact = torch.logit(targets[:, :3].clamp(1e-6, 1 - 1e-6))
+    loss, terms = ais_loss(exact, targets)
+    assert float(loss) < 1e-3 and set(terms) == {"dice_foreground", "dice_centre", "dice_boundary"}
+    # the distances count only inside the target foreground: a wrong distance outside it costs nothing
+    outside = exact.clone()
+    outside[:, 1:][targets[:, :1].expand(-1, 2, -1, -1) == 0] = -9.0
+    assert float(ais_loss(outside, targets)[0]) < 1e-3
+    head = AisHead()
+    torch.manual_seed(0)
+    emb = torch.randn(1, 256, 16, 16)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(4):
+        loss, _ = ais_loss(head(emb), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert head(emb).shape == (1, 3, 64, 64)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_the_ais_head_is_all_that_trains_and_it_exports_and_loads(tmp_path):
+    cfg = load_config(None, ["model.task=ais", "model.lora_rank=2"])
+    sam = build_start_sam(cfg)
+    start = {k: v.clone() for k, v in sam.state_dict().items()}
+    model = build_trainable(sam, cfg).eval()
+    trained = {id(p) for p in trainable_parameters(model)}
+    assert trained == {id(p) for p in model.ais_head.parameters()}  # SAM's decoder (LoRA too) stays frozen
+    with torch.no_grad():
+        for p in model.ais_head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for variant in variants_for(cfg.model):
+        variant.merge(sam)
+    emb = torch.randn(2, 256, 64, 64)
+    index = torch.arange(2)
+    with torch.no_grad():
+        want = model(emb, index, None)
+    assert want.logits.shape == (2, 3, 256, 256) and want.iou is None
+    out = tmp_path / "ais.pth"
+    written = export_model(sam, model, cfg.model, out)
+    assert written == [out, sidecar_path(out, "ais"), sidecar_path(out, MANIFEST, ".json")]
+    assert json.loads(sidecar_path(out, MANIFEST, ".json").read_text())["sidecars"] == ["ais"]
+    state = torch.load(out, weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in start.items())  # SAM itself is the starting one
+    tuned = load_tuned(out)
+    with torch.no_grad():
+        got = tuned.model(emb, index, None)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    torch.save({"state_dict": {"nope": torch.zeros(1)}}, sidecar_path(out, "ais"))
+    with pytest.raises(ValueError, match="not a samtune AIS head file"):
+        load_tuned(out)
+
+
+def _ais_cfg(cache, *overrides):
+    seed = int(cache.signature["checkpoint"].split(":")[1])
+    return load_config(
+        None,
+        [
+            "model.task=ais",
+            f"model.init_seed={seed}",
+            "data.images_per_batch=2",
+            "optim.lr=1e-3",
+            "run.eval_every=0",
+            "run.save_every=0",
+            "run.overlays=0",
+            *overrides,
+        ],
+    )
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (out / "losses.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # the reference cache's build (shared by this file) and 12 steps: about a minute on 2 cores
+def test_the_ais_task_learns_and_resumes_exactly(reference, tmp_path):
+    _, cache_path = reference
+    cache = open_cache(cache_path)
+    t = image_targets(cache, int(cache.images_with_objects("train")[0]))
+    assert t.shape == (4, 256, 256) and 0 < float(t[0].mean()) < 1 and float(t[3].min()) == 0  # padding
+    common = ["run.steps=6", "run.save_every=3", "optim.grad_accum=2", "data.images_per_batch=1"]
+    run(cache_path, _ais_cfg(cache, *common), tmp_path / "a", progress=False)
+    losses = _losses(tmp_path / "a")
+    assert losses[-1] < 0.9 * losses[0]
+    run(cache_path, _ais_cfg(cache, *common, "run.stop_at=3"), tmp_path / "b", progress=False)
+    run(cache_path, _ais_cfg(cache, *common), tmp_path / "b", resume=True, progress=False)
+    assert _losses(tmp_path / "b") == losses
+    wa = load_file(ckpt.step_dir(tmp_path / "a", 6) / "model.safetensors")
+    wb = load_file(ckpt.step_dir(tmp_path / "b", 6) / "model.safetensors")
+    assert any(k.startswith("ais_head.") for k in wa)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    argv = ["eval", "--cache", str(cache_path), "--run", str(tmp_path / "a"), "--which", "last"]
+    assert main([*argv, "--auto", "ais", "--overlays", "1", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for label in ("start", "tuned"):
+        assert metrics[label]["auto"]["method"] == "ais" and metrics[label]["auto"]["n_true"] > 0
+    assert "| tuned | ais |" in (tmp_path / "eval" / "table.md").read_text()
+
+
+@pytest.mark.slow  # shares the reference cache's build
+def test_auto_segmenter_of_an_ais_export_equals_eval_labels(reference, tmp_path):
+    _, cache_path = reference
+    cache = open_cache(cache_path)
+    cfg = _ais_cfg(cache)
+    sam = build_start_sam(cfg)
+    model = build_trainable(sam, cfg).eval()
+    last = model.ais_head.body[-1]
+    with (
+        torch.no_grad()
+    ):  # foreground everywhere and distances from the features: the watershed finds objects
+        w = torch.randn(last.weight.shape[1], generator=torch.Generator().manual_seed(1))
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+        last.weight[1:, :, 0, 0] = 5 * w
+    out = tmp_path / "ais.pth"
+    export_model(sam, model, cfg.model, out)
+    images = cache.images_with_objects("all")[:2]
+    store = ImageStore(cache, "host", torch.device("cpu"))
+    scores, labels = evaluate_ais(model, store, images, Accelerator(cpu=True), keep=len(images))
+    assert scores["method"] == "ais" and scores["n_images"] == len(images)
+    segmenter = AutoSegmenter(out, device="cpu")
+    for i in images.tolist():
+        got = segmenter.segment(image_file(cache, i))
+        assert got.dtype == np.int32 and got.shape == tuple(cache.original_size[i])
+        np.testing.assert_array_equal(got, labels[i])
+        # the random tiny encoder's embedding barely varies over these small images: one object each
+        assert got.max() >= 1
