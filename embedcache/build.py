@@ -50,6 +50,7 @@ from embedcache.store import (
     write_shard,
 )
 from embedcache.tap import tap_description
+from embedcache.views import IDENTITY, VIEWS, parse_views, view_metadata
 
 __all__ = [
     "BadDataError",
@@ -152,8 +153,12 @@ class BuildConfig:
     tail_blocks: int = 0
     """A partial cache: also store the tokens entering the encoder's last ``tail_blocks`` blocks
     (``embedcache.tap``), so the trainer can adapt those blocks. 0: embeddings only."""
+    views: tuple[str, ...] = (IDENTITY,)
+    """Augmentation views encoded per image (``embedcache.views``; ``--views none|flips|d4|hflip,...``),
+    identity first; each costs one more encoder pass and one more embedding per image."""
 
     def __post_init__(self):
+        object.__setattr__(self, "views", parse_views(self.views))
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(self.channels))
             if len(self.channels) != 3 or min(self.channels) < 0:
@@ -255,6 +260,8 @@ def _prepare(
     tap = _tap_description(cfg)
     if tap is not None:
         signature["tap"] = tap  # a resume with another tap point is refused like any other difference
+    if cfg.views != (IDENTITY,):  # absent = identity only, so caches built before views keep their signature
+        signature["views"] = list(cfg.views)
     signature = _json_roundtrip(signature)
     out = cfg.out
     staging = out.with_name(f".{out.name}.preparing")  # ours alone: we hold the build lock
@@ -332,11 +339,13 @@ def _prepare_staging(cfg: BuildConfig, reader, scan, signature: dict, staging: P
         channels=cfg.channels,
     )
     tap = signature.get("tap")
+    preset = get_preset(cfg.model_type)
     write_metadata(
         group,
         meta,
         images_per_shard=cfg.images_per_shard,
         tap_shape=None if tap is None else tuple(tap["shape"]),
+        views={v: view_metadata(meta, VIEWS[v], preset) for v in cfg.views[1:]},
     )
     group.attrs.update(
         status="prepared",
@@ -477,7 +486,7 @@ def _build(cfg: BuildConfig, ctx: ProcessContext) -> dict:
         done = np.asarray(group["shard_done"][...])
         paths = read_strings(group["image_path"])
         jobs = [
-            ShardJob(shard=k, paths=[cfg.data / p for p in paths[shard_slice(k, s, n)]])
+            ShardJob(shard=k, paths=[cfg.data / p for p in paths[shard_slice(k, s, n)]], views=cfg.views)
             for k in range(done.size)
             if k % ctx.world_size == ctx.rank and done[k] == 0
         ]
@@ -485,9 +494,23 @@ def _build(cfg: BuildConfig, ctx: ProcessContext) -> dict:
             sam = build_sam(cfg.model_type, checkpoint, seed=cfg.init_seed).to(device)
 
             def write(k: int, outputs: tuple[np.ndarray, ...], seconds: float) -> None:
-                tap = outputs[1] if cfg.tail_blocks else None
+                # the outputs hold the shard's images view after view (ShardJob.views)
+                per_view = [np.split(o, len(cfg.views)) for o in outputs]
+                emb_tap = [
+                    (e, per_view[1][v] if cfg.tail_blocks else None) for v, e in enumerate(per_view[0])
+                ]
+                views = dict(zip(cfg.views[1:], emb_tap[1:]))
                 try:
-                    write_shard(group, k, outputs[0], tap=tap, seconds=seconds, run=run, rank=ctx.rank)
+                    write_shard(
+                        group,
+                        k,
+                        emb_tap[0][0],
+                        tap=emb_tap[0][1],
+                        seconds=seconds,
+                        run=run,
+                        rank=ctx.rank,
+                        views=views,
+                    )
                 except OSError as e:
                     if e.filename is None:  # a failed write() (ENOSPC) names no file; the shard's is the one
                         e.filename = str(shard_file(cfg.out, k))

@@ -13,8 +13,20 @@ from embedcache.presets import get_preset
 from embedcache.signature import FORMAT_VERSION
 from embedcache.store import TAP_ARRAY, read_strings, shard_file, storage_files
 from embedcache.structure import structure_problems
+from embedcache.views import IDENTITY, cache_views
 
 FRAMES = ("original", "input", "lowres")
+VIEW_OWNED = (
+    "original_size",
+    "input_size",
+    "objects/box",
+    "objects/input_area",
+    "objects/input_box",
+    "objects/input_mask_offset",
+    "objects/mask_offset",
+)
+"""Arrays each view stores for itself (``embedcache.views``; besides its masks, ignore region and
+embeddings); the rest are the identity's."""
 
 
 class CacheError(Exception):
@@ -57,24 +69,39 @@ def read_array(group: zarr.Group, name: str, path: Path, *, every_chunk: bool = 
 
 
 class Cache:
-    """An open, complete cache. Small arrays live in memory; embeddings are read from disk on demand."""
+    """An open, complete cache. Small arrays live in memory; embeddings are read from disk on demand.
 
-    def __init__(self, path: Path, group: zarr.Group):
+    A cache built with ``--views`` holds each image once per view (``embedcache.views``); this object reads
+    one of them (``view``, the identity unless it came from ``Cache.view(name)``). The image ids, paths,
+    split, object order, classes and original-frame areas are shared by every view."""
+
+    def __init__(self, path: Path, group: zarr.Group, view: str = IDENTITY):
         self.path = path
         self.group = group
         self.signature: dict = dict(group.attrs["signature"])
+        self.views: tuple[str, ...] = cache_views(self.signature)
+        """The views the cache holds, identity first (``("identity",)`` for a cache built without views)."""
+        if view not in self.views:
+            raise CacheError(f"{path}: has no view {view!r} (it holds {', '.join(self.views)})")
+        self.view_name = view
+        # where this view's own arrays live: the top level for the identity, views/<name>/ for the others
+        self.view_prefix = "" if view == IDENTITY else f"views/{view}/"
+        self._views: dict[str, Cache] = {view: self}
         self.preset = get_preset(self.signature["model_type"])
         """The model preset the cache was built for; its ``image_size`` is the input frame's side."""
         self.image_size = self.preset.image_size
         self.build_report: dict = dict(group.attrs.get("build_report", {}))
-        self.embeddings: zarr.Array = group["embeddings"]
+        vg = group[self.view_prefix.rstrip("/")] if self.view_prefix else group
+        self.embeddings: zarr.Array = vg["embeddings"]
         # a partial cache's (N, 64, 64, C) float16 tokens entering the encoder's last tail_blocks blocks
-        self.tap_tokens: zarr.Array | None = group.get(TAP_ARRAY, None)
+        self.tap_tokens: zarr.Array | None = vg.get(TAP_ARRAY, None)
         self.tail_blocks = int(self.signature["tap"]["blocks"]) if "tap" in self.signature else 0
         self.num_images = int(self.embeddings.shape[0])
         self.images_per_shard = int(self.embeddings.shards[0])
 
         def read(name: str, dtype) -> np.ndarray:
+            if name in VIEW_OWNED or name.startswith("ignore/"):
+                name = self.view_prefix + name
             return read_array(group, name, path).astype(dtype, copy=False)
 
         self.original_size = read("original_size", np.int32).reshape(-1, 2)
@@ -98,7 +125,7 @@ class Cache:
         self.ignore_index: int | None = self.signature.get("dataset", {}).get("ignore_index")
         """The semantic mask value whose pixels are neither trained nor scored (``ignore_mask``), or None."""
         self._ignore: dict[str, np.ndarray] | None = None
-        if "ignore" in group:
+        if "ignore" in vg:
             self._ignore = {
                 name: read(f"ignore/{name}", np.int64)
                 for name in ("box", "mask_offset", "input_box", "input_mask_offset")
@@ -112,7 +139,19 @@ class Cache:
 
     def __repr__(self) -> str:
         s = self.signature
-        return f"Cache({str(self.path)!r}, {s['model_type']}, N={self.num_images}, M={self.num_objects})"
+        view = f", view={self.view_name}" if self.view_prefix else ""
+        return (
+            f"Cache({str(self.path)!r}, {s['model_type']}, N={self.num_images}, M={self.num_objects}{view})"
+        )
+
+    def view(self, name: str) -> Cache:
+        """The same cache read through view ``name`` (one of ``views``): its embeddings, sizes, boxes and
+        masks are those of the transformed image; opened once, then shared."""
+        if name not in self._views:
+            other = Cache(self.path, self.group, view=name)
+            other._views = self._views
+            self._views[name] = other
+        return self._views[name]
 
     def read_embeddings(self, idx) -> np.ndarray:
         """``(n, 256, 64, 64)`` float16 embeddings of the image indices ``idx`` (any int sequence)."""
@@ -128,7 +167,7 @@ class Cache:
 
     def _read_images(self, name: str, idx) -> np.ndarray:
         """Rows ``idx`` of the per-image array ``name``, in the order asked."""
-        array = self.group[name]
+        array = self.group[self.view_prefix + name]
         idx = np.asarray(idx, np.int64).reshape(-1)
         if idx.size == 0:
             return np.zeros((0, *array.shape[1:]), np.float16)
@@ -156,6 +195,7 @@ class Cache:
 
     def _bad_images(self, name: str, a: int, b: int, what: str) -> str:
         s = self.images_per_shard
+        name = self.view_prefix + name
         files = ", ".join(str(shard_file(self.path, k, name)) for k in range(a // s, (b - 1) // s + 1))
         return f"{files}: {name} of images {a}..{b - 1} {what}; run `embedcache verify {self.path}`"
 
@@ -185,7 +225,9 @@ class Cache:
     def _bits(self, name: str = "mask_bits") -> np.ndarray:
         """The whole ragged bit array, read once (isbi2012: 0.5 MB for 3,332 objects)."""
         if name not in self._loaded:
-            self._loaded[name] = read_array(self.group, f"objects/{name}", self.path).astype(np.uint8)
+            self._loaded[name] = read_array(
+                self.group, f"{self.view_prefix}objects/{name}", self.path
+            ).astype(np.uint8)
         return self._loaded[name]
 
     def input_mask_crop(self, j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +252,7 @@ class Cache:
             return np.zeros(hw, bool)
         prefix = "" if frame == "original" else "input_"
         box, offsets = self._ignore[f"{prefix}box"][i], self._ignore[f"{prefix}mask_offset"]
-        name = f"ignore/{prefix}mask_bits"
+        name = f"{self.view_prefix}ignore/{prefix}mask_bits"
         if name not in self._loaded:
             self._loaded[name] = read_array(self.group, name, self.path).astype(np.uint8)
         crop = mk.unpack(self._loaded[name][offsets[i] : offsets[i + 1]], box)
@@ -284,15 +326,21 @@ def open_cache(path: str | Path) -> Cache:
             raise CacheError(
                 f"{path}: shards {missing[:10]} are not finished; rerun the build to finish them"
             )
-        gone = [f for f in storage_files(group["embeddings"], path / "embeddings") if not f.is_file()]
-        if gone:  # zarr would read a missing shard as its NaN fill value
-            raise CacheError(f"{gone[0]}: shard file missing ({len(gone)} in all); rebuild the cache")
         cache = Cache(path, group)
+        for view in cache.views:
+            name = cache.view(view).view_prefix + "embeddings"
+            gone = [f for f in storage_files(group[name], path / name) if not f.is_file()]
+            if gone:  # zarr would read a missing shard as its NaN fill value
+                raise CacheError(f"{gone[0]}: shard file missing ({len(gone)} in all); rebuild the cache")
     except CacheError:
         raise
     except Exception as e:
         raise CacheError(f"{path}: invalid cache ({type(e).__name__}: {e})") from e
-    problems = structure_problems(cache)
+    problems = [
+        f"{view}: {p}" if view != IDENTITY else p
+        for view in cache.views
+        for p in structure_problems(cache.view(view))
+    ]
     if problems:
         raise CacheError(f"{path}: invalid cache structure: {'; '.join(problems)}; rebuild the cache")
     return cache

@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="partial cache: also store the tokens entering the encoder's last K blocks (encoder adapters)",
     )
+    b.add_argument(
+        "--views",
+        default="none",
+        help="augmentation views encoded per image: none, flips (identity, hflip, vflip), d4 (all 8 flips "
+        "and 90-degree turns) or a comma list (hflip,vflip,rot90,rot180,rot270,transpose,antitranspose)",
+    )
     i = sub.add_parser("info", help="print a cache's signature, counts and size")
     i.add_argument("cache", type=Path)
     i.add_argument("--json", action="store_true", help="print the signature and build report as JSON")
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=args.overwrite,
                     progress=not args.no_progress,
                     tail_blocks=args.tail_blocks,
+                    views=args.views,
                 )
             )
             if os.environ.get("RANK", "0") == "0":  # one summary per multi-process build, not one per rank

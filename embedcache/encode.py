@@ -31,6 +31,7 @@ from embedcache.images import BadInput, load_image
 from embedcache.preprocess import resize, to_model_input
 from embedcache.presets import Preset
 from embedcache.tap import encode_with_tap
+from embedcache.views import IDENTITY, VIEWS
 
 EXIT_AFTER_SHARDS_ENV = "EMBEDCACHE_TEST_EXIT_AFTER_SHARDS"
 """Test hook: a process that has written this many shards in this run dies with ``os._exit(75)`` at once, as a
@@ -45,13 +46,16 @@ class ShardJob:
     """Shard index."""
     paths: list[Path]
     """Its images, in cache order."""
+    views: tuple[str, ...] = (IDENTITY,)
+    """The views to encode (``embedcache.views``): the shard's outputs hold every image of the first view,
+    then every image of the next."""
 
 
-def _load(path: Path, preset: Preset, channels: tuple[int, int, int] | None) -> np.ndarray:
-    """Prefetch work: file -> ``(h, w, 3)`` uint8 in the preset's input frame (``channels``: ``load_image``'s
-    mapping). Raises ``BadInput`` naming the file."""
+def _load(path: Path, preset: Preset, channels: tuple[int, int, int] | None, view: str) -> np.ndarray:
+    """Prefetch work: file -> ``(h, w, 3)`` uint8 in the preset's input frame, the image transformed by
+    ``view`` first (``channels``: ``load_image``'s mapping). Raises ``BadInput`` naming the file."""
     try:
-        return resize(load_image(path, channels), preset)
+        return resize(VIEWS[view].apply(load_image(path, channels)), preset)
     except BadInput:
         raise
     except Exception as e:  # e.g. the file changed since the metadata pass checked it
@@ -117,13 +121,15 @@ def encode_shards(
     """Encode every job's images and call ``write(shard, outputs, seconds)`` once per shard.
 
     ``outputs`` is ``((n, 256, 64, 64) float16 embeddings,)``, plus the ``(n, 64, 64, C)`` float16 tokens
-    entering the last ``tail_blocks`` encoder blocks when ``tail_blocks > 0`` (``embedcache.tap``).
+    entering the last ``tail_blocks`` encoder blocks when ``tail_blocks > 0`` (``embedcache.tap``); with
+    ``V`` views n is ``V`` times the shard's images, view after view (``ShardJob.views``).
     ``channels`` maps images of undeclared channels as the metadata pass did (``embedcache.images``).
 
     Batches never cross a shard boundary, so a shard's values do not depend on which other shards a run
     encodes (resumed and uninterrupted builds are bit-identical). Returns ``{"images", "seconds"}``.
     """
-    items = [p for job in jobs for p in job.paths]
+    work = [[(p, v) for v in job.views for p in job.paths] for job in jobs]
+    items = [item for job in work for item in job]
     lookahead = max(2 * batch_size, workers * 2)
     autocast = (
         torch.autocast(device_type=device.type, dtype=compute_dtype)
@@ -138,17 +144,17 @@ def encode_shards(
         it = iter(items)
 
         def refill() -> None:
-            while len(pending) < lookahead and (path := next(it, None)) is not None:
-                pending.append(pool.submit(_load, path, preset, channels))
+            while len(pending) < lookahead and (item := next(it, None)) is not None:
+                pending.append(pool.submit(_load, item[0], preset, channels, item[1]))
 
         refill()
         writer = _ShardWriter(write)
         try:
-            for job in jobs:
+            for job, job_items in zip(jobs, work):
                 t_shard = time.perf_counter()
                 parts = []
-                for b0 in range(0, len(job.paths), batch_size):
-                    n = min(batch_size, len(job.paths) - b0)
+                for b0 in range(0, len(job_items), batch_size):
+                    n = min(batch_size, len(job_items) - b0)
                     images = [pending.popleft().result() for _ in range(n)]
                     refill()
                     try:
@@ -160,7 +166,7 @@ def encode_shards(
                                 ys = (sam.image_encoder(x),)
                             ys = tuple(y.to(torch.float16) for y in ys)
                     except RuntimeError as e:  # name the images; the traceback alone names none
-                        names = ", ".join(str(p) for p in job.paths[b0 : b0 + n])
+                        names = ", ".join(f"{p} ({v})" for p, v in job_items[b0 : b0 + n])
                         raise RuntimeError(f"encoding {names} (shard {job.shard}) failed: {e}") from e
                     if cuda:
                         hosts = tuple(torch.empty(y.shape, dtype=torch.float16, pin_memory=True) for y in ys)

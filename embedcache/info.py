@@ -27,6 +27,9 @@ def info_text(path: str | Path) -> str:
     emb = disk_bytes(c.path, "embeddings")
     obj = disk_bytes(c.path, "objects")
     tap = disk_bytes(c.path, TAP_ARRAY) if c.tap_tokens is not None else 0
+    # every view but the identity is one group; the identity's own bytes are its embeddings, tap and masks
+    extra = {v: disk_bytes(c.path, f"views/{v}") for v in c.views[1:]}
+    view_emb = {c.views[0]: emb} | {v: disk_bytes(c.path, f"views/{v}/embeddings") for v in c.views[1:]}
     n, m = c.num_images, c.num_objects
     ds, pp = s["dataset"], s["preprocessing"]
     lines = [
@@ -40,6 +43,13 @@ def info_text(path: str | Path) -> str:
             f"{s['tap']['dtype']} (N, {', '.join(map(str, s['tap']['shape']))})"
             if "tap" in s
             else "none (full cache: --tail-blocks 0)"
+        ),
+        "views        "
+        + (
+            f"{len(c.views)}: {', '.join(c.views)} (each image encoded once per view; training samples one "
+            "per image per epoch, validation reads identity)"
+            if extra
+            else "identity only (--views none)"
         ),
         f"encoder      {json.dumps(s['encoder'])}",
         f"preprocess   input {pp['image_size']}x{pp['image_size']}, resize {pp['resize']}, "
@@ -59,9 +69,18 @@ def info_text(path: str | Path) -> str:
     lines += [f"  - {b['path']}: {b['reason']}" for b in r.get("skipped", [])[:20]]
     lines += [
         f"size         {_mib(total)} on disk: embeddings {_mib(emb)}, tap tokens {_mib(tap)}, "
-        f"objects {_mib(obj)}, other {_mib(total - emb - tap - obj)}",
+        f"objects {_mib(obj)}, "
+        + (f"other views {_mib(sum(extra.values()))}, " if extra else "")
+        + f"other {_mib(total - emb - tap - obj - sum(extra.values()))}",
         f"per image    {total / max(n, 1) / 1024:.1f} KiB total, {emb / max(n, 1) / 1024:.1f} KiB embedding, "
         f"{tap / max(n, 1) / 1024:.1f} KiB tap tokens",
+    ]
+    lines += [
+        f"view {v:<14}{_mib(b)} ({_mib(view_emb[v])} embeddings, {b / max(n, 1) / 1024:.1f} KiB per image)"
+        for v, b in ((c.views[0], emb + tap + obj), *extra.items())
+        if extra
+    ]
+    lines += [
         f"per object   {obj / max(m, 1):.1f} bytes (box, class, areas, masks in original + input frame)",
         f"build        {r.get('prepare_seconds')} s prepare, {r.get('encode_seconds_sum')} s encode "
         f"({r.get('images_per_second')} images/s), {len(r.get('runs', []))} run(s), "

@@ -31,6 +31,12 @@
                                                  each image's ignore region, stored as objects/ stores an
                                                  object's mask, one row per image (N, N + 1 offsets); an
                                                  image without ignored pixels has all-zero boxes, no bytes
+      views/<name>/               one group per view other than the identity (--views; embedcache.views):
+        embeddings, tap_tokens, original_size, input_size, objects/{box, mask_offset, mask_bits, input_box,
+        input_area, input_mask_offset, input_mask_bits}, ignore/...
+                                                 as above, for the transformed image; the identity's arrays
+                                                 stay at the top level, so readers of views-free caches see
+                                                 no difference
 
 Every chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec, last in each array's codec chain; the
 sharding codec checksums each shard's index the same way), so a flipped byte anywhere fails the read that
@@ -102,26 +108,53 @@ def _ragged(group: zarr.Group, prefix: str, meta: dict) -> None:
 
 
 def write_metadata(
-    group: zarr.Group, meta: dict, *, images_per_shard: int, tap_shape: tuple[int, int, int] | None = None
+    group: zarr.Group,
+    meta: dict,
+    *,
+    images_per_shard: int,
+    tap_shape: tuple[int, int, int] | None = None,
+    views: dict[str, dict] | None = None,
 ) -> None:
     """Create every array of the layout; fill all but ``embeddings`` (and the markers) from ``meta``.
 
     ``meta`` holds numpy arrays under the names of the layout (``objects/...`` for the object arrays).
+    ``views`` maps each view other than the identity to its own arrays (``embedcache.views.view_metadata``),
+    written under ``views/<name>/`` with their own ``embeddings`` (and tap tokens).
     """
     n = len(meta["image_id"])
-    for name in ("original_size", "input_size", "image_id", "image_path", "split"):
+    for name in ("image_id", "image_path", "split"):
         _small(group, name, np.asarray(meta[name]))
     objects = group.create_group("objects")
-    for name in ("image_index", "box", "class_id", "area", "mask_offset", "input_box", "input_area"):
+    for name in ("image_index", "class_id", "area"):
         _small(objects, name, np.asarray(meta[f"objects/{name}"]))
-    _small(objects, "input_mask_offset", np.asarray(meta["objects/input_mask_offset"]))
+    _view_arrays(group, meta, n, images_per_shard, tap_shape)
+    for name, view_meta in (views or {}).items():
+        _view_arrays(
+            group.require_group("views").create_group(name), view_meta, n, images_per_shard, tap_shape
+        )
+    ns = num_shards(n, images_per_shard)
+    for name, dtype, fill in (
+        ("shard_done", np.int32, 0),
+        ("shard_seconds", np.float32, 0.0),
+        ("shard_rank", np.int32, -1),
+    ):
+        group.create_array(name, shape=(ns,), dtype=dtype, chunks=(1,), fill_value=fill, compressors=CHECKED)
+
+
+def _view_arrays(group: zarr.Group, meta: dict, n: int, s: int, tap_shape) -> None:
+    """The arrays one view owns (the identity's at the top level): sizes, object and ignore masks, and the
+    empty embeddings (and tap tokens) its shards will fill."""
+    for name in ("original_size", "input_size"):
+        _small(group, name, np.asarray(meta[name]))
+    objects = group.require_group("objects")
+    for name in ("box", "mask_offset", "input_box", "input_area", "input_mask_offset"):
+        _small(objects, name, np.asarray(meta[f"objects/{name}"]))
     _ragged(objects, "objects", meta)
     if "ignore/box" in meta:
         ignore = group.create_group("ignore")
         for name in ("box", "mask_offset", "input_box", "input_mask_offset"):
             _small(ignore, name, np.asarray(meta[f"ignore/{name}"]))
         _ragged(ignore, "ignore", meta)
-    s = images_per_shard
     for name, shape in (("embeddings", EMBED_SHAPE), (TAP_ARRAY, tap_shape)):
         if shape is None:  # tap_tokens: partial caches only
             continue
@@ -135,13 +168,6 @@ def write_metadata(
             compressors=Crc32cCodec(),
             fill_value=np.float16("nan"),  # a never-written chunk reads as NaN, which verify catches
         )
-    ns = num_shards(n, s)
-    for name, dtype, fill in (
-        ("shard_done", np.int32, 0),
-        ("shard_seconds", np.float32, 0.0),
-        ("shard_rank", np.int32, -1),
-    ):
-        group.create_array(name, shape=(ns,), dtype=dtype, chunks=(1,), fill_value=fill, compressors=CHECKED)
 
 
 def write_shard(
@@ -153,12 +179,25 @@ def write_shard(
     seconds: float,
     run: int,
     rank: int,
+    views: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
 ) -> None:
     """Write shard ``k``'s ``(n, 256, 64, 64)`` float16 embeddings (and a partial cache's ``(n, 64, 64, C)``
-    tap tokens) whole, then its done marker (last)."""
+    tap tokens) whole, and those of every other view (``views``: name -> (embeddings, tap)), then its done
+    marker (last)."""
+    for where, (emb, tp) in (
+        ("", (embeddings, tap)),
+        *((f"views/{v}", et) for v, et in (views or {}).items()),
+    ):
+        _write_images(group[where] if where else group, k, emb, tp)
+    group["shard_seconds"][k] = seconds
+    group["shard_rank"][k] = rank
+    group["shard_done"][k] = run  # last: only now is the shard trusted
+
+
+def _write_images(group: zarr.Group, k: int, embeddings: np.ndarray, tap: np.ndarray | None) -> None:
+    """Shard ``k`` of one view's embeddings (and tap tokens), each written whole."""
     arr = group["embeddings"]
-    s = arr.shards[0]
-    sl = shard_slice(k, s, arr.shape[0])
+    sl = shard_slice(k, arr.shards[0], arr.shape[0])
     if embeddings.shape != (sl.stop - sl.start, *EMBED_SHAPE):
         raise ValueError(f"shard {k}: got embeddings of shape {embeddings.shape}")
     if (tap is None) != (TAP_ARRAY not in group) or (tap is not None and tap.shape[0] != sl.stop - sl.start):
@@ -166,9 +205,6 @@ def write_shard(
     arr[sl] = embeddings
     if tap is not None:
         group[TAP_ARRAY][sl] = tap
-    group["shard_seconds"][k] = seconds
-    group["shard_rank"][k] = rank
-    group["shard_done"][k] = run  # last: only now is the shard trusted
 
 
 def storage_files(arr: zarr.Array, folder: Path) -> list[Path]:

@@ -90,7 +90,7 @@ def structure_problems(c) -> list[str]:
     problems += _boxes("objects/input_box", c._input_box, c.input_size[index], o.input_area == 0)
     if problems:
         return problems
-    bits = c.group["objects"]
+    bits = c.group[c.view_prefix + "objects"]
     problems += _mask_bytes("objects/mask_offset", c._mask_offset, o.box, bits["mask_bits"].shape[0])
     problems += _mask_bytes(
         "objects/input_mask_offset", c._input_offset, c._input_box, bits["input_mask_bits"].shape[0]
@@ -103,7 +103,7 @@ def structure_problems(c) -> list[str]:
 def _ignore_problems(c) -> list[str]:
     """Each image's ignore region (one row per image; all-zero boxes where it has none) lies in its image
     and its bytes fit its box, in both frames."""
-    g, bits, problems = c._ignore, c.group["ignore"], []
+    g, bits, problems = c._ignore, c.group[c.view_prefix + "ignore"], []
     for prefix, hw in (("", c.original_size), ("input_", c.input_size)):
         problems += _boxes(f"ignore/{prefix}box", g[f"{prefix}box"], hw, np.ones(len(hw), bool))
         if not problems:

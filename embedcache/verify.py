@@ -1,7 +1,9 @@
 """``embedcache verify``: check a cache's completeness and integrity; every problem found is listed.
 
 Every chunk of every array is read, so every crc32c checksum (``embedcache.store``) is checked; a failing
-shard is then read image by image to name the images and the file. The signature is checked against what
+shard is then read image by image to name the images and the file. A cache with views (``embedcache.views``)
+has every view checked: its embeddings, its input-frame masks by the rule, and its original-frame masks and
+sizes against the identity's transformed by the view. The signature is checked against what
 this embedcache derives from its ``model_type`` (encoder, preprocessing, storage dtype).
 """
 
@@ -17,6 +19,7 @@ from embedcache.prepare import input_frame_form
 from embedcache.signature import expected_signature
 from embedcache.split import assign_split
 from embedcache.store import EMBED_SHAPE, shard_file, shard_slice
+from embedcache.views import IDENTITY, VIEWS
 
 __all__ = ["shard_file", "verify"]
 
@@ -63,12 +66,19 @@ def _check_embeddings(c: Cache, problems: list[str]) -> None:
     for k in range(-(-n // s)):
         if done[k] <= 0:
             problems.append(f"shard {k}: not marked done")
-        for name, what, array in (
-            ("embeddings", "embedding", c.embeddings),
-            ("tap_tokens", "tap tokens", c.tap_tokens),
-        ):
-            if array is not None:
-                _check_shard(c, k, name, what, array, problems)
+        for v in c.views:  # a shard is done only when every view of it is written
+            cv = c.view(v)
+            for name, what, array in (
+                ("embeddings", "embedding", cv.embeddings),
+                ("tap_tokens", "tap tokens", cv.tap_tokens),
+            ):
+                if array is not None:
+                    _check_shard(cv, k, cv.view_prefix + name, _named(cv, what), array, problems)
+
+
+def _named(c: Cache, what: str) -> str:
+    """``what``, with the view named when it is not the identity."""
+    return f"{what} (view {c.view_name})" if c.view_prefix else what
 
 
 def _check_shard(c: Cache, k: int, name: str, what: str, array, problems: list[str]) -> None:
@@ -104,7 +114,7 @@ def _check_objects(c: Cache, problems: list[str]) -> None:
     o, m = c.objects, c.num_objects
     for j in range(m):
         box = o.box[j]
-        where = f"object {j} (image {o.image_index[j]})"
+        where = _named(c, f"object {j} (image {o.image_index[j]})")
         crop = c.mask_crop(j)
         i = o.image_index[j]
         want_box, want_bits = input_frame_form(crop, box, c.original_size[i], c.input_size[i])
@@ -138,8 +148,36 @@ def _check_ignore(c: Cache, problems: list[str]) -> None:
             )
         if not np.array_equal(c.ignore_mask(i, "input"), want):
             problems.append(
-                f"image {i} ({c.image_id[i]}): stored input-frame ignore region differs from the rule"
+                _named(c, f"image {i} ({c.image_id[i]})") + ": stored input-frame ignore region differs from "
+                "the rule"
             )
+
+
+def _check_view(c: Cache, v: str, problems: list[str]) -> None:
+    """View ``v``'s sizes and original-frame masks and ignore region are the identity's transformed by it
+    (``embedcache.views``); its input frames are checked by the same rule as the identity's."""
+    cv, view = c.view(v), VIEWS[v]
+    want_hw = np.array([view.hw(int(h), int(w)) for h, w in c.original_size]).reshape(-1, 2)
+    if not np.array_equal(want_hw, cv.original_size):
+        problems.append(f"view {v}: original_size is not the identity's transformed by the view")
+        return
+    want_in = np.array([c.preset.input_hw(int(h), int(w)) for h, w in want_hw]).reshape(-1, 2)
+    if not np.array_equal(want_in, cv.input_size):
+        problems.append(f"view {v}: input_size does not follow the preset's rule")
+    for j in range(c.num_objects):
+        i = c.objects.image_index[j]
+        box = view.box(c.objects.box[j], *(int(x) for x in c.original_size[i]))
+        if tuple(int(x) for x in cv.objects.box[j]) != box or not np.array_equal(
+            view.apply(c.mask_crop(j)), cv.mask_crop(j)
+        ):
+            problems.append(
+                _named(cv, f"object {j} (image {i})") + ": mask is not the identity's transformed"
+            )
+            if len(problems) > 100:
+                return
+    for i in range(c.num_images if c._ignore is not None else 0):
+        if not np.array_equal(view.apply(c.ignore_mask(i)), cv.ignore_mask(i)):
+            problems.append(_named(cv, f"image {i}") + ": ignore region is not the identity's transformed")
 
 
 def verify(path: str | Path, *, embeddings: bool = True) -> list[str]:
@@ -158,8 +196,11 @@ def verify(path: str | Path, *, embeddings: bool = True) -> list[str]:
     if embeddings and not problems:
         _check_embeddings(c, problems)
     try:
-        _check_objects(c, problems)
-        _check_ignore(c, problems)
+        for v in c.views:
+            if v != IDENTITY:
+                _check_view(c, v, problems)
+            _check_objects(c.view(v), problems)
+            _check_ignore(c.view(v), problems)
     except CacheError as e:  # the ragged mask arrays are read here, not at open
         problems.append(str(e))
     return problems
