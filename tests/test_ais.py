@@ -148,9 +148,8 @@ def test_auto_segmenter_of_an_ais_export_equals_eval_labels(reference, tmp_path)
     sam = build_start_sam(cfg)
     model = build_trainable(sam, cfg).eval()
     last = model.ais_head.body[-1]
-    with (
-        torch.no_grad()
-    ):  # foreground everywhere and distances from the features: the watershed finds objects
+    # foreground everywhere and distances from the features: the watershed finds objects
+    with torch.no_grad():
         w = torch.randn(last.weight.shape[1], generator=torch.Generator().manual_seed(1))
         last.weight.zero_()
         last.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))

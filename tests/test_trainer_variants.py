@@ -112,8 +112,8 @@ def test_load_tuned_names_what_is_missing_or_unknown(tmp_path):
     sidecar_path(out, "conv_lora").unlink()
     with pytest.raises(FileNotFoundError, match="t.conv_lora.pth: missing"):
         load_tuned(out)
-    manifest.write_text(json.dumps({"format": 1, "model_type": "vit_tiny", "sidecars": ["ais"]}))
-    with pytest.raises(ValueError, match=r"sidecars \['ais'\] have no loader"):
+    manifest.write_text(json.dumps({"format": 1, "model_type": "vit_tiny", "sidecars": ["no_such_head"]}))
+    with pytest.raises(ValueError, match=r"sidecars \['no_such_head'\] have no loader"):
         load_tuned(out)
 
 

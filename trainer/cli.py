@@ -273,6 +273,12 @@ def _print_metrics(metrics: dict) -> None:
     )
     for t, m in tuned.items():
         s = start.get(t, {})
+        if "miou" not in m:  # automatic instance scores (model.task=ais): mSA, not mIoU
+            print(
+                f"{t:<10}mSA {s.get('msa', float('nan')):.4f} -> {m['msa']:.4f}, SA50 {m['sa50']:.4f}, "
+                f"{m['n_pred']} predicted / {m['n_true']} true objects"
+            )
+            continue
         n = m.get("n_objects", m.get("n_images", ""))
         print(
             f"{t:<10}{s.get('miou', float('nan')):>12.4f}{m['miou']:>12.4f}"
