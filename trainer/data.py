@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig
+from trainer.order import view_of
 from trainer.prompts import to_input_frame
 
 EMBEDDING_BYTES = 256 * 64 * 64 * 2  # one float16 embedding
@@ -162,8 +163,9 @@ def pick_residency(
     """
     if cfg.residency != "auto":
         return "host" if cfg.residency == "device" and device.type != "cuda" else cfg.residency
-    # only embeddings (or tap tokens) are kept resident; masks are packed bits already
+    # only embeddings (or tap tokens) are kept resident, of every view; masks are packed bits already
     per_image = int(np.prod(cache.tap_tokens.shape[1:])) * 2 if tail_blocks else EMBEDDING_BYTES
+    per_image *= len(cache.views)
     need = len(positions) * per_image
     if device.type == "cuda" and need < torch.cuda.mem_get_info(device)[0] // 4:
         return "device"
@@ -181,7 +183,10 @@ class ImageStore:
     full input-frame masks on the step's device (``Batch.to``).
 
     For a model with an encoder tail of ``tail_blocks`` blocks (``trainer.encoder_tail``) the store reads the
-    partial cache's tap tokens instead of the embeddings; the cache must have been built with that many."""
+    partial cache's tap tokens instead of the embeddings; the cache must have been built with that many.
+
+    A cache with views (``embedcache.views``) is read in the view asked for each image (the identity unless
+    asked: validation always reads the identity)."""
 
     def __init__(self, cache, residency: str, device: torch.device, *, tail_blocks: int = 0):
         if tail_blocks and cache.tail_blocks != tail_blocks:
@@ -193,23 +198,33 @@ class ImageStore:
         self.cache = cache
         self.residency = residency
         self.device = device
-        self._read = cache.read_tap if tail_blocks else cache.read_embeddings
-        self._resident: dict[int, torch.Tensor] = {}
+        self.tail_blocks = tail_blocks
+        self._resident: dict[tuple[str, int], torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def embeddings(self, idx: np.ndarray) -> torch.Tensor:
+    def _read(self, view: str, idx) -> np.ndarray:
+        c = self.cache.view(view)
+        return c.read_tap(idx) if self.tail_blocks else c.read_embeddings(idx)
+
+    def embeddings(self, idx: np.ndarray, views: list[str] | None = None) -> torch.Tensor:
         """``(n, 256, 64, 64)`` float16 embeddings, or ``(n, 64, 64, C)`` tap tokens with an encoder tail (on
-        the GPU in ``device`` mode, else on the host)."""
+        the GPU in ``device`` mode, else on the host), of image ``idx[b]`` in view ``views[b]`` (None: all in
+        the identity)."""
+        keys = list(zip(views or [self.cache.views[0]] * len(idx), (int(i) for i in idx)))
         if self.residency == "stream":
-            return torch.from_numpy(np.ascontiguousarray(self._read(idx)))
-        missing = [int(i) for i in idx if int(i) not in self._resident]
-        if missing:
-            read = torch.from_numpy(np.ascontiguousarray(self._read(np.asarray(missing))))
+            if len({v for v, _ in keys}) <= 1:
+                view = keys[0][0] if keys else self.cache.views[0]
+                return torch.from_numpy(np.ascontiguousarray(self._read(view, idx)))
+            return torch.stack([torch.from_numpy(self._read(v, [i])[0]) for v, i in keys])
+        missing = [key for key in dict.fromkeys(keys) if key not in self._resident]
+        for view in dict.fromkeys(v for v, _ in missing):
+            ids = [i for v, i in missing if v == view]
+            read = torch.from_numpy(np.ascontiguousarray(self._read(view, np.asarray(ids))))
             if self.residency == "device":
                 read = read.to(self.device)
             with self._lock:
-                self._resident.update(zip(missing, read))
-        return torch.stack([self._resident[int(i)] for i in idx])
+                self._resident.update(zip(((view, i) for i in ids), read))
+        return torch.stack([self._resident[key] for key in keys])
 
 
 def choose_objects(cache, images: np.ndarray, k: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -227,33 +242,45 @@ def choose_objects(cache, images: np.ndarray, k: int, seed: int, epoch: int) -> 
 
 
 def read_batch(
-    store: ImageStore, images: np.ndarray, k: int, seed: int, epoch: int, *, semantic: bool = False
+    store: ImageStore,
+    images: np.ndarray,
+    k: int,
+    seed: int,
+    epoch: int,
+    *,
+    semantic: bool = False,
+    views: list[str] | None = None,
 ) -> Batch:
-    """Read one micro-batch of the images ``images`` (cache indices); see ``Batch``."""
+    """Read one micro-batch of the images ``images`` (cache indices), image ``b`` in view ``views[b]`` (None:
+    all in the identity); see ``Batch``. A view's embedding, boxes, masks and sizes are all its own."""
     cache = store.cache
-    per_image = choose_objects(cache, images, k if not semantic else 1 << 30, seed, epoch)
+    caches = [cache.view(v) for v in views] if views is not None else [cache] * len(images)
+    per_image = [
+        choose_objects(c, [i], k if not semantic else 1 << 30, seed, epoch)[0] for c, i in zip(caches, images)
+    ]
     obj = np.concatenate(per_image).astype(np.int64)
     image_index = np.repeat(np.arange(len(images)), [len(o) for o in per_image])
-    pixels, mask_boxes = read_crops(cache, obj)
-    valid = cache.input_size[images].astype(np.int64)
+    crops = [read_crops(c, o) for c, o in zip(caches, per_image)]
+    pixels, mask_boxes = np.concatenate([p for p, _ in crops]), np.concatenate([b for _, b in crops])
+    valid = np.stack([c.input_size[i] for c, i in zip(caches, images)]).astype(np.int64).reshape(-1, 2)
     labels = None
     if semantic:
         lab = np.zeros((len(images), cache.image_size, cache.image_size), np.int64)
         for b, j in zip(image_index, obj):
-            (x1, y1, x2, y2), crop = cache.input_mask_crop(int(j))
+            (x1, y1, x2, y2), crop = caches[b].input_mask_crop(int(j))
             lab[b, y1:y2, x1:x2][crop] = cache.objects.class_id[j]
         for b in range(len(images)):
             lab[b, valid[b, 0] :, :] = -100
             lab[b, :, valid[b, 1] :] = -100
             if cache.ignore_index is not None:  # the dataset's ignore pixels are not background
-                lab[b][cache.ignore_mask(int(images[b]), "input")] = -100
+                lab[b][caches[b].ignore_mask(int(images[b]), "input")] = -100
         labels = torch.from_numpy(lab)
     return Batch(
-        embeddings=store.embeddings(images),
+        embeddings=store.embeddings(images, views),
         image_index=torch.from_numpy(image_index.astype(np.int64)),
         mask_pixels=torch.from_numpy(pixels),
         mask_boxes=torch.from_numpy(mask_boxes),
-        boxes=torch.from_numpy(input_boxes(cache, obj)),
+        boxes=torch.from_numpy(np.concatenate([input_boxes(c, o) for c, o in zip(caches, per_image)])),
         valid_hw=torch.from_numpy(valid[image_index]),
         object_ids=torch.from_numpy(obj),
         image_ids=torch.from_numpy(np.asarray(images, np.int64)),
@@ -279,7 +306,14 @@ class Prefetcher:
             self._submit()
 
     def _read(self, epoch: int, images: np.ndarray) -> Batch:
-        batch = read_batch(self.store, images, self.cfg.max_objects, self.seed, epoch, semantic=self.semantic)
+        views = self.store.cache.views
+        # one view per image per epoch (trainer.order.view_of); a cache without views reads the identity
+        chosen = (
+            [views[view_of(self.seed, epoch, int(i), len(views))] for i in images] if len(views) > 1 else None
+        )
+        batch = read_batch(
+            self.store, images, self.cfg.max_objects, self.seed, epoch, semantic=self.semantic, views=chosen
+        )
         # A CUDA run pastes the targets on the GPU after the copy; a host run pastes them here, off the step.
         return batch.pin() if self.pin else batch.to(torch.device("cpu"))
 

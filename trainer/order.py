@@ -1,7 +1,8 @@
 """The sample order: a pure function of (seed, epoch, n, world), shuffled shard-aware, disjoint per rank.
 
 Resuming needs only ``(epoch, batch_in_epoch)``: the order of any epoch can be recomputed from scratch, so a
-resumed run reads exactly the images an uninterrupted run would have read, in the same order.
+resumed run reads exactly the images an uninterrupted run would have read, in the same order, and in the same
+augmentation view (``view_of``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def batches(
     """Rank ``rank``'s micro-batches of positions for one epoch; an incomplete last batch is dropped."""
     mine = permutation(seed, epoch, n, world, shard_of=shard_of)[rank]
     return [mine[i : i + batch] for i in range(0, len(mine) - batch + 1, batch)]
+
+
+VIEW_STREAM = 0x56494557  # "VIEW": keeps the view draw independent of the object draw of the same image
+
+
+def view_of(seed: int, epoch: int, image: int, n_views: int) -> int:
+    """The view (an index into the cache's views) that ``image`` is read in during ``epoch``: uniform, and a
+    pure function of ``(seed, epoch, image)``, so a resumed run reads every image in the same view."""
+    if n_views == 1:
+        return 0
+    return int(np.random.default_rng([seed, epoch, image, VIEW_STREAM]).integers(n_views))
 
 
 def micro_batches(
