@@ -83,6 +83,9 @@ def _predictor_on_cached_tap(sam, cache, image: int) -> SamPredictor:
     return predictor
 
 
+# with the trained fixture about 1 min a parameter on 2 cores: make test keeps under 15 min (an export
+# round trip with an encoder tail, Conv-LoRA and decoder LoRA runs in tests/test_trainer_variants.py)
+@pytest.mark.slow
 def test_export_reloads_and_sam_predictor_reproduces_eval(trained, data_and_cache, tmp_path):
     adapter, run_dir = trained
     data, cache_path = data_and_cache
@@ -141,6 +144,7 @@ def _train_box_bce(sam, cache, n_images: int = 2) -> float:
     return torch.cat(losses).mean().item()
 
 
+@pytest.mark.slow  # the trained fixture: two 6-step tail runs, about 80 s on 2 cores
 def test_training_moves_the_adapters_and_logs_the_balance_loss(trained):
     adapter, run_dir = trained
     rows = [json.loads(ln) for ln in (run_dir / "losses.jsonl").read_text().splitlines()]
@@ -172,6 +176,7 @@ def test_the_adapter_update_is_a_descent_direction_of_the_training_loss(trained,
     assert losses[0] < losses[1] < losses[2], losses
 
 
+@pytest.mark.slow  # three short runs, about 40 s on 2 cores; exact resume is tested fast in test_trainer_run
 def test_conv_lora_resume_gives_the_same_losses_and_weights(data_and_cache, tmp_path):
     """The router's training noise comes from torch's RNG, which accelerate's checkpoint restores."""
     _, cache = data_and_cache
