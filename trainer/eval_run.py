@@ -104,7 +104,8 @@ def _checkpoint_model(cache, spec: str, which: str, device: torch.device, encode
 
 
 def metrics_table(metrics: dict[str, dict]) -> str:
-    """Markdown: one row per model and prompt type with mIoU, dice, the IoU quantiles and the object count."""
+    """Markdown: one row per model and prompt type with mIoU, dice, the IoU quantiles and the object count
+    (empty when no model has such scores)."""
     qs = [str(q) for q in IOU_QUANTILES]
     head = ["model", "prompt", "mIoU", "dice", *(f"IoU p{round(float(q) * 100)}" for q in qs), "objects"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -118,6 +119,8 @@ def metrics_table(metrics: dict[str, dict]) -> str:
             cells += [f"{quantiles[q]:.3f}" if q in quantiles else "-" for q in qs]
             cells.append(str(m.get("n_objects", m.get("n_images", "-"))))
             lines.append("| " + " | ".join(cells) + " |")
+    if len(lines) == 2:  # only automatic scores (an AIS run): no empty table
+        return ""
     return "\n".join(lines) + "\n"
 
 
