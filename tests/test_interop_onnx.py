@@ -1,8 +1,8 @@
 """ONNX: SAM's own ``SamOnnxModel`` exported with a dynamic point count; onnxruntime gives the torch masks
 for any point count and image size (random vit_tiny), and on the real LiteMedSAM weights with kvasir5 and
 isbi2012 embeddings it gives the same thresholded masks (up to pixels whose logit is within float rounding
-of 0). Skips without the ``onnx`` extra; each export takes a minute or more on 2 CPU cores, so these tests
-are slow."""
+of 0). Skips without the ``onnx`` extra. The random vit_tiny check runs in ``make test`` (one export, about
+15 s on 2 cores); the real-weights check and the bench export again and are slow."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ from embedcache.build import BuildConfig, build_cache  # noqa: E402
 from embedcache.cache import open_cache  # noqa: E402
 from embedcache.models import build_sam  # noqa: E402
 from trainer.export_onnx import INPUTS, example_inputs, onnx_model, onnx_parity, save_onnx  # noqa: E402
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +64,7 @@ def lite_medsam(tmp_path_factory):
     return sam, path
 
 
+@pytest.mark.slow
 def test_real_lite_medsam_onnx_gives_the_torch_masks(lite_medsam, shared_data, tmp_path):
     """Every object of kvasir5 (5 images) and 20 cells of one isbi2012 image, each with a box, one click and
     three clicks, through onnxruntime and through samtune's torch path on the same cached embeddings.
@@ -90,6 +89,7 @@ def test_real_lite_medsam_onnx_gives_the_torch_masks(lite_medsam, shared_data, t
         assert result["differing_max_abs_logit"] < 1e-3
 
 
+@pytest.mark.slow
 def test_bench_onnx_tiny_writes_the_ratio(tmp_path):
     import json
 
