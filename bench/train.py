@@ -211,6 +211,7 @@ def run(ctx: Context) -> Section:
                 },
             )
         )
+    _ais_row(ctx, size, cache_path, sec, results)
     from bench.adapt import add_rows
 
     add_rows(ctx, sec)  # encoder adaptation: partial-cache tails against decoder-only and full-encoder LoRA
@@ -233,6 +234,42 @@ def run(ctx: Context) -> Section:
         )
     sec.seconds = time.perf_counter() - t_start
     return sec
+
+
+def _ais_row(ctx: Context, size: TrainSize, cache_path, sec: Section, results: dict) -> None:
+    """The AIS task's step (``model.task=ais``: the head on every image of the step, no prompts) on the same
+    cache and images per step as the decoder-only host provider, and its step time against that one's (the
+    issue asks an AIS step to cost at most 2x a decoder-only step)."""
+    import dataclasses
+
+    base = bench_config(size, "host")
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, task="ais"))
+    out = ctx.work / "train_runs" / "trainer_host_ais"
+    shutil.rmtree(out, ignore_errors=True)
+    st = time_trainer(ctx, cache_path, cfg, warmup=size.warmup_steps, steps=size.steps, out=out)
+    step = Stat.of(st.step_s, "s")
+    sec.rows.append(
+        Row(
+            case="train step, AIS head",
+            provider="trainer host, model.task=ais",
+            config={"residency": "host", "B": size.images_per_batch},
+            metrics={
+                "step": step.map(lambda s: s * 1e3, "ms"),
+                "prompts per step": Stat.of(st.prompts, "prompts"),
+                "peak memory": st.peak,
+            },
+        )
+    )
+    decoder = results.get("trainer host")
+    if decoder is not None:
+        sec.ratios.append(
+            Ratio(
+                name="AIS step / decoder-only step (step time, trainer host)",
+                value=step.median / Stat.of(decoder.step_s, "s").median,
+                config={"B": size.images_per_batch, "K": size.max_objects},
+                goal=2.0,
+            )
+        )
 
 
 def _naive(ctx: Context, size: TrainSize, cache_path, data, sec: Section) -> Stat | None:
