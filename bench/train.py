@@ -12,7 +12,9 @@ mask output), trainer's default loss weights:
 - ``trainer device, reference loss``: the same with the trainer's ``loss.backend=torch``, i.e.
   ``kernels.mask_losses(backend="torch")`` (GPU only; on CPU the trainer already runs the reference);
 - ``naive loop`` (:mod:`bench.naive`): the tutorial's loop, re-encoding each image and stepping once per
-  object.
+  object;
+- ``trainer host, model.task=ais``: the AIS task's step (its head on the step's images, no prompts), and its
+  step time over the decoder-only host step's.
 
 A step is timed by wall clock from asking the loader for a batch to the host read of the loss (which waits for
 the GPU), so it includes any wait for data; "data wait" is the part spent blocked on the loader. One extra
