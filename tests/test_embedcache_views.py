@@ -174,6 +174,7 @@ def test_training_reads_one_view_per_image_per_epoch_and_resume_reads_the_same(v
     for (e, i), batch in zip(drawn, full):
         want = read_batch(store, np.array([i]), cfg.max_objects, 3, e, views=[drawn[(e, i)]])
         assert torch.equal(batch.embeddings, want.embeddings) and torch.equal(batch.boxes, want.boxes)
+        assert batch.views == (drawn[(e, i)],)  # for tasks that key their own targets by view
 
 
 @pytest.mark.slow  # a whole 2-step run with its validations: 13 s on the loaded 2-core machine

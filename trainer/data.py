@@ -58,6 +58,9 @@ class Batch:
     """``(P, S, S)`` bool target masks in the input frame, assembled by ``to`` on the step's device
     from the crops, so only the crops cross the host-device link. ``None`` until then, and for semantic
     batches (their targets are ``labels``)."""
+    views: tuple[str, ...] | None = None
+    """The cache view each of the ``B`` images was read in (``embedcache.views``), or None when all are the
+    identity. A task that keeps its own per-image targets (not read from the batch) must key them by view."""
 
     def pin(self) -> Batch:
         """Page-locked copies, so that ``to(device, non_blocking=True)`` overlaps with compute."""
@@ -287,6 +290,7 @@ def read_batch(
         image_valid_hw=torch.from_numpy(valid),
         side=cache.image_size,
         labels=labels,
+        views=None if views is None else tuple(views),
     )
 
 
