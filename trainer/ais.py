@@ -119,21 +119,30 @@ def image_targets(cache: Cache, image: int) -> torch.Tensor:
 
 
 class AisTargets:
-    """Each training image's ``image_targets``, computed once per run and kept on the step's device."""
+    """Each training image's ``image_targets``, computed once per run and kept on the step's device.
+
+    A cache with views (``embedcache build --views``) trains each image in a view per epoch
+    (``Batch.views``): its targets are keyed by view and image, the identity's computed up front and the
+    others the first time a step reads them (from that view's masks)."""
 
     def __init__(self, cache: Cache, images: np.ndarray):
         self.cache = cache
-        self.per_image = {int(i): image_targets(cache, int(i)) for i in images}
+        identity = cache.views[0]
+        self.per_image = {(identity, int(i)): image_targets(cache, int(i)) for i in images}
 
-    def __call__(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``(B, 4, 256, 256)`` float32 targets of the ``(B,)`` cache images ``images``."""
+    def __call__(
+        self, images: torch.Tensor, views: tuple[str, ...] | None, device: torch.device
+    ) -> torch.Tensor:
+        """``(B, 4, 256, 256)`` float32 targets of the ``(B,)`` cache images ``images`` in ``views`` (None:
+        the identity)."""
         out = []
-        for i in images.tolist():
-            t = self.per_image.get(i)
-            if t is None:  # an image outside the split train_images gave (trainer sweep's own split)
-                t = image_targets(self.cache, i)
-            if t.device != device or i not in self.per_image:
-                t = self.per_image[i] = t.to(device)
+        for b, i in enumerate(images.tolist()):
+            key = (views[b] if views else self.cache.views[0], i)
+            t = self.per_image.get(key)
+            if t is None:  # another view of the image, first read now
+                t = image_targets(self.cache.view(key[0]), i)
+            if t.device != device or key not in self.per_image:
+                t = self.per_image[key] = t.to(device)
             out.append(t)
         return torch.stack(out).float()
 
@@ -258,7 +267,7 @@ class AisTask:
             )
         index = torch.arange(batch.embeddings.shape[0], device=batch.embeddings.device)
         logits = model(batch.embeddings, index, None).logits
-        return ais_loss(logits, self.targets(batch.image_ids, logits.device))
+        return ais_loss(logits, self.targets(batch.image_ids, batch.views, logits.device))
 
     def prompts_in(self, batch: Batch) -> int:
         return batch.embeddings.shape[0]
