@@ -328,10 +328,9 @@ class Config:
     """Length and cadence."""
 
     def __post_init__(self):
-        if self.model.task == "semantic" and self.loss.ce == 0:
-            raise ValueError("model.task=semantic trains with ce: set loss.ce > 0")
-        if self.model.task == "instance" and self.loss.ce > 0:
-            raise ValueError("loss.ce is the semantic task's loss; set model.task=semantic")
+        from trainer.task import TASKS  # the tasks import this module, so their registry is read here
+
+        TASKS[self.model.task].check(self)
 
 
 _SECTION_TYPES = {
