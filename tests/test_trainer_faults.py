@@ -233,8 +233,8 @@ def _logged_steps(out: Path) -> int:
 
 
 def _kill_at_random_and_resume(cache: Path, reference_run: Path, out: Path, rng: np.random.Generator) -> None:
-    """SIGKILL ``trainer run`` once ``after`` steps are logged (0: during setup) and a random few ms more, check
-    the signal killed it mid-run (not after it exited), then resume in this process."""
+    """SIGKILL ``trainer run`` once ``after`` steps are logged (0: during setup) and a random few ms more,
+    check the signal killed it mid-run (not after it exited), then resume in this process."""
     cmd = [sys.executable, "-m", "trainer", "run", "--cache", str(cache), "--out", str(out), *KILL_RUN]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -244,7 +244,8 @@ def _kill_at_random_and_resume(cache: Path, reference_run: Path, out: Path, rng:
         time.sleep(0.002)
     time.sleep(float(rng.uniform(0.0, 0.05)))
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, f"the run had already exited when SIGKILL came (after step {after})"
+    ended = proc.wait()
+    assert ended == -signal.SIGKILL, f"the run had already exited when SIGKILL came (after step {after})"
     assert not (ckpt.step_dir(out, 8) / "model.safetensors").exists()
     run(cache, _kill_config(cache), out, resume=True, progress=False)
     want = [json.loads(ln)["loss"] for ln in (reference_run / "losses.jsonl").read_text().splitlines()]
