@@ -359,10 +359,8 @@ def test_two_processes_with_accelerate_launch(cache_path, tmp_path):
     assert _summary(json.loads((tmp_path / "e" / "metrics.json").read_text())["tuned"]) == metrics["tuned"]
 
 
-def test_semantic_mode_trains_and_exports(tmp_path):
-    from trainer.semantic import SemanticSegmenter
-    from trainer.tuned import load_tuned, sidecar_path
-
+def _semantic_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """``(data, cache)``: 5 synthetic semantic images (background + 3 shape kinds), one held out."""
     data = make_dataset(tmp_path / "sem", n_images=5, seed=1, kind="semantic")
     cache = tmp_path / "sem.zarr"
     build_cache(
@@ -376,6 +374,14 @@ def test_semantic_mode_trains_and_exports(tmp_path):
             progress=False,
         )
     )
+    return data, cache
+
+
+def test_semantic_mode_trains_and_exports(tmp_path):
+    from trainer.semantic import SemanticSegmenter
+    from trainer.tuned import load_tuned, sidecar_path
+
+    data, cache = _semantic_cache(tmp_path)
     cfg_path = Path(__file__).resolve().parents[1] / "configs" / "semantic.yaml"
     out = tmp_path / "run"
     assert (
@@ -418,19 +424,7 @@ def test_semantic_mode_learns_the_foreground_classes(tmp_path):
     """A semantic run that learns: validation mIoU over the foreground classes goes from the start's 0 (its
     class tokens are equal, so every pixel ties to background) to well above it. An all-background predictor
     scores 0 here. 30 steps: ~3 min on 2 loaded cores (20 steps reached 0.37, 40 steps 0.93)."""
-    data = make_dataset(tmp_path / "sem", n_images=5, seed=1, kind="semantic")
-    cache = tmp_path / "sem.zarr"
-    build_cache(
-        BuildConfig(
-            data=data,
-            out=cache,
-            model_type="vit_tiny",
-            device="cpu",
-            mask_kind="semantic",
-            val_fraction=0.2,
-            progress=False,
-        )
-    )
+    data, cache = _semantic_cache(tmp_path)
     cfg = Path(__file__).resolve().parents[1] / "configs" / "semantic.yaml"
     args = ["run", "--cache", str(cache), "--config", str(cfg), "--out", str(tmp_path / "run")]
     args += ["model.model_type=vit_tiny", "model.checkpoint=null", "data.images_per_batch=2"]
