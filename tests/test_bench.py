@@ -69,7 +69,10 @@ def check_section(sec: dict, name: str, out: Path) -> None:
         assert (out / p).is_file() and (out / p).stat().st_size > 1000, p
 
 
-@pytest.mark.parametrize("name", BENCHES)
+# train at tiny size is also run, with more checks, by test_train_bench_times_the_trainers_own_step
+@pytest.mark.parametrize(
+    "name", [pytest.param(b, marks=pytest.mark.slow) if b == "train" else b for b in BENCHES]
+)
 def test_command_tiny(name, work, tmp_path):
     out = tmp_path / "results"
     assert cli.main([name, "--size", "tiny", "--out", str(out), "--work", str(work), "--device", "cpu"]) == 0

@@ -279,6 +279,7 @@ def test_second_writer_is_refused_naming_the_holder_until_it_is_killed(reference
     assert lock_path(out).is_file()
 
 
+@pytest.mark.slow  # 20 s on 2 cores; the lock's refusal and release are tested fast above
 def test_two_builds_at_once_one_writes_the_other_is_refused_cleanly(reference, tmp_path):
     data, ref = reference
     out = tmp_path / "c.zarr"

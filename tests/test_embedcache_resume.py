@@ -57,6 +57,7 @@ def test_resume_after_sigkill_at_a_random_moment(reference, tmp_path):
     assert_same_cache(ref, out)
 
 
+@pytest.mark.slow  # two accelerate processes, 12 s on 2 cores
 def test_two_process_build_splits_by_whole_shards(reference, tmp_path):
     data, ref = reference
     out = tmp_path / "c.zarr"
