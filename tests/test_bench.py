@@ -69,10 +69,7 @@ def check_section(sec: dict, name: str, out: Path) -> None:
         assert (out / p).is_file() and (out / p).stat().st_size > 1000, p
 
 
-# train at tiny size is also run, with more checks, by test_train_bench_times_the_trainers_own_step
-@pytest.mark.parametrize(
-    "name", [pytest.param(b, marks=pytest.mark.slow) if b == "train" else b for b in BENCHES]
-)
+@pytest.mark.parametrize("name", BENCHES)
 def test_command_tiny(name, work, tmp_path):
     out = tmp_path / "results"
     assert cli.main([name, "--size", "tiny", "--out", str(out), "--work", str(work), "--device", "cpu"]) == 0
@@ -95,6 +92,7 @@ def test_all_tiny(work, tmp_path):
         assert f"## {name}" in md
 
 
+@pytest.mark.slow  # 35 s on 2 cores; test_command_tiny[train] runs the same bench at tiny size by default
 def test_train_bench_times_the_trainers_own_step(work, tmp_path, monkeypatch):
     """``bench train`` has no step of its own: every warm-up, timed and profiled step of each trainer
     provider is a call of ``trainer.session.train_step``, and the prompts it reports are that step's."""

@@ -318,6 +318,7 @@ def test_residency_modes_read_the_same_batch(cache_path):
     assert a.num_objects == sum(min(c, 3) for c in counts)  # uneven counts kept, capped at K
 
 
+@pytest.mark.slow  # two accelerate processes on gloo, 20 s on 2 cores
 def test_two_processes_with_accelerate_launch(cache_path, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
