@@ -23,7 +23,7 @@ from test_embedcache_support import (
     build,
     cli_build,
     cli_build_cmd,
-    sigkill_mid_build,
+    sigkill_mid_work,
 )
 
 from embedcache import CacheError, open_cache
@@ -357,9 +357,9 @@ def _kill_at_random_and_resume(data: Path, ref: Path, out: Path, rng: np.random.
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     phase = int(rng.integers(0, 3))
     if phase == 0:
-        sigkill_mid_build(proc, lock_path(out).exists, rng, "it took its lock")
+        sigkill_mid_work(proc, lock_path(out).exists, rng, "it took its lock")
     else:
-        sigkill_mid_build(proc, shard_file(out, phase - 1).exists, rng, f"shard {phase - 1} was written")
+        sigkill_mid_work(proc, shard_file(out, phase - 1).exists, rng, f"shard {phase - 1} was written")
     build(data, out)
     assert_same_cache(ref, out)
     assert verify(out) == []

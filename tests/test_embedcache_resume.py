@@ -14,7 +14,7 @@ from test_embedcache_support import (
     build,
     cli_build,
     cli_build_cmd,
-    sigkill_mid_build,
+    sigkill_mid_work,
 )
 
 from embedcache import CacheError, open_cache
@@ -50,7 +50,7 @@ def test_resume_after_sigkill_at_a_random_moment(reference, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "shard_done" / "c" / "0"
     # somewhere inside shard 1 (encoding, or writing its file) or shard 2
-    sigkill_mid_build(proc, marker.exists, np.random.default_rng(), "shard 0 was done")
+    sigkill_mid_work(proc, marker.exists, np.random.default_rng(), "shard 0 was done")
     build(data, out)
     c = open_cache(out)
     assert np.asarray(c.group["shard_done"][...])[0] == 1  # finished before the kill: not re-encoded

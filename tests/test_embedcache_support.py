@@ -46,15 +46,18 @@ def cli_build_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [*cmd, "--device", "cpu", "--no-progress", *extra]
 
 
-def sigkill_mid_build(proc: subprocess.Popen, ready, rng: np.random.Generator, what: str) -> None:
-    """SIGKILL the build ``proc`` a random 0-0.2 s after ``ready()`` turns true, and fail unless the signal
-    is what ended it: a build that had already exited would make the resume check vacuous."""
+def sigkill_mid_work(
+    proc: subprocess.Popen, ready, rng: np.random.Generator, what: str, within: float = 0.2
+) -> None:
+    """SIGKILL ``proc`` (a build or a run) a random 0-``within`` s after ``ready()`` turns true, and fail
+    unless the signal is what ended it: a process that had already exited would make a resume check
+    vacuous."""
     while not ready():
-        assert proc.poll() is None, f"the build exited ({proc.returncode}) before {what}"
+        assert proc.poll() is None, f"the process exited ({proc.returncode}) before {what}"
         time.sleep(0.005)
-    time.sleep(float(rng.uniform(0.0, 0.2)))
+    time.sleep(float(rng.uniform(0.0, within)))
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, f"the build had already exited when SIGKILL came ({what})"
+    assert proc.wait() == -signal.SIGKILL, f"the process had already exited when SIGKILL came ({what})"
 
 
 def cli_build(data: Path, out: Path, *extra: str, env: dict | None = None, check: bool = True):

@@ -9,17 +9,15 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_embedcache_support import REPO
+from test_embedcache_support import REPO, sigkill_mid_work
 
 from embedcache.verify import shard_file
 from trainer import checkpoint as ckpt
@@ -239,13 +237,11 @@ def _kill_at_random_and_resume(cache: Path, reference_run: Path, out: Path, rng:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = int(rng.integers(0, 7))  # of 8 steps: at least the last step and its checkpoint are still to come
-    while not (out / "config.yaml").exists() or _logged_steps(out) < after:
-        assert proc.poll() is None, f"trainer run exited ({proc.returncode}) before step {after} was logged"
-        time.sleep(0.002)
-    time.sleep(float(rng.uniform(0.0, 0.05)))
-    proc.send_signal(signal.SIGKILL)
-    ended = proc.wait()
-    assert ended == -signal.SIGKILL, f"the run had already exited when SIGKILL came (after step {after})"
+
+    def logged() -> bool:
+        return (out / "config.yaml").exists() and _logged_steps(out) >= after
+
+    sigkill_mid_work(proc, logged, rng, f"step {after} was logged", within=0.05)
     assert not (ckpt.step_dir(out, 8) / "model.safetensors").exists()
     run(cache, _kill_config(cache), out, resume=True, progress=False)
     want = [json.loads(ln)["loss"] for ln in (reference_run / "losses.jsonl").read_text().splitlines()]
