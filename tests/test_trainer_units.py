@@ -150,17 +150,33 @@ def test_embed_prompts_matches_sam_prompt_encoder(sam):
     ref_sparse, ref_dense = pe(points=None, boxes=boxes, masks=None)
     torch.testing.assert_close(sparse, ref_sparse, rtol=0, atol=0)
     torch.testing.assert_close(dense, ref_dense, rtol=0, atol=0)
-    # points with a padding point and no box: SAM appends one padding token, we have two box-slot pads
-    coords, labels = torch.tensor([[[30.0, 40.0]]]), torch.tensor([[1]])
+    # a box row beside click rows, as training batches them: each row is SAM's prompt for that object alone
+    # ([TL, BR]; [click, PAD]; after a corrective round [click, TL, BR] beside [click, click, PAD])
+    clicks = torch.tensor([[[30.0, 40.0]], [[70.0, 80.0]], [[0.0, 0.0]]])
     mixed = Prompts(
-        point_coords=coords,
-        point_labels=labels,
-        boxes=torch.zeros(1, 4),
-        has_box=torch.zeros(1, dtype=torch.bool),
+        point_coords=clicks,
+        point_labels=torch.tensor([[1], [1], [-1]]),
+        boxes=torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [10.0, 20.0, 300.0, 400.0]]),
+        has_box=torch.tensor([False, False, True]),
     )
     sparse, _ = embed_prompts(pe, mixed)
-    ref, _ = pe(points=(coords, labels), boxes=None, masks=None)
-    torch.testing.assert_close(sparse[:, :2], ref, rtol=0, atol=0)
+    assert sparse.shape[1] == 2
+    for row in range(2):
+        ref, _ = pe(points=(clicks[row : row + 1], torch.tensor([[1]])), boxes=None, masks=None)
+        torch.testing.assert_close(sparse[row : row + 1], ref, rtol=0, atol=0)
+    ref, _ = pe(points=None, boxes=mixed.boxes[2:], masks=None)
+    torch.testing.assert_close(sparse[2:], ref, rtol=0, atol=0)
+    fix = torch.tensor([[[5.0, 6.0]], [[7.0, 8.0]], [[50.0, 60.0]]])
+    after = mixed.add_points(fix, torch.tensor([[0], [1], [1]]))
+    sparse, _ = embed_prompts(pe, after)
+    assert sparse.shape[1] == 3
+    for row in range(2):
+        pts = (torch.cat([clicks[row : row + 1], fix[row : row + 1]], 1), after.point_labels[row : row + 1])
+        ref, _ = pe(points=pts, boxes=None, masks=None)
+        torch.testing.assert_close(sparse[row : row + 1], ref, rtol=0, atol=0)
+    ref, _ = pe(points=(fix[2:], torch.tensor([[1]])), boxes=mixed.boxes[2:], masks=None)
+    torch.testing.assert_close(sparse[2:], ref, rtol=0, atol=0)
+    coords, labels = clicks[:1], torch.tensor([[1]])
     # without box slots, SAM's own padding (evaluation and the Predictor), and a mask prompt as SAM embeds it
     low = torch.randn(1, 1, 256, 256)
     no_slots = Prompts(point_coords=coords, point_labels=labels, boxes=None, has_box=None, mask_input=low)

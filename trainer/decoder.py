@@ -31,26 +31,33 @@ from trainer.prompts import BOX_BR, BOX_TL, NEG, PAD, POS, Prompts
 def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse and dense prompt embeddings of ``P`` objects with mixed prompt kinds, in one batched pass.
 
-    Points come first, then the two box corners, as in ``PromptEncoder.forward``; objects without a box get
-    two padding tokens in the box slots. Prompts without box slots (``boxes`` is ``None``) get one padding
-    token after their points instead, as ``PromptEncoder`` pads point-only prompts. The result equals
-    ``pe(points=..., boxes=..., masks=...)`` when every object has the same kinds of prompt (tested).
+    Each object gets the tokens SAM's ``PromptEncoder`` gives it alone: its clicks, then its box corners
+    (a box alone is ``[TL, BR]``), and one padding token after clicks without a box (``[click, PAD]``).
+    A batch needs one token count, so objects with fewer tokens than the longest get more padding after
+    theirs; padding slots between clicks (an object with fewer clicks than another) move after its real
+    tokens. The decoder's outputs do not depend on the order of the sparse tokens (they carry no position
+    index), so this is SAM's prompt exactly wherever the objects' own token counts agree: boxes beside
+    single clicks, boxes + k clicks beside k + 1 clicks (the training rounds). Training then sees the
+    prompts evaluation and ``SamPredictor`` give (tested against ``PromptEncoder`` per object).
 
     Returns:
-        sparse ``(P, N + 2, 256)`` (``(P, N + 1, 256)`` without box slots) and dense ``(P, 256, 64, 64)`` (a
-        broadcast view of ``no_mask_embed`` where there is no mask prompt).
+        sparse ``(P, T, 256)`` with ``T`` the largest per-object token count (clicks + 2 with a box,
+        clicks + 1 without), and dense ``(P, 256, 64, 64)`` (a broadcast view of ``no_mask_embed`` where
+        there is no mask prompt).
     """
     p = prompts.point_coords.shape[0]
     if prompts.boxes is None:
-        # no box slots: one padding point after the points, as PromptEncoder pads point-only prompts
         corners = prompts.point_coords.new_zeros((p, 1, 2))
         corner_labels = torch.full((p, 1), PAD, device=corners.device)
+        has_box = torch.zeros(p, dtype=torch.bool, device=corners.device)
     else:
         corners = prompts.boxes.reshape(p, 2, 2)
         corner_labels = torch.tensor([BOX_TL, BOX_BR], device=corners.device).expand(p, 2)
         corner_labels = torch.where(prompts.has_box[:, None], corner_labels, PAD)
+        has_box = prompts.has_box
     coords = torch.cat([prompts.point_coords, corners], 1) + 0.5  # SAM embeds pixel centres
     labels = torch.cat([prompts.point_labels, corner_labels], 1)
+    coords, labels = _padding_last(coords, labels, has_box)
     sparse = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)
     sparse = torch.where((labels == PAD)[..., None], pe.not_a_point_embed.weight, sparse)
     # SAM's learned embedding of each label: 4 adds, not a loop over objects
@@ -63,6 +70,21 @@ def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, to
         has = prompts.has_mask
         dense = masked if has is None else torch.where(has[:, None, None, None], masked, dense)
     return sparse, dense
+
+
+def _padding_last(
+    coords: torch.Tensor, labels: torch.Tensor, has_box: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, M, 2)`` coords and ``(P, M)`` labels with each object's real tokens first (in their order) and
+    its padding after, cut to the longest object's count: real tokens + 1 padding token without a box."""
+    if labels.shape[0] == 0:
+        return coords, labels
+    pad = labels == PAD
+    order = torch.argsort(pad.to(torch.uint8), dim=1, stable=True)
+    count = int(((~pad).sum(1) + (~has_box).long()).max())
+    labels = labels.gather(1, order)[:, :count]
+    coords = coords.gather(1, order[..., None].expand(-1, -1, 2))[:, :count]
+    return coords, labels
 
 
 def decode(
