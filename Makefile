@@ -24,10 +24,13 @@ demo: venv
 # Triton fixes interpreted vs compiled when it decorates a kernel, at import, so the kernel tests that run
 # Triton's CPU interpreter (marked `interpreter`) get a pytest call of their own with TRITON_INTERPRET=1 set
 # from the start. Each call's failure fails the target. A -m here replaces pyproject's `-m 'not slow'`, so the
-# first call repeats it.
+# first call repeats it. pytest-xdist runs two test files at a time (whole files, so a module's fixtures are
+# built once), one torch thread each: many tests wait on subprocesses, kills and disk, and two workers with
+# two threads each would oversubscribe a 2-core machine.
+XDIST := -n 2 --dist loadfile
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow and not interpreter"
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpreter tests/test_kernels_*.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) -m "not slow and not interpreter"
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(XDIST) -m interpreter tests/test_kernels_*.py
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
