@@ -1,0 +1,79 @@
+"""The semantic task's loss points to the classes: a quick check that an all-background target, loss or
+predictor cannot pass (the end-to-end learning run is ``test_semantic_mode_learns_the_foreground_classes``,
+slow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedcache import open_cache
+from embedcache.build import BuildConfig, build_cache
+from embedcache.synthetic import make_dataset
+from trainer.config import load_config
+from trainer.data import ImageStore, read_batch
+from trainer.model import build_start_sam, build_trainable
+from trainer.prompts import step_generator
+from trainer.task import TASKS, make_task
+
+SEMANTIC = ["model.task=semantic", "model.semantic_prompt=box", "loss.ce=1", "loss.dice=1", "loss.focal=0"]
+
+
+class _KeepLogits(nn.Module):
+    """The model, keeping the class logits of its last forward (with their gradient after ``backward``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        self.logits = out.logits
+        self.logits.retain_grad()
+        return out
+
+
+def test_the_semantic_loss_descends_toward_every_class_from_the_start(tmp_path):
+    """At the start every class token is the same, so every pixel's class logits tie and the model predicts
+    all background (validation mIoU 0). The first step follows the loss's gradient: the class each pixel
+    gains most on, ``argmax(-dL/dlogits)``, must be its own class, for every class of the image (per-class
+    IoU with the labels). With all-background targets, a loss blind to the foreground or a flipped sign, it
+    is background or the wrong class everywhere, and this fails."""
+    data = make_dataset(tmp_path / "data", n_images=2, seed=1, kind="semantic")
+    build_cache(
+        BuildConfig(
+            data=data,
+            out=tmp_path / "c.zarr",
+            model_type="vit_tiny",
+            device="cpu",
+            mask_kind="semantic",
+            val_fraction=0.5,
+            progress=False,
+        )
+    )
+    cache = open_cache(tmp_path / "c.zarr")
+    cfg = TASKS["semantic"].resolve(load_config(None, SEMANTIC), cache)
+    task = make_task(cfg)
+    model = _KeepLogits(build_trainable(build_start_sam(cfg), cfg).train())
+    store = ImageStore(cache, "host", torch.device("cpu"))
+    batch = read_batch(store, task.train_images(cache), 2, 0, 0, semantic=True)
+    loss, _ = task.loss(model, batch, step_generator(0, 0, 0, torch.device("cpu")), None)
+    loss.backward()
+    logits = model.logits[0]  # (C, 256, 256)
+    torch.testing.assert_close(logits.amax(0), logits.amin(0))  # the start: the classes tie (all background)
+
+    # the labels at the logits' grid (the input frame is S x S, the logits 256 x 256), inside the image
+    labels = batch.labels[0]
+    step = labels.shape[-1] // logits.shape[-1]
+    h, w = (int(v) // step for v in batch.image_valid_hw[0])
+    labels = labels[::step, ::step][:h, :w].numpy()
+    gains = (-model.logits.grad[0]).argmax(0)[:h, :w].numpy()
+    present = np.unique(labels[labels >= 0])
+    assert len(present) >= 3, present  # background and at least two foreground classes
+    ious = {
+        int(c): np.logical_and(gains == c, labels == c).sum() / np.logical_or(gains == c, labels == c).sum()
+        for c in present
+    }
+    assert min(ious.values()) > 0.5, ious
