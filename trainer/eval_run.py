@@ -4,13 +4,16 @@ The models come from a run folder (``--run``: its starting model ``start`` and i
 from ``--checkpoint`` specs, each one of:
 
 - an official name (``lite_medsam``, ``vit_b``, ...), fetched and checked as ``embedcache build`` does;
-- a SAM state dict file, such as ``trainer export`` writes, built as the cache's preset;
+- a file ``trainer export`` wrote, loaded with ``trainer.load_tuned`` (its sidecars, and its run's config
+  from the manifest), or any SAM state dict of the cache's preset;
 - another run folder: its tuned model, labelled with the folder's name.
 
-Every model sees the same objects with the same prompts (``trainer.evaluate``). A cache holds embeddings of
-one image encoder, so a checkpoint file is scored only if its image encoder is the cache's, tensor for
-tensor: an export with LoRA merged into the encoder is scored through its run folder (which reads the partial
-cache's tap tokens through the tuned encoder tail) instead.
+Every model sees the same objects with the same prompts (``trainer.evaluate``), and one task scores them all:
+the run's, or that of the exports' runs (a plain SAM is the default task's model); models of two tasks are
+refused. A cache holds the features of one image encoder, so a checkpoint file is scored only if its image
+encoder is the cache's, tensor for tensor, or, on a partial cache (``--tail-blocks k``), differs only in the
+last k blocks and the neck: an encoder-adapted export then runs its own tail on the cached tap tokens, as its
+run folder does, and scores exactly as the run folder.
 
 Outputs in ``OUT``: ``metrics.json`` (per model and prompt type: mIoU, dice, IoU quantiles and every object's
 IoU; with ``--clicks N`` also ``box_clicks`` and ``point_clicks``), ``table.md``, ``iou_distributions.png``,
@@ -32,17 +35,18 @@ from accelerate import Accelerator
 from embedcache import open_cache
 from embedcache.models import build_sam
 from embedcache.signature import check_compatible
+from embedcache.tap import split_tail
 from trainer import checkpoint as ckpt
 from trainer.ais import evaluate_ais
 from trainer.amg import AmgConfig
 from trainer.auto_eval import auto_overlays, auto_table, evaluate_amg
 from trainer.config import Config, load_config
 from trainer.data import ImageStore
-from trainer.decoder import PromptedDecoder
 from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
 from trainer.plots import click_curves, iou_distributions
-from trainer.task import make_task
+from trainer.task import Task, make_task
+from trainer.tuned import TunedSam, load_tuned
 
 AUTO_METHODS = ("amg", "ais")
 """``trainer eval --auto``'s choices: SAM's automatic mask generator, or the AIS head (``trainer.ais``)."""
@@ -81,26 +85,70 @@ def _cache_encoder(cache) -> dict[str, torch.Tensor]:
     )
 
 
-def _checkpoint_model(cache, spec: str, which: str, device: torch.device, encoder: dict) -> Contender:
-    """One ``--checkpoint`` spec as a model on ``cache``; see the module docstring."""
+def _checkpoint_model(
+    cache, spec: str, which: str, device: torch.device, encoder: dict | None
+) -> tuple[Contender, Config | None]:
+    """One ``--checkpoint`` spec as a model on ``cache`` and the config it was trained with (``None``: a
+    plain SAM); see the module docstring."""
     from embedcache.weights import resolve_checkpoint
 
     path = Path(spec)
     if path.is_dir():
-        (tuned,), _ = _run_models(cache, path, which, device, with_start=False)
-        return tuned._replace(label=path.name)
-    model_type = cache.signature["model_type"]
-    sam = build_sam(model_type, resolve_checkpoint(spec))
-    for key, value in sam.image_encoder.state_dict().items():
-        if not torch.equal(value, encoder[key]):
-            raise ValueError(
-                f"{spec}: its image encoder differs from the one {cache.path} was built with (first at "
-                f"image_encoder.{key}), so the cached embeddings do not describe this model; an export of an "
-                "encoder-adapted run is scored through its run folder (--checkpoint RUN or --run RUN)"
-            )
-    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder).eval().to(device)
+        (tuned,), cfg = _run_models(cache, path, which, device, with_start=False)
+        return tuned._replace(label=path.name), cfg
+    loaded = load_tuned(resolve_checkpoint(spec), model_type=cache.signature["model_type"])
+    if loaded.config is None and loaded.sidecars:
+        raise ValueError(
+            f"{spec}: an export with sidecars {loaded.sidecars} from before exports recorded the run's "
+            "config, so its task is unknown; export the run again (trainer export) or score its run folder"
+        )
+    k = _tail_to_run(cache, loaded, encoder, spec)
+    model = loaded.on_tap_tokens(k) if k else loaded.model
     label = spec if not path.is_file() else path.name
-    return Contender(label, model, ImageStore(cache, "host", device))
+    return Contender(label, model.to(device), ImageStore(cache, "host", device, tail_blocks=k)), loaded.config
+
+
+def _tail_to_run(cache, tuned: TunedSam, encoder: dict, spec: str) -> int:
+    """How many of ``tuned``'s last encoder blocks run on ``cache``'s tap tokens: 0 when its image encoder
+    is the one the cache was built with (``encoder``), tensor for tensor; the partial cache's
+    ``tail_blocks`` when only those blocks and the neck differ (an encoder-adapted run's export, scored
+    as its run folder is); ``ValueError`` naming the first differing tensor otherwise."""
+    k = cache.tail_blocks
+    parts = [*(tail := split_tail(tuned.sam.image_encoder, k)).blocks, tail.neck] if k else []
+    in_tail = {id(t) for m in parts for t in (*m.parameters(), *m.buffers())}
+    tail_differs = False
+    for key, value in tuned.sam.image_encoder.state_dict(keep_vars=True).items():
+        same = key in encoder and torch.equal(value.detach(), encoder[key])
+        if id(value) in in_tail:
+            tail_differs |= not same
+        elif not same:
+            where = f"outside its last {k} blocks and neck, " if k else ""
+            raise ValueError(
+                f"{spec}: its image encoder differs from the one {cache.path} was built with ({where}first "
+                f"at image_encoder.{key}), so the cached embeddings do not describe this model"
+                + ("" if k else "; an encoder-adapted export is scored on a partial cache (--tail-blocks)")
+            )
+    return k if tail_differs else 0
+
+
+def _one_task(models: list[tuple[Config | None, str]]) -> Task:
+    """The task that scores every model of ``(config, label)`` pairs: that of the first config (the run's,
+    else the first checkpoint's that has one), the default task when all are plain SAMs (``None``). A model
+    of another task, or a plain SAM beside a task that does not score plain SAMs, is refused naming both."""
+    known = [(c, label) for c, label in models if c is not None]
+    task = make_task(known[0][0] if known else Config())
+    for c, label in models:
+        if c is None and not task.scores_plain_sam:
+            raise ValueError(
+                f"{label} is a plain SAM, which {known[0][1]}'s task ({known[0][0].model.task}) does not "
+                "score; score it in a trainer eval of its own"
+            )
+        if c is not None and type(make_task(c)) is not type(task):
+            raise ValueError(
+                f"{label} is a model.task={c.model.task} model and {known[0][1]} a "
+                f"model.task={known[0][0].model.task} one; score them in trainer evals of their own"
+            )
+    return task
 
 
 def metrics_table(metrics: dict[str, dict]) -> str:
@@ -183,16 +231,10 @@ def eval_run(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     contenders, cfg = _run_models(cache, Path(run), which, device) if run else ([], None)
-    # the run's task scores every model; --checkpoint files alone are plain SAMs, scored by the default task
-    task = make_task(cfg if cfg is not None else Config())
-    if checkpoints:
-        if not task.scores_plain_sam:
-            raise ValueError(
-                f"--checkpoint files are plain SAMs, which this run's task ({cfg.model.task}) does not "
-                "score; score them in a trainer eval of their own"
-            )
-        encoder = None if all(Path(s).is_dir() for s in checkpoints) else _cache_encoder(cache)
-        contenders += [_checkpoint_model(cache, s, which, device, encoder) for s in checkpoints]
+    encoder = None if all(Path(s).is_dir() for s in checkpoints) else _cache_encoder(cache)
+    models = [_checkpoint_model(cache, s, which, device, encoder) for s in checkpoints]
+    contenders += [c for c, _ in models]
+    task = _one_task([*([(cfg, str(run))] if run else []), *((c, m.label) for m, c in models)])
     labels = [c.label for c in contenders]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two models would share a label in the table: {labels}")

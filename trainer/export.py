@@ -20,7 +20,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from trainer.checkpoint import resolve_weights
-from trainer.config import ModelConfig, load_config
+from trainer.config import Config, ModelConfig, load_config
 from trainer.decoder import PromptedDecoder
 from trainer.model import tuned_sam
 from trainer.tuned import MANIFEST, manifest, sidecar_path
@@ -44,12 +44,15 @@ def export(run: str | Path, out: str | Path, *, which: str = "best") -> list[Pat
     weights = resolve_weights(run, which)
     cfg = load_config(weights.parent / "config.yaml")
     sam, model = tuned_sam(cfg, weights)
-    return export_model(sam, model, cfg.model, out)
+    return export_model(sam, model, cfg.model, out, config=cfg)
 
 
-def export_model(sam: Sam, model: PromptedDecoder, m: ModelConfig, out: Path) -> list[Path]:
+def export_model(
+    sam: Sam, model: PromptedDecoder, m: ModelConfig, out: Path, *, config: Config | None = None
+) -> list[Path]:
     """Write ``tuned_sam``'s ``sam`` and ``model`` (variants merged, built from model config ``m``) to
-    ``out`` and its sidecars; returns the files written, ``out`` first."""
+    ``out`` and its sidecars; returns the files written, ``out`` first. ``config``, the run's resolved
+    config, goes into the manifest: ``trainer eval --checkpoint`` scores the export by its task."""
     sidecars = {}
     for variant in variants_for(m):
         content = variant.export(sam, model)  # takes off sam what cannot merge: SAM keeps its own keys
@@ -62,7 +65,7 @@ def export_model(sam: Sam, model: PromptedDecoder, m: ModelConfig, out: Path) ->
     try:
         for name, content in sidecars.items():
             written.append(_save(content, sidecar_path(out, name)))
-        info = manifest(m.model_type, list(sidecars))
+        info = manifest(m.model_type, list(sidecars), config)
         written.append(_save(info, sidecar_path(out, MANIFEST, ".json"), _dump_json))
         return [_save(sam.state_dict(), out), *written]
     except BaseException:

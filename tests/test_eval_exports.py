@@ -1,0 +1,107 @@
+"""``trainer eval --checkpoint`` on what ``trainer export`` writes: the export loads through
+``trainer.load_tuned`` (sidecars, the run's task, an encoder tail on a partial cache's tap tokens) and scores
+exactly as its run folder does; a bad spec is named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from embedcache import open_cache
+from embedcache.build import BuildConfig, build_cache
+from embedcache.synthetic import make_dataset
+from trainer.cli import main
+from trainer.config import load_config, save_config
+from trainer.eval_run import _one_task
+from trainer.model import build_start_sam, build_trainable, trainable_parameters
+from trainer.task import TASKS
+
+TAIL = ["model.encoder_tail_blocks=1", "model.conv_lora_scales=[1,2]"]
+SEMANTIC = ["model.task=semantic", "model.semantic_prompt=box", "loss.ce=1", "loss.focal=0"]
+CASES = [
+    # decoder LoRA merged, Conv-LoRA in its sidecar, the tail run on the tap tokens
+    ("instance", [*TAIL, "model.encoder_adapter=conv_lora", "model.lora_rank=2"]),
+    # the task from the manifest's config, LoRA merged into the tail's qkv, the head in its sidecar
+    pytest.param("semantic", [*TAIL, "model.encoder_adapter=lora", *SEMANTIC], marks=pytest.mark.slow),
+    pytest.param("instance", ["model.task=ais"], marks=pytest.mark.slow),
+]
+
+
+def _checkpoint(cache: Path, overrides: list[str], folder: Path) -> Path:
+    """A checkpoint folder as a run writes one (``model.safetensors``, ``config.yaml``) of the config's model
+    with every trainable weight moved off its start (zero-init adapters would hide a sidecar not loaded)."""
+    cfg = load_config(None, overrides)
+    cfg = TASKS[cfg.model.task].resolve(cfg, open_cache(cache))
+    model = build_trainable(build_start_sam(cfg), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+    folder.mkdir()
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    save_config(cfg, folder / "config.yaml")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """``caches(kind)``: a partial (``--tail-blocks 1``) vit_tiny cache of 2 synthetic images, one held out,
+    with ``kind`` masks (``instance`` or ``semantic``), built the first time a test asks."""
+    root, built = tmp_path_factory.mktemp("eval_exports"), {}
+
+    def cache(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = root / f"{kind}.zarr"
+            build_cache(
+                BuildConfig(
+                    data=make_dataset(root / kind, n_images=2, seed=1, kind=kind),
+                    out=built[kind],
+                    model_type="vit_tiny",
+                    device="cpu",
+                    mask_kind=kind,
+                    val_fraction=0.5,
+                    progress=False,
+                    tail_blocks=1,
+                )
+            )
+        return built[kind]
+
+    return cache
+
+
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+def test_an_export_scores_exactly_as_its_run_folder(caches, kind, overrides, tmp_path):
+    tuned = _checkpoint(caches(kind), overrides, tmp_path / "run")
+    exported = tmp_path / "tuned.pth"
+    assert main(["export", str(tuned), "--out", str(exported), "--which", str(tuned)]) == 0
+    args = ["eval", "--cache", str(caches(kind)), "--which", str(tuned), "--overlays", "0", "--out"]
+    args += [str(tmp_path / "e"), "--checkpoint", str(tuned), "--checkpoint", str(exported)]
+    plain = TASKS[load_config(tuned / "config.yaml").model.task].scores_plain_sam
+    if plain:  # the SAM file alone, without its sidecars and manifest: not the tuned model
+        shutil.copy(exported, tmp_path / "plain.pth")
+        args += ["--checkpoint", str(tmp_path / "plain.pth")]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["run"]  # the run's task's scores
+    assert metrics["tuned.pth"] == metrics["run"]  # every object's IoU (per class, per instance) included
+    assert not plain or metrics["plain.pth"] != metrics["run"]  # so the equality above is not for free
+
+
+def test_a_bad_checkpoint_spec_is_named(caches, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "tuned.pth"
+    args = ["eval", "--cache", str(caches("instance")), "--checkpoint", str(missing), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert f"{missing}: checkpoint file not found" in capsys.readouterr().err
+
+
+def test_models_of_different_tasks_are_not_scored_in_one_table():
+    semantic = load_config(None, SEMANTIC)
+    with pytest.raises(ValueError, match=r"a\.pth is a plain SAM, which b\.pth's task \(semantic\)"):
+        _one_task([(semantic, "b.pth"), (None, "a.pth")])
+    with pytest.raises(ValueError, match=r"b\.pth is a model.task=semantic model and run a model.task=inst"):
+        _one_task([(load_config(None, []), "run"), (semantic, "b.pth")])
