@@ -3,6 +3,7 @@ exports beside them and reloads through ``trainer.adapted``; both reproduce eval
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from trainer.conv_lora import ConvLoRALinear
 from trainer.data import ImageStore
 from trainer.evaluate import iou_and_dice, predict_objects
 from trainer.model import tuned_sam
+from trainer.prompts import step_generator
+from trainer.session import setup, train_step
 from trainer.train import run
 from trainer.tuned import load_tuned, sidecar_path
 
@@ -144,15 +147,52 @@ def _train_box_bce(sam, cache, n_images: int = 2) -> float:
     return torch.cat(losses).mean().item()
 
 
-@pytest.mark.slow  # the trained fixture: two 6-step tail runs, about 80 s on 2 cores
-def test_training_moves_the_adapters_and_logs_the_balance_loss(trained):
-    adapter, run_dir = trained
-    rows = [json.loads(ln) for ln in (run_dir / "losses.jsonl").read_text().splitlines()]
-    assert len(rows) == 6
-    assert ("conv_lora_balance" in rows[-1]) == (adapter == "conv_lora")
-    weights = load_file(ckpt.resolve_weights(run_dir, "last"))
-    lora_b = [v for k, v in weights.items() if k.startswith("encoder_tail.") and k.endswith("lora_b")]
-    assert len(lora_b) == 1 and lora_b[0].abs().sum() > 0  # B left zero: the adapter would do nothing
+@pytest.mark.parametrize("adapter", ["lora", "conv_lora"])
+def test_one_step_moves_every_weight_by_adamw_on_the_gradient_of_the_training_loss(
+    data_and_cache, adapter, tmp_path
+):
+    """``train_step``'s first update of an encoder-adapted model against the gradient of the same loss taken
+    here on its own: the micro-batch the step drew, its prompts (the step's generator) and router noise, the
+    task's loss plus the variants' terms, ``torch.autograd.grad`` on a copy of the model from before the step.
+
+    AdamW's first step moves each weight ``w`` by ``-lr * (g / (|g| + eps) + weight_decay * w)`` (checked
+    where ``|g| > 100 eps``; never by more than ``lr`` plus the decay), so a zero, random, sign-flipped or
+    misrouted adapter update fails, as does a loss term left out of the step. At ``B = 0`` the adapters'
+    ``B`` has a gradient and ``A`` none; ``B`` must move."""
+    _, cache = data_and_cache
+    args = [*BASE, f"model.encoder_adapter={adapter}", "run.steps=1", "optim.clip_norm=0"]
+    cfg = load_config(None, [*args, "data.images_per_batch=1", "data.max_objects=1"])  # one tail pass
+    s = setup(cache, cfg, tmp_path / "run", cpu=True)
+    with s.lock:
+        s.model.train()
+        before = copy.deepcopy(s.model)  # one CPU process: the model is not DDP-wrapped
+        loader, drawn = s.loader, []
+        s.loader = (drawn.append(batch) or batch for batch in loader)
+        stats = train_step(s)
+        loader.close()
+    assert ("conv_lora_balance" in stats.logged) == (adapter == "conv_lora")
+
+    g = step_generator(cfg.run.seed, 0, 0, s.device)  # micro-step 0 of rank 0, as train_step draws it
+    for variant in s.variants:
+        variant.before_micro_step(before, g)
+    loss, _ = s.task.loss(before, drawn[0], g, s.accelerator)
+    loss = loss + sum(t for variant in s.variants for t in variant.loss_terms(before).values())
+    trained = {n: p for n, p in before.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
+    after = dict(s.model.named_parameters())
+    assert set(trained) == {n for n, p in after.items() if p.requires_grad}
+    lr, eps, decay = stats.lr, 1e-8, cfg.optim.weight_decay  # eps: torch's AdamW default
+    for (name, w), grad in zip(trained.items(), grads):
+        if grad is None:  # not in the step's graph (a Conv-LoRA expert the routers did not pick): not stepped
+            assert torch.equal(after[name], w), name
+            continue
+        step = after[name].detach() - w.detach() * (1 - lr * decay)
+        sure = grad.abs() > 100 * eps  # below, g / (|g| + eps) hangs on the gradient's last bits
+        want = -lr * grad[sure] / (grad[sure].abs() + eps)
+        torch.testing.assert_close(step[sure], want, rtol=0, atol=1e-3 * lr, msg=name)
+        assert step.abs().max() <= lr * (1 + 1e-3), name
+    moved = [n for n in trained if n.startswith("encoder_tail.") and n.endswith("lora_b")]
+    assert moved and all((after[n] != 0).any() for n in moved)  # B left zero: the adapter would do nothing
 
 
 @pytest.mark.slow
