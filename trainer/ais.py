@@ -41,8 +41,8 @@ class AisHead(nn.Module):
 
     A UNETR-style decoder without skip connections, kept small: a 3x3 conv block at 64x64 (256 -> 128
     channels), then two blocks of (2x2 transposed conv, x2 upsampling; 3x3 conv) to 128x128 (64 channels) and
-    256x256 (32 channels), and a 1x1 conv to the 3 maps. Each conv is followed by GroupNorm and ReLU.
-    About 0.43 M parameters and 2.7 GMAC per image forward (docs/training.md).
+    256x256 (32 channels), and a 1x1 conv to the 3 maps. Each 3x3 conv is followed by GroupNorm and ReLU.
+    About 0.38 M parameters and 2.7 GMAC per image forward (docs/training.md).
     """
 
     def __init__(self, in_channels: int = 256, widths: tuple[int, int, int] = (128, 64, 32)):
