@@ -39,8 +39,8 @@ class Task(Protocol):
     any variant (``trainer.variants``); ``None``: SAM's own mask and IoU heads."""
 
     scores_plain_sam: ClassVar[bool]
-    """A plain SAM (a ``trainer eval --checkpoint`` file, no head) is a model of this task, so such files
-    are scored beside a run of it."""
+    """A plain SAM (a ``trainer eval --checkpoint`` state dict that is no ``trainer export`` with its run's
+    config: no head) is a model of this task, so such files are scored beside a run or export of it."""
 
     @staticmethod
     def check(cfg: Config) -> None:
