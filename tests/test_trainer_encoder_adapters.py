@@ -147,7 +147,9 @@ def _train_box_bce(sam, cache, n_images: int = 2) -> float:
     return torch.cat(losses).mean().item()
 
 
-@pytest.mark.parametrize("adapter", ["lora", "conv_lora"])
+# conv_lora by default: it has LoRA's A and B plus the routers, the experts and the balance term (lora alone
+# is slow: make test keeps under 15 min)
+@pytest.mark.parametrize("adapter", [pytest.param("lora", marks=pytest.mark.slow), "conv_lora"])
 def test_one_step_moves_every_weight_by_adamw_on_the_gradient_of_the_training_loss(
     data_and_cache, adapter, tmp_path
 ):
@@ -182,15 +184,16 @@ def test_one_step_moves_every_weight_by_adamw_on_the_gradient_of_the_training_lo
     after = dict(s.model.named_parameters())
     assert set(trained) == {n for n, p in after.items() if p.requires_grad}
     lr, eps, decay = stats.lr, 1e-8, cfg.optim.weight_decay  # eps: torch's AdamW default
-    for (name, w), grad in zip(trained.items(), grads):
-        if grad is None:  # not in the step's graph (a Conv-LoRA expert the routers did not pick): not stepped
-            assert torch.equal(after[name], w), name
-            continue
-        step = after[name].detach() - w.detach() * (1 - lr * decay)
-        sure = grad.abs() > 100 * eps  # below, g / (|g| + eps) hangs on the gradient's last bits
-        want = -lr * grad[sure] / (grad[sure].abs() + eps)
-        torch.testing.assert_close(step[sure], want, rtol=0, atol=1e-3 * lr, msg=name)
-        assert step.abs().max() <= lr * (1 + 1e-3), name
+    # not in the step's graph (a Conv-LoRA expert the routers did not pick): not stepped, not even decayed
+    unused = [name for name, grad in zip(trained, grads) if grad is None]
+    assert all(torch.equal(after[name], trained[name]) for name in unused), unused
+    used = [(name, grad) for name, grad in zip(trained, grads) if grad is not None]
+    step = torch.cat([(after[n] - trained[n] * (1 - lr * decay)).detach().flatten() for n, _ in used])
+    grad = torch.cat([g.flatten() for _, g in used])
+    sure = grad.abs() > 100 * eps  # below, g / (|g| + eps) hangs on the gradient's last bits
+    want = -lr * grad[sure] / (grad[sure].abs() + eps)
+    torch.testing.assert_close(step[sure], want, rtol=0, atol=1e-3 * lr)
+    assert step.abs().max() <= lr * (1 + 1e-3)
     moved = [n for n in trained if n.startswith("encoder_tail.") and n.endswith("lora_b")]
     assert moved and all((after[n] != 0).any() for n in moved)  # B left zero: the adapter would do nothing
 
