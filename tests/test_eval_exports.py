@@ -50,8 +50,8 @@ def _checkpoint(cache: Path, overrides: list[str], folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    """``caches(kind)``: a partial (``--tail-blocks 1``) vit_tiny cache of 2 synthetic images, one held out,
-    with ``kind`` masks (``instance`` or ``semantic``), built the first time a test asks."""
+    """``caches(kind)``: a partial (``--tail-blocks 1``) vit_tiny cache of one held-out synthetic image with
+    at most 3 objects and ``kind`` masks (``instance`` or ``semantic``), built the first time a test asks."""
     root, built = tmp_path_factory.mktemp("eval_exports"), {}
 
     def cache(kind: str) -> Path:
@@ -59,12 +59,12 @@ def caches(tmp_path_factory):
             built[kind] = root / f"{kind}.zarr"
             build_cache(
                 BuildConfig(
-                    data=make_dataset(root / kind, n_images=2, seed=1, kind=kind),
+                    data=make_dataset(root / kind, n_images=1, seed=1, max_objects=3, kind=kind),
                     out=built[kind],
                     model_type="vit_tiny",
                     device="cpu",
                     mask_kind=kind,
-                    val_fraction=0.5,
+                    val_fraction=1.0,
                     progress=False,
                     tail_blocks=1,
                 )
