@@ -37,7 +37,7 @@ from embedcache.models import build_sam
 from embedcache.signature import check_compatible
 from embedcache.tap import split_tail
 from trainer import checkpoint as ckpt
-from trainer.ais import evaluate_ais
+from trainer.ais import AisTask, evaluate_ais
 from trainer.amg import AmgConfig
 from trainer.auto_eval import auto_overlays, auto_table, evaluate_amg
 from trainer.config import Config, load_config
@@ -241,8 +241,13 @@ def eval_run(
     images = cache.image_indices(split)
     if cfg is not None and split == "val" and cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]
+    # an AIS run's own scores are evaluate_ais's: with --auto ais they are computed once, below, with the
+    # overlays' labels (with --clicks its evaluate runs, to refuse them)
+    once = auto == "ais" and isinstance(task, AisTask) and not clicks
     scores = {
-        c.label: task.evaluate(c.model, c.store, images, accelerator, clicks=clicks, mask_prompt=mask_prompt)
+        c.label: {}
+        if once
+        else task.evaluate(c.model, c.store, images, accelerator, clicks=clicks, mask_prompt=mask_prompt)
         for c in contenders
     }
     n = (cfg.run.overlays if cfg is not None else 4) if overlays is None else overlays
