@@ -235,6 +235,7 @@ class AisTask:
     reads_labels = False
     head = AisHeadVariant
     scores_plain_sam = False
+    scored_by_auto = "ais"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

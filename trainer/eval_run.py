@@ -37,7 +37,7 @@ from embedcache.models import build_sam
 from embedcache.signature import check_compatible
 from embedcache.tap import split_tail
 from trainer import checkpoint as ckpt
-from trainer.ais import AisTask, evaluate_ais
+from trainer.ais import evaluate_ais
 from trainer.amg import AmgConfig
 from trainer.auto_eval import auto_overlays, auto_table, evaluate_amg
 from trainer.config import Config, load_config
@@ -241,9 +241,9 @@ def eval_run(
     images = cache.image_indices(split)
     if cfg is not None and split == "val" and cfg.run.val_max_images:
         images = images[: cfg.run.val_max_images]
-    # an AIS run's own scores are evaluate_ais's: with --auto ais they are computed once, below, with the
-    # overlays' labels (with --clicks its evaluate runs, to refuse them)
-    once = auto == "ais" and isinstance(task, AisTask) and not clicks
+    # a task scored by an automatic method (an AIS run: evaluate_ais) is scored once, in that pass below,
+    # with the overlays' labels (with --clicks its evaluate runs, to refuse them)
+    once = auto is not None and auto == task.scored_by_auto and not clicks
     scores = {
         c.label: {}
         if once

@@ -29,6 +29,7 @@ class InstanceTask:
     reads_labels = False
     head = None
     scores_plain_sam = True
+    scored_by_auto = None
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

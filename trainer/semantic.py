@@ -209,6 +209,7 @@ class SemanticTask:
     reads_labels = True
     head = SemanticHeadVariant
     scores_plain_sam = False
+    scored_by_auto = None
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -42,6 +42,10 @@ class Task(Protocol):
     """A plain SAM (a ``trainer eval --checkpoint`` state dict that is no ``trainer export`` with its run's
     config: no head) is a model of this task, so such files are scored beside a run or export of it."""
 
+    scored_by_auto: ClassVar[str | None]
+    """The ``trainer eval --auto`` method whose pass gives this task's own scores (``evaluate`` is then not
+    run a second time), or ``None``."""
+
     @staticmethod
     def check(cfg: Config) -> None:
         """Refuse a config this task cannot train (``ValueError`` naming the fields), when it is built."""
