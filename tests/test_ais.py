@@ -13,6 +13,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from embedcache import open_cache
+from embedcache.build import BuildConfig, build_cache
+from embedcache.synthetic import make_dataset
 from trainer import checkpoint as ckpt
 from trainer.ais import AisHead, ais_loss, evaluate_ais, image_targets
 from trainer.automatic import AutoSegmenter
@@ -22,6 +24,7 @@ from trainer.data import ImageStore, image_file
 from trainer.distance_maps import distance_targets
 from trainer.export import export_model
 from trainer.model import build_start_sam, build_trainable, trainable_parameters
+from trainer.task import TASKS
 from trainer.train import run
 from trainer.tuned import MANIFEST, load_tuned, sidecar_path
 from trainer.variants import variants_for
@@ -194,3 +197,36 @@ def test_auto_segmenter_of_an_ais_export_equals_eval_labels(reference, tmp_path)
         assert got.dtype == np.int32 and got.shape == tuple(cache.original_size[i])
         np.testing.assert_array_equal(got, labels[i])
         assert got.max() > 1  # several instances: the equality covers the watershed's split
+
+
+def test_the_head_reads_the_encoder_tails_output_on_a_partial_cache(tmp_path):
+    """With ``model.encoder_tail_blocks``, the AIS head reads the tail's output on the cache's tap tokens
+    (the one forward): moving the tail's LoRA moves the ``(1, 3, 256, 256)`` maps."""
+    out = tmp_path / "partial.zarr"
+    data = make_dataset(tmp_path / "data", n_images=1, seed=1, max_objects=3)
+    build_cache(
+        BuildConfig(
+            data=data,
+            out=out,
+            model_type="vit_tiny",
+            device="cpu",
+            val_fraction=1.0,
+            progress=False,
+            tail_blocks=1,
+        )
+    )
+    cache = open_cache(out)
+    cfg = load_config(None, ["model.task=ais", "model.encoder_tail_blocks=1", "model.encoder_adapter=lora"])
+    cfg = TASKS[cfg.model.task].resolve(cfg, cache)
+    model = build_trainable(build_start_sam(cfg), cfg).eval()
+    tap, index = torch.from_numpy(cache.read_tap([0])).float(), torch.zeros(1, dtype=torch.long)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = model(tap, index, None).logits
+        lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_b")]
+        assert lora_b  # the tail carries the adapters
+        for p in lora_b:
+            p.add_(torch.randn_like(p) * 0.05)
+        after = model(tap, index, None).logits
+    assert before.shape == after.shape and before.shape[:2] == (1, 3)
+    assert (after - before).abs().max() > 1e-3

@@ -27,7 +27,8 @@ CASES = [
     ("instance", [*TAIL, "model.encoder_adapter=conv_lora", "model.lora_rank=2"]),
     # the task from the manifest's config, LoRA merged into the tail's qkv, the head in its sidecar
     pytest.param("semantic", [*TAIL, "model.encoder_adapter=lora", *SEMANTIC], marks=pytest.mark.slow),
-    pytest.param("instance", ["model.task=ais"], marks=pytest.mark.slow),
+    # the AIS head on the encoder tail's output (LoRA in the tail), the head in its sidecar
+    pytest.param("instance", ["model.task=ais", *TAIL, "model.encoder_adapter=lora"], marks=pytest.mark.slow),
 ]
 
 
