@@ -1,5 +1,5 @@
 """Shared pytest fixtures: the ``gpu`` and ``interpreter`` markers' clean skips, the shared real datasets, and
-the kernel tests' seed."""
+the kernel tests' seed, and the small caches several test files build alike."""
 
 from __future__ import annotations
 
@@ -52,3 +52,33 @@ def reference(tmp_path_factory):
     data = tiny_dataset(root / "data")
     build(data, root / "ref.zarr")
     return data, root / "ref.zarr"
+
+
+@pytest.fixture(scope="module")
+def one_image_caches(tmp_path_factory):
+    """``one_image_caches(kind)``: a partial (``--tail-blocks 1``) vit_tiny cache of one held-out synthetic
+    image with at most 3 objects and ``kind`` masks (``instance`` or ``semantic``), built the first time a
+    test asks (the export-eval and AIS tests)."""
+    from embedcache.build import BuildConfig, build_cache
+    from embedcache.synthetic import make_dataset
+
+    root, built = tmp_path_factory.mktemp("one_image"), {}
+
+    def cache(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = root / f"{kind}.zarr"
+            build_cache(
+                BuildConfig(
+                    data=make_dataset(root / kind, n_images=1, seed=1, max_objects=3, kind=kind),
+                    out=built[kind],
+                    model_type="vit_tiny",
+                    device="cpu",
+                    mask_kind=kind,
+                    val_fraction=1.0,
+                    progress=False,
+                    tail_blocks=1,
+                )
+            )
+        return built[kind]
+
+    return cache

@@ -13,8 +13,6 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from embedcache import open_cache
-from embedcache.build import BuildConfig, build_cache
-from embedcache.synthetic import make_dataset
 from trainer import checkpoint as ckpt
 from trainer.ais import AisHead, ais_loss, evaluate_ais, image_targets
 from trainer.automatic import AutoSegmenter
@@ -199,23 +197,10 @@ def test_auto_segmenter_of_an_ais_export_equals_eval_labels(reference, tmp_path)
         assert got.max() > 1  # several instances: the equality covers the watershed's split
 
 
-def test_the_head_reads_the_encoder_tails_output_on_a_partial_cache(tmp_path):
+def test_the_head_reads_the_encoder_tails_output_on_a_partial_cache(one_image_caches):
     """With ``model.encoder_tail_blocks``, the AIS head reads the tail's output on the cache's tap tokens
     (the one forward): moving the tail's LoRA moves the ``(1, 3, 256, 256)`` maps."""
-    out = tmp_path / "partial.zarr"
-    data = make_dataset(tmp_path / "data", n_images=1, seed=1, max_objects=3)
-    build_cache(
-        BuildConfig(
-            data=data,
-            out=out,
-            model_type="vit_tiny",
-            device="cpu",
-            val_fraction=1.0,
-            progress=False,
-            tail_blocks=1,
-        )
-    )
-    cache = open_cache(out)
+    cache = open_cache(one_image_caches("instance"))
     cfg = load_config(None, ["model.task=ais", "model.encoder_tail_blocks=1", "model.encoder_adapter=lora"])
     cfg = TASKS[cfg.model.task].resolve(cfg, cache)
     model = build_trainable(build_start_sam(cfg), cfg).eval()

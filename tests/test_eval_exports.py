@@ -12,8 +12,6 @@ import torch
 from safetensors.torch import save_file
 
 from embedcache import open_cache
-from embedcache.build import BuildConfig, build_cache
-from embedcache.synthetic import make_dataset
 from trainer.cli import main
 from trainer.config import load_config, save_config
 from trainer.eval_run import _one_task
@@ -48,38 +46,12 @@ def _checkpoint(cache: Path, overrides: list[str], folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    """``caches(kind)``: a partial (``--tail-blocks 1``) vit_tiny cache of one held-out synthetic image with
-    at most 3 objects and ``kind`` masks (``instance`` or ``semantic``), built the first time a test asks."""
-    root, built = tmp_path_factory.mktemp("eval_exports"), {}
-
-    def cache(kind: str) -> Path:
-        if kind not in built:
-            built[kind] = root / f"{kind}.zarr"
-            build_cache(
-                BuildConfig(
-                    data=make_dataset(root / kind, n_images=1, seed=1, max_objects=3, kind=kind),
-                    out=built[kind],
-                    model_type="vit_tiny",
-                    device="cpu",
-                    mask_kind=kind,
-                    val_fraction=1.0,
-                    progress=False,
-                    tail_blocks=1,
-                )
-            )
-        return built[kind]
-
-    return cache
-
-
 @pytest.mark.parametrize(("kind", "overrides"), CASES)
-def test_an_export_scores_exactly_as_its_run_folder(caches, kind, overrides, tmp_path):
-    tuned = _checkpoint(caches(kind), overrides, tmp_path / "run")
+def test_an_export_scores_exactly_as_its_run_folder(one_image_caches, kind, overrides, tmp_path):
+    tuned = _checkpoint(one_image_caches(kind), overrides, tmp_path / "run")
     exported = tmp_path / "tuned.pth"
     assert main(["export", str(tuned), "--out", str(exported), "--which", str(tuned)]) == 0
-    args = ["eval", "--cache", str(caches(kind)), "--which", str(tuned), "--overlays", "0", "--out"]
+    args = ["eval", "--cache", str(one_image_caches(kind)), "--which", str(tuned), "--overlays", "0", "--out"]
     args += [str(tmp_path / "e"), "--checkpoint", str(tuned), "--checkpoint", str(exported)]
     assert main(args) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -89,9 +61,17 @@ def test_an_export_scores_exactly_as_its_run_folder(caches, kind, overrides, tmp
     assert metrics["tuned.pth"] == metrics["run"]
 
 
-def test_a_bad_checkpoint_spec_is_named(caches, tmp_path, capsys):
+def test_a_bad_checkpoint_spec_is_named(one_image_caches, tmp_path, capsys):
     missing = tmp_path / "nowhere" / "tuned.pth"
-    args = ["eval", "--cache", str(caches("instance")), "--checkpoint", str(missing), "--out", str(tmp_path)]
+    args = [
+        "eval",
+        "--cache",
+        str(one_image_caches("instance")),
+        "--checkpoint",
+        str(missing),
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 2
     assert f"{missing}: checkpoint file not found" in capsys.readouterr().err
 
