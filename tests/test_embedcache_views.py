@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
-from test_embedcache_support import build, tiny_dataset
+from test_embedcache_support import assert_same_cache, build, cli_build, tiny_dataset
 
+from embedcache import CacheError, open_cache
 from embedcache import masks as mk
-from embedcache import open_cache
+from embedcache.build import CacheExistsError
+from embedcache.cli import main as embedcache_main
+from embedcache.encode import EXIT_AFTER_SHARDS_ENV
 from embedcache.images import load_image
 from embedcache.info import info_text
 from embedcache.models import build_sam
@@ -150,6 +153,41 @@ def test_verify_names_a_view_whose_mask_is_not_the_transformed_original(views_ca
     assert any("object 0" in p and "hflip" in p for p in problems), problems
 
 
+def test_a_views_build_stopped_mid_way_resumes_to_the_uninterrupted_cache(views_cache, tmp_path):
+    """Killed after its first shard (every view of those images written), the same command finishes the
+    cache bit for bit as the uninterrupted build, re-encoding only the rest."""
+    data, ref = views_cache
+    out = tmp_path / "c.zarr"
+    extra = ("--views", "hflip", "--tail-blocks", "1")
+    r = cli_build(data, out, *extra, env={EXIT_AFTER_SHARDS_ENV: "1"}, check=False)
+    assert r.returncode == 75, r.stderr
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(out)
+    report = build(data, out, views="hflip", tail_blocks=1)
+    assert report["runs"][-1]["shards_encoded"] == 1
+    assert_same_cache(ref, out)
+    assert verify(out) == []
+
+
+def test_other_views_onto_a_views_cache_are_refused_and_a_missing_view_is_named(views_cache):
+    data, path = views_cache
+    with pytest.raises(CacheExistsError, match="views"):
+        build(data, path, views="vflip", tail_blocks=1)
+    assert open_cache(path).views == ("identity", "hflip")  # untouched
+    with pytest.raises(CacheError, match="c.zarr: has no view 'vflip' \\(it holds identity, hflip\\)"):
+        open_cache(path).view("vflip")
+
+
+def test_an_unknown_view_name_is_a_one_line_error_and_writes_nothing(views_cache, tmp_path, capsys):
+    data, _ = views_cache
+    out = tmp_path / "c.zarr"
+    argv = ["build", "--data", str(data), "--out", str(out), "--model", "vit_tiny", "--device", "cpu"]
+    assert embedcache_main([*argv, "--views", "hflip,flop", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("embedcache build: error: unknown view(s) ['flop']") and "\n" not in err
+    assert not out.exists()
+
+
 def test_training_reads_one_view_per_image_per_epoch_and_resume_reads_the_same(views_cache):
     """The draw is a pure function of (seed, epoch, image), so batches from a resumed position equal the
     uninterrupted run's; the flipped image's batch carries the view's boxes and embedding."""
@@ -175,6 +213,32 @@ def test_training_reads_one_view_per_image_per_epoch_and_resume_reads_the_same(v
         want = read_batch(store, np.array([i]), cfg.max_objects, 3, e, views=[drawn[(e, i)]])
         assert torch.equal(batch.embeddings, want.embeddings) and torch.equal(batch.boxes, want.boxes)
         assert batch.views == (drawn[(e, i)],)  # for tasks that key their own targets by view
+
+
+def test_identity_only_training_reads_no_other_view(views_cache):
+    """``data.views=identity`` trains a views cache without augmentation: every batch is the identity's,
+    the same as on the cache's identity alone, in the epochs where ``all`` draws the flipped view."""
+    _, path = views_cache
+    c = open_cache(path)
+    store = ImageStore(c, "host", torch.device("cpu"))
+    base = ["data.images_per_batch=1", "data.readers=1", "data.prefetch=1"]
+    train = c.images_with_objects("train")
+    order = micro_batches(train, seed=3, world=1, rank=0, batch=1, epoch=0, position=0)
+    jobs = [next(order) for _ in range(8)]  # 4 epochs of the 2 training images
+
+    def batches(views):
+        cfg = load_config(None, [*base, f"data.views={views}"]).data
+        return list(Prefetcher(store, jobs, cfg, seed=3, semantic=False, pin=False))
+
+    drawn = [c.views[view_of(3, e, int(i[0]), 2)] for e, i in jobs]
+    assert "hflip" in drawn  # so ``all`` would have read a flipped view here
+    for (e, i), batch in zip(jobs, batches("identity")):
+        want = read_batch(store, i, 8, 3, e)
+        assert batch.views is None
+        assert torch.equal(batch.embeddings, want.embeddings) and torch.equal(batch.boxes, want.boxes)
+    assert ("hflip",) in [b.views for b in batches("all")]
+    with pytest.raises(ValueError, match=r"data.views must be one of all\|identity, got 'some'"):
+        load_config(None, ["data.views=some"])
 
 
 @pytest.mark.slow  # a whole 2-step run with its validations: 13 s on the loaded 2-core machine

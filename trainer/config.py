@@ -149,6 +149,10 @@ class DataConfig:
     """Background reader threads."""
     prefetch: int = 4
     """Micro-batches read ahead of the training loop."""
+    views: Literal["all", "identity"] = "all"
+    """Which of the cache's views (``embedcache build --views``) training reads: ``all``, one per image per
+    epoch, or ``identity`` only: the same run without augmentation on the same cache (a cache without views
+    has only the identity either way; validation always reads the identity)."""
 
     def __post_init__(self):
         check_choices(self)

@@ -158,6 +158,11 @@ def image_file(cache, i: int) -> str:
     return str(path)
 
 
+def trained_views(cache, cfg: DataConfig) -> tuple[str, ...]:
+    """The cache views training reads (``data.views``): all of them, or the identity alone."""
+    return cache.views if cfg.views == "all" else cache.views[:1]
+
+
 def pick_residency(
     cache, positions: np.ndarray, cfg: DataConfig, device: torch.device, *, tail_blocks: int = 0
 ) -> str:
@@ -166,9 +171,9 @@ def pick_residency(
     """
     if cfg.residency != "auto":
         return "host" if cfg.residency == "device" and device.type != "cuda" else cfg.residency
-    # only embeddings (or tap tokens) are kept resident, of every view; masks are packed bits already
+    # only embeddings (or tap tokens) are kept resident, of every view read; masks are packed bits already
     per_image = int(np.prod(cache.tap_tokens.shape[1:])) * 2 if tail_blocks else EMBEDDING_BYTES
-    per_image *= len(cache.views)
+    per_image *= len(trained_views(cache, cfg))
     need = len(positions) * per_image
     if device.type == "cuda" and need < torch.cuda.mem_get_info(device)[0] // 4:
         return "device"
@@ -310,7 +315,7 @@ class Prefetcher:
             self._submit()
 
     def _read(self, epoch: int, images: np.ndarray) -> Batch:
-        views = self.store.cache.views
+        views = trained_views(self.store.cache, self.cfg)
         # one view per image per epoch (trainer.order.view_of); a cache without views reads the identity
         chosen = (
             [views[view_of(self.seed, epoch, int(i), len(views))] for i in images] if len(views) > 1 else None
