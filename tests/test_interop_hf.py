@@ -69,9 +69,11 @@ def test_export_folder_loads_in_transformers_with_the_same_masks(tmp_path, seed)
     hf = transformers.SamModel.from_pretrained(tmp_path / "hf").eval()
     for low, iou, hf_low, hf_iou in _sam_and_hf_masks(sam, hf, seed):
         assert hf_low.shape == low.shape
-        # float32 attention in a different order (HF's SDPA): equal to rounding
+        # float32 attention in a different order (HF's SDPA): equal to rounding. Measured over 8 seeds, the
+        # largest differences were 3.1e-5 (masks) and 1.4e-5 (IoU scores, which went over the 1e-5 once
+        # allowed for them on half the seeds); a wrong key in the map moves either by 1e-2 or more
         torch.testing.assert_close(hf_low, low, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(hf_iou, iou, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(hf_iou, iou, atol=1e-4, rtol=1e-4)
         clear = low.abs() > 1e-4  # pixels whose sign rounding cannot flip
         assert torch.equal((hf_low > 0)[clear], (low > 0)[clear])
 
