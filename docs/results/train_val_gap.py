@@ -1,4 +1,4 @@
-"""Train/validation gap of a run trained by `trainer sweep`, from `trainer eval --split train` and `--split val`.
+"""Train/validation gap of a `trainer sweep` run, from `trainer eval --split train` and `--split val`.
 
     python docs/results/train_val_gap.py CACHE SWEEP_JSON TRAIN_METRICS VAL_METRICS MODEL
 
@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 
-def per_image_ious(metrics: str, model: str, prompt: str, image_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def per_image_ious(metrics: str, model: str, prompt: str, image_of: np.ndarray):
     """``(N,)`` IoUs of ``prompt`` masks and the ``(N,)`` cache image index of each object."""
     scores = json.loads(Path(metrics).read_text())[model][prompt]
     return np.array(scores["ious"]), image_of[np.array(scores["object_ids"])]
