@@ -27,10 +27,10 @@ def main(cache: str, sweep_json: str, train_metrics: str, val_metrics: str, mode
     group = zarr.open_group(cache, mode="r")
     image_of = group["objects"]["image_index"][:]
     names = np.array([str(n) for n in group["image_id"][:]])
-    held_out = set(json.loads(Path(sweep_json).read_text())["held_out_images"])
+    held_out = json.loads(Path(sweep_json).read_text())["held_out_images"]
     for prompt in ("box", "point"):
         ious, image = per_image_ious(train_metrics, model, prompt, image_of)
-        sweep_val = np.isin(names[image], sorted(held_out))
+        sweep_val = np.isin(names[image], held_out)
         test, _ = per_image_ious(val_metrics, model, prompt, image_of)
         trained = ious[~sweep_val].mean()
         print(
