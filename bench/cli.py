@@ -22,7 +22,9 @@ import torch
 from bench.context import SIZES, Context
 from bench.report import Env, print_section, write_report
 
-BENCHES = ("embed", "train", "kernels", "io")
+# run order of `all`: cheapest first, so a time limit (run_gpu.sh gives the benches one) cuts the longest
+# (embed, which encodes with every model up to vit_h at full size); the report keeps its own order
+BENCHES = ("kernels", "io", "train", "embed")
 # needs the onnx extra, and its export alone takes about a minute on 2 cores: run it by name, not in `all`
 ON_REQUEST = ("onnx",)
 
