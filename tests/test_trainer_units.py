@@ -337,6 +337,26 @@ def test_instance_loss_multimask_backprops_the_min_loss_mask():
     assert abs(float(logged["iou"]) - 0.5) < 1e-6
 
 
+def test_instance_loss_weight_scales_each_objects_gradient():
+    from trainer.config import LossConfig
+    from trainer.losses import instance_loss
+
+    torch.manual_seed(0)
+    target = torch.rand(2, 256, 256) > 0.5
+    raw = torch.randn(2, 4, 256, 256)
+    valid = torch.tensor([[256, 256]] * 2)
+    multimask = torch.tensor([True, False])
+    grads = []
+    for weight in (None, torch.tensor([0.25, 1.0])):
+        logits, iou = raw.clone().requires_grad_(True), torch.full((2, 4), 0.5, requires_grad=True)
+        instance_loss(logits, iou, target, valid, LossConfig(bce=1.0), multimask, weight)[0].backward()
+        grads.append((logits.grad, iou.grad))
+    (plain, plain_iou), (weighted, weighted_iou) = grads
+    torch.testing.assert_close(weighted[0], 0.25 * plain[0])  # the click start: a quarter of its gradient
+    torch.testing.assert_close(weighted[1], plain[1])  # the box start: unchanged
+    torch.testing.assert_close(weighted_iou, plain_iou * torch.tensor([[0.25], [1.0]]))
+
+
 def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     """Every round's loss counts: with one corrective round the loss is the sum of two rounds' losses, and
     a box-only batch gets gradient through output 0 in both rounds and never through the multimask outputs."""
@@ -360,12 +380,12 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     model.mask_decoder.output_upscaling.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     accel = SimpleNamespace(unwrap_model=lambda m: m)
 
-    def loss_of(rounds: int):
+    def loss_of(rounds: int, box_fraction: float = 1.0, point_start: float = 1.0):
         prob = 0.5 if rounds else 0.0
-        prompts = PromptConfig(box_fraction=1.0, corrective_rounds=rounds, mask_prompt_prob=prob)
-        task = InstanceTask(Config(prompts=prompts, loss=LossConfig(focal=0, dice=1, bce=1)))
+        prompts = PromptConfig(box_fraction=box_fraction, corrective_rounds=rounds, mask_prompt_prob=prob)
+        loss = LossConfig(focal=0, dice=1, bce=1, point_start=point_start)
         g = step_generator(0, 0, 0, torch.device("cpu"))
-        return task.loss(model, batch, g, accel)
+        return InstanceTask(Config(prompts=prompts, loss=loss)).loss(model, batch, g, accel)
 
     seen.clear()
     one, _ = loss_of(0)
@@ -374,6 +394,10 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     # the first round's loss is in the sum, not replaced by the last round's
     assert float(two.detach()) > float(one.detach()) * 1.5
     assert "iou_first" in logged and "iou_last" in logged
+    # loss.point_start weighs the click starts' loss in every round and leaves the box starts' alone
+    clicks = float(loss_of(1, box_fraction=0.0)[0].detach())
+    assert float(loss_of(1, box_fraction=0.0, point_start=0.25)[0].detach()) == pytest.approx(0.25 * clicks)
+    assert float(loss_of(1, point_start=0.25)[0].detach()) == pytest.approx(float(two.detach()))
     sam.zero_grad()
     two.backward()
     w = model.mask_decoder.output_hypernetworks_mlps

@@ -224,6 +224,9 @@ class LossConfig:
     form (see ``trainer.losses``)."""
     ce: float = 0.0
     """Multi-class cross-entropy (semantic task)."""
+    point_start: float = 1.0
+    """Factor on the whole loss (every round) of an object whose first prompt is clicks rather than a box;
+    below 1 the click starts weigh less in the step's mean than the box starts (instance task)."""
     focal_alpha: float = 0.25
     """Focal loss alpha."""
     focal_gamma: float = 2.0
@@ -235,7 +238,7 @@ class LossConfig:
         check_choices(self)
         check_finite(self)
         weights = ("focal", "dice", "iou_head", "bce", "mse", "ce")
-        check_at_least(self, 0, *weights)
+        check_at_least(self, 0, *weights, "point_start")
         if not any(getattr(self, w) for w in weights):
             raise ValueError(f"every loss weight is 0 (loss.{', loss.'.join(weights)}); set at least one > 0")
 

@@ -55,7 +55,8 @@ class InstanceTask:
         one click from the error region of the previous round's shown mask and, with probability
         ``prompts.mask_prompt_prob`` per object, that mask's detached logits as the mask prompt. Every round
         is one batched decoder call inside one forward of the (DDP-wrapped) model, and every round's loss
-        counts (``instance_loss``: single-point prompts on the multimask outputs, the rest on output 0).
+        counts (``instance_loss``: single-point prompts on the multimask outputs, the rest on output 0), an
+        object started from clicks weighted by ``loss.point_start``.
         """
         p = self.cfg.prompts
         asked = [initial_prompts(batch.masks, batch.boxes, batch.valid_hw, p, g)]
@@ -72,10 +73,14 @@ class InstanceTask:
             return asked[-1]
 
         rounds = model(batch.embeddings, batch.image_index, asked[0], refine=refine)
+        weight = None
+        if self.cfg.loss.point_start != 1.0:  # (P,) the click starts' factor, the same in every round
+            weight = torch.where(asked[0].has_box, 1.0, self.cfg.loss.point_start)  # training draws has_box
         total, per_round = 0.0, []
         for out, prompts in zip(rounds, asked):
+            multimask = self.multimask(prompts)
             loss, logged = instance_loss(
-                out.logits, out.iou, batch.masks, batch.valid_hw, self.cfg.loss, self.multimask(prompts)
+                out.logits, out.iou, batch.masks, batch.valid_hw, self.cfg.loss, multimask, weight
             )
             total = total + loss
             per_round.append(logged)

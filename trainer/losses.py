@@ -34,6 +34,7 @@ def instance_loss(
     valid_hw: torch.Tensor,
     cfg: LossConfig,
     multimask: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of ``P`` objects of one prompting round, on the outputs each object's prompt uses.
 
@@ -48,9 +49,11 @@ def instance_loss(
         targets: ``(P, S, S)`` bool masks in the input frame.
         valid_hw: ``(P, 2)`` int input size (h, w) of each object's image.
         multimask: ``(P,)`` bool, the objects scored on outputs 1..3.
+        weight: ``(P,)`` float factor on each object's loss (None: all 1).
 
     Returns:
-        the scalar loss (mean over objects) and a dict of detached per-term means over the chosen masks.
+        the scalar loss (the mean over objects of the weighted loss) and a dict of detached per-term means
+        over the chosen masks.
     """
     p, _, h, w = logits.shape
     dev = logits.device
@@ -78,7 +81,8 @@ def instance_loss(
     real_iou = terms.iou.detach()
     squared = (iou_pred[rows, cols].float() - real_iou) ** 2
     iou_head = torch.zeros(p, device=dev).index_add(0, rows, squared) / torch.bincount(rows, minlength=p)
-    loss = (table[objects, chosen] + cfg.iou_head * iou_head).mean()
+    per_object = table[objects, chosen] + cfg.iou_head * iou_head
+    loss = (per_object if weight is None else per_object * weight).mean()
     logged = {k: getattr(terms, k)[picked].detach().mean() for k in ("focal", "dice", "bce", "mse")}
     logged["iou_head"] = iou_head.detach().mean()
     logged["iou"] = real_iou[picked].mean()
