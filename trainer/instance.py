@@ -73,9 +73,8 @@ class InstanceTask:
             return asked[-1]
 
         rounds = model(batch.embeddings, batch.image_index, asked[0], refine=refine)
-        weight = None
-        if self.cfg.loss.point_start != 1.0:  # (P,) the click starts' factor, the same in every round
-            weight = torch.where(asked[0].has_box, 1.0, self.cfg.loss.point_start)  # training draws has_box
+        # (P,) 1 for a box start, loss.point_start for a click start, the same in every round (x 1.0 is exact)
+        weight = torch.where(asked[0].has_box, 1.0, self.cfg.loss.point_start)
         total, per_round = 0.0, []
         for out, prompts in zip(rounds, asked):
             multimask = self.multimask(prompts)
