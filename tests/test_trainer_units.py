@@ -380,10 +380,10 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     model.mask_decoder.output_upscaling.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     accel = SimpleNamespace(unwrap_model=lambda m: m)
 
-    def loss_of(rounds: int, box_fraction: float = 1.0, point_start: float = 1.0):
+    def loss_of(rounds: int, box_fraction: float = 1.0, point_start: float = 1.0, point_refine: float = 1.0):
         prob = 0.5 if rounds else 0.0
         prompts = PromptConfig(box_fraction=box_fraction, corrective_rounds=rounds, mask_prompt_prob=prob)
-        loss = LossConfig(focal=0, dice=1, bce=1, point_start=point_start)
+        loss = LossConfig(focal=0, dice=1, bce=1, point_start=point_start, point_refine=point_refine)
         g = step_generator(0, 0, 0, torch.device("cpu"))
         return InstanceTask(Config(prompts=prompts, loss=loss)).loss(model, batch, g, accel)
 
@@ -398,6 +398,18 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     clicks = float(loss_of(1, box_fraction=0.0)[0].detach())
     assert float(loss_of(1, box_fraction=0.0, point_start=0.25)[0].detach()) == pytest.approx(0.25 * clicks)
     assert float(loss_of(1, point_start=0.25)[0].detach()) == pytest.approx(float(two.detach()))
+    # loss.point_refine weighs only the click starts' corrective rounds: 0 leaves their first round alone...
+    first = float(loss_of(0, box_fraction=0.0)[0].detach())
+    assert float(loss_of(1, box_fraction=0.0, point_refine=0.0)[0].detach()) == pytest.approx(first)
+    half = float(loss_of(1, box_fraction=0.0, point_refine=0.5)[0].detach())
+    assert half == pytest.approx(first + 0.5 * (clicks - first))
+    assert float(loss_of(1, point_refine=0.0)[0].detach()) == pytest.approx(float(two.detach()))
+    # ...and no click-only prompt trains output 0, the box's output
+    sam.zero_grad()
+    loss_of(1, box_fraction=0.0, point_refine=0.0)[0].backward()
+    w = model.mask_decoder.output_hypernetworks_mlps
+    assert float(w[0].layers[-1].weight.grad.abs().sum()) == 0.0
+    assert sum(float(w[i].layers[-1].weight.grad.abs().sum()) for i in (1, 2, 3)) > 0
     sam.zero_grad()
     two.backward()
     w = model.mask_decoder.output_hypernetworks_mlps

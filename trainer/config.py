@@ -227,6 +227,10 @@ class LossConfig:
     point_start: float = 1.0
     """Factor on the whole loss (every round) of an object whose first prompt is clicks rather than a box;
     below 1 the click starts weigh less in the step's mean than the box starts (instance task)."""
+    point_refine: float = 1.0
+    """A further factor on the corrective rounds' loss (every round after the first) of an object whose first
+    prompt is clicks. Those rounds prompt with clicks only, on SAM's single-mask output 0, the output a box
+    uses; 0 leaves output 0 to prompts with a box (instance task)."""
     focal_alpha: float = 0.25
     """Focal loss alpha."""
     focal_gamma: float = 2.0
@@ -238,7 +242,7 @@ class LossConfig:
         check_choices(self)
         check_finite(self)
         weights = ("focal", "dice", "iou_head", "bce", "mse", "ce")
-        check_at_least(self, 0, *weights, "point_start")
+        check_at_least(self, 0, *weights, "point_start", "point_refine")
         if not any(getattr(self, w) for w in weights):
             raise ValueError(f"every loss weight is 0 (loss.{', loss.'.join(weights)}); set at least one > 0")
 

@@ -56,7 +56,8 @@ class InstanceTask:
         ``prompts.mask_prompt_prob`` per object, that mask's detached logits as the mask prompt. Every round
         is one batched decoder call inside one forward of the (DDP-wrapped) model, and every round's loss
         counts (``instance_loss``: single-point prompts on the multimask outputs, the rest on output 0), an
-        object started from clicks weighted by ``loss.point_start``.
+        object started from clicks weighted by ``loss.point_start`` (and its corrective rounds by
+        ``loss.point_refine`` on top).
         """
         p = self.cfg.prompts
         asked = [initial_prompts(batch.masks, batch.boxes, batch.valid_hw, p, g)]
@@ -73,13 +74,17 @@ class InstanceTask:
             return asked[-1]
 
         rounds = model(batch.embeddings, batch.image_index, asked[0], refine=refine)
-        # (P,) 1 for a box start, loss.point_start for a click start, the same in every round (x 1.0 is exact)
-        weight = torch.where(asked[0].has_box, 1.0, self.cfg.loss.point_start)
+        # (P,) 1 for a box start; for a click start loss.point_start in the first round and
+        # loss.point_start * loss.point_refine in the corrective rounds (x 1.0 is exact)
+        c = self.cfg.loss
+        box_start = asked[0].has_box
+        first = torch.where(box_start, 1.0, c.point_start)
+        later = torch.where(box_start, 1.0, c.point_start * c.point_refine)
         total, per_round = 0.0, []
-        for out, prompts in zip(rounds, asked):
+        for r, (out, prompts) in enumerate(zip(rounds, asked)):
             multimask = self.multimask(prompts)
             loss, logged = instance_loss(
-                out.logits, out.iou, batch.masks, batch.valid_hw, self.cfg.loss, multimask, weight
+                out.logits, out.iou, batch.masks, batch.valid_hw, c, multimask, first if r == 0 else later
             )
             total = total + loss
             per_round.append(logged)
