@@ -38,7 +38,8 @@ def embed_prompts(pe: PromptEncoder, prompts: Prompts) -> tuple[torch.Tensor, to
     tokens. The decoder's outputs do not depend on the order of the sparse tokens (they carry no position
     index), so this is SAM's prompt exactly wherever the objects' own token counts agree: boxes beside
     single clicks, boxes + k clicks beside k + 1 clicks (the training rounds). Training then sees the
-    prompts evaluation and ``SamPredictor`` give (tested against ``PromptEncoder`` per object).
+    prompts evaluation and ``SamPredictor`` give (tested against ``PromptEncoder`` per object, equal to
+    float32 rounding: a batch of another shape may round the positional encoding's matmul differently).
 
     Returns:
         sparse ``(P, T, 256)`` with ``T`` the largest per-object token count (clicks + 2 with a box,
