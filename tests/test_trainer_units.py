@@ -23,6 +23,8 @@ from trainer.prompts import (
     corrective_click,
     farthest_interior_point,
     initial_prompts,
+    restart_with_click,
+    single_point,
     step_generator,
 )
 from trainer.session import lr_factor
@@ -308,6 +310,19 @@ def test_prompts_from_masks_and_corrective_click():
         mask_prompt_prob=0.5,
     )
     assert 0.4 < half.has_mask.float().mean() < 0.6
+    # prompts.click_restart: a share of the box starts becomes a click start, the rest keep their correction
+    r = restart_with_click(half, small, 0.5, g)
+    restarted = half.has_box & ~r.has_box
+    assert 0.4 < restarted.float().mean() < 0.6
+    assert torch.equal(single_point(r), restarted) and not (r.has_mask & restarted).any()
+    xy = r.point_coords[restarted, -1].long()
+    assert small[restarted][torch.arange(len(xy)), xy[:, 1], xy[:, 0]].all()  # the click is inside the object
+    kept = ~restarted
+    assert torch.equal(r.point_labels[kept], half.point_labels[kept]) and torch.equal(
+        r.has_mask[kept], half.has_mask[kept]
+    )
+    clicks = dataclasses.replace(half, has_box=torch.zeros(600, dtype=torch.bool))
+    assert torch.equal(restart_with_click(clicks, small, 1.0, g).point_labels, clicks.point_labels)
 
 
 def test_farthest_interior_point():

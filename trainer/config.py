@@ -184,6 +184,11 @@ class PromptConfig:
     mask_prompt_prob: float = 0.0
     """Probability, per object and corrective round, that the previous round's low-res logits (detached) are
     also given as the mask prompt. The first round never has one."""
+    click_restart: float = 0.0
+    """Probability, per box-started object, that its first corrective round is a fresh start instead: one
+    click drawn uniformly inside the object, on its own (no box, no mask prompt), trained as a click start
+    is. The object keeps its box round and is decoded as often as with a correction, so a recipe can learn
+    single clicks without giving up box starts (``box_fraction``). Needs ``corrective_rounds >= 1``."""
     multimask: bool = True
     """A single-point prompt (no box, one click) trains SAM's 3 multimask outputs, back-propagating the one
     with the least loss, as SAM does for ambiguous prompts. Boxes and multi-click prompts always train the
@@ -200,6 +205,12 @@ class PromptConfig:
             raise ValueError("prompts.corrective_rounds must be >= 0")
         if not 0.0 <= self.mask_prompt_prob <= 1.0:
             raise ValueError(f"prompts.mask_prompt_prob must be in [0, 1], got {self.mask_prompt_prob}")
+        if not 0.0 <= self.click_restart <= 1.0:
+            raise ValueError(f"prompts.click_restart must be in [0, 1], got {self.click_restart}")
+        if self.click_restart > 0 and self.corrective_rounds == 0:
+            raise ValueError(
+                "prompts.click_restart > 0 needs prompts.corrective_rounds >= 1 (it replaces one)"
+            )
         if self.mask_prompt_prob > 0 and self.corrective_rounds == 0:
             raise ValueError(
                 "prompts.mask_prompt_prob > 0 needs prompts.corrective_rounds >= 1 (it feeds back a "

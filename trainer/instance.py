@@ -20,7 +20,7 @@ from trainer.decoder import Decoded
 from trainer.evaluate import Contender, evaluate, iou_and_dice, predict_objects
 from trainer.losses import instance_loss
 from trainer.plots import overlay
-from trainer.prompts import Prompts, corrective_click, initial_prompts, single_point
+from trainer.prompts import Prompts, corrective_click, initial_prompts, restart_with_click, single_point
 
 
 class InstanceTask:
@@ -53,7 +53,9 @@ class InstanceTask:
 
         Round 0 is the drawn box or click(s). Each of the ``prompts.corrective_rounds`` rounds after it adds
         one click from the error region of the previous round's shown mask and, with probability
-        ``prompts.mask_prompt_prob`` per object, that mask's detached logits as the mask prompt. Every round
+        ``prompts.mask_prompt_prob`` per object, that mask's detached logits as the mask prompt; with
+        ``prompts.click_restart``, a share of the box starts is re-prompted by one click alone in the first
+        corrective round instead (``restart_with_click``). Every round
         is one batched decoder call inside one forward of the (DDP-wrapped) model, and every round's loss
         counts (``instance_loss``: single-point prompts on the multimask outputs, the rest on output 0), an
         object started from clicks weighted by ``loss.point_start`` (and its corrective rounds by
@@ -66,12 +68,13 @@ class InstanceTask:
             if r == p.corrective_rounds:
                 return None
             shown = out.shown(self.multimask(prompts)).detach()
-            asked.append(
-                corrective_click(
-                    prompts, shown, batch.masks, batch.valid_hw, g, mask_prompt_prob=p.mask_prompt_prob
-                )
+            nxt = corrective_click(
+                prompts, shown, batch.masks, batch.valid_hw, g, mask_prompt_prob=p.mask_prompt_prob
             )
-            return asked[-1]
+            if r == 0 and p.click_restart > 0:
+                nxt = restart_with_click(nxt, batch.masks, p.click_restart, g)
+            asked.append(nxt)
+            return nxt
 
         rounds = model(batch.embeddings, batch.image_index, asked[0], refine=refine)
         # (P,) 1 for a box start; for a click start loss.point_start in the first round and

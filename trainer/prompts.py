@@ -204,6 +204,33 @@ def corrective_click(
     return out
 
 
+def restart_with_click(prompts: Prompts, masks: torch.Tensor, share: float, g: torch.Generator) -> Prompts:
+    """A corrective round's prompts with a ``share`` of the box-started objects restarted from one click.
+
+    A restarted object's prompt becomes a single positive click drawn uniformly inside its mask, in the
+    round's last point slot, every other slot padding, no box and no mask prompt: exactly a click start.
+
+    Args:
+        prompts: the round's ``(P, N, ...)`` prompts (``corrective_click``'s output), ``N >= 1``.
+        masks: ``(P, S, S)`` bool targets.
+    """
+    p = masks.shape[0]
+    restart = prompts.has_box & (torch.rand(p, generator=g, device=masks.device) < share)
+    xy, ok = sample_points(masks, 1, g)
+    coords = prompts.point_coords.clone()
+    coords[restart, -1] = xy[restart, 0]
+    labels = torch.where(restart[:, None], PAD, prompts.point_labels)
+    labels[:, -1] = torch.where(restart, torch.where(ok[:, 0], POS, PAD), labels[:, -1])
+    has_mask = None if prompts.has_mask is None else prompts.has_mask & ~restart
+    return replace(
+        prompts,
+        point_coords=coords,
+        point_labels=labels,
+        has_box=prompts.has_box & ~restart,
+        has_mask=has_mask,
+    )
+
+
 def farthest_interior_point(mask: np.ndarray) -> tuple[float, float]:
     """The (x, y) pixel of a ``(H, W)`` bool mask farthest from its boundary (image borders count as
     boundary).
