@@ -402,9 +402,20 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     model.mask_decoder.output_upscaling.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     accel = SimpleNamespace(unwrap_model=lambda m: m)
 
-    def loss_of(rounds: int, box_fraction: float = 1.0, point_start: float = 1.0, point_refine: float = 1.0):
+    def loss_of(
+        rounds: int,
+        box_fraction: float = 1.0,
+        point_start: float = 1.0,
+        point_refine: float = 1.0,
+        click_restart: float = 0.0,
+    ):
         prob = 0.5 if rounds else 0.0
-        prompts = PromptConfig(box_fraction=box_fraction, corrective_rounds=rounds, mask_prompt_prob=prob)
+        prompts = PromptConfig(
+            box_fraction=box_fraction,
+            corrective_rounds=rounds,
+            mask_prompt_prob=prob,
+            click_restart=click_restart,
+        )
         loss = LossConfig(focal=0, dice=1, bce=1, point_start=point_start, point_refine=point_refine)
         g = step_generator(0, 0, 0, torch.device("cpu"))
         return InstanceTask(Config(prompts=prompts, loss=loss)).loss(model, batch, g, accel)
@@ -439,6 +450,13 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     for i in (1, 2, 3):
         grad = w[i].layers[-1].weight.grad
         assert grad is None or grad.abs().sum() == 0
+    # prompts.click_restart: the box starts' second round is a lone click, trained on the multimask outputs
+    sam.zero_grad()
+    restarted, _ = loss_of(1, click_restart=1.0)
+    assert float(restarted.detach()) != pytest.approx(float(two.detach()))
+    restarted.backward()
+    assert sum(float(w[i].layers[-1].weight.grad.abs().sum()) for i in (1, 2, 3)) > 0
+    assert w[0].layers[-1].weight.grad.abs().sum() > 0  # from the box round
 
 
 def test_decode_output_tokens_override(sam):
