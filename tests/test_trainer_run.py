@@ -458,3 +458,16 @@ def test_lora_only_run_exports_merged_sam(cache_path, tmp_path):
     assert set(tuned) == set(start)  # merged: SAM's own keys, nothing else
     changed = {k for k in start if not torch.equal(tuned[k], start[k])}
     assert changed and all(k.startswith("mask_decoder.transformer.") and "_proj.weight" in k for k in changed)
+
+
+def test_run_summary_warns_when_tuning_lowered_a_score(capsys):
+    from trainer.cli import _print_metrics
+
+    def scores(box: float, point: float) -> dict:
+        return {t: {"miou": v, "dice": v, "n_objects": 3} for t, v in (("box", box), ("point", point))}
+
+    _print_metrics({"start": scores(0.9, 0.1), "tuned": scores(0.8, 0.5)})
+    out = capsys.readouterr().out
+    assert "warning: the tuned model is below the starting model" in out and "(box mIoU)" in out
+    _print_metrics({"start": scores(0.7, 0.1), "tuned": scores(0.8, 0.5)})
+    assert "warning" not in capsys.readouterr().out

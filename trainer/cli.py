@@ -263,7 +263,8 @@ def _clicks(text: str) -> int:
 
 
 def _print_metrics(metrics: dict) -> None:
-    """A small table: prompt type x (starting, tuned) mIoU."""
+    """A small table: prompt type x (starting, tuned) mIoU, and a warning naming the prompts whose mIoU
+    tuning lowered."""
     start, tuned = metrics.get("start", {}), metrics.get("tuned", {})
     if not tuned:
         return
@@ -283,4 +284,11 @@ def _print_metrics(metrics: dict) -> None:
         print(
             f"{t:<10}{s.get('miou', float('nan')):>12.4f}{m['miou']:>12.4f}"
             f"{s.get('dice', float('nan')):>12.4f}{m['dice']:>12.4f}{n:>9}"
+        )
+    worse = [t for t, m in tuned.items() if "miou" in m and m["miou"] < start.get(t, {}).get("miou", -1.0)]
+    if worse:
+        print(
+            "warning: the tuned model is below the starting model on the validation images "
+            f"({', '.join(worse)} mIoU); for those prompts the starting model is the better one to use "
+            "(docs/training.md)"
         )
