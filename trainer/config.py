@@ -186,8 +186,9 @@ class PromptConfig:
     also given as the mask prompt. The first round never has one."""
     click_restart: float = 0.0
     """Probability, per box-started object, that its first corrective round is a fresh start instead: one
-    click drawn uniformly inside the object, on its own (no box, no mask prompt), trained as a click start
-    is. The object keeps its box round and is decoded as often as with a correction, so a recipe can learn
+    click drawn uniformly inside the object, on its own (no box, no mask prompt), trained on the multimask
+    outputs as a click start is but weighted as the box start it is (``loss.point_start`` does not apply).
+    The object keeps its box round and is decoded as often as with a correction, so a recipe can learn
     single clicks without giving up box starts (``box_fraction``). Needs ``corrective_rounds >= 1``."""
     multimask: bool = True
     """A single-point prompt (no box, one click) trains SAM's 3 multimask outputs, back-propagating the one
