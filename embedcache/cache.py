@@ -236,6 +236,15 @@ class Cache:
         bits = self._bits("input_mask_bits")[self._input_offset[j] : self._input_offset[j + 1]]
         return box, mk.unpack(bits, box)
 
+    def input_coverage_crop(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Object ``j`` in the coverage frame (``embedcache.masks.input_coverage``): its xyxy box in the input
+        frame ``(4,)`` int64 and the uint8 share (in 255ths) of each input pixel there that it covers."""
+        i = int(self.objects.image_index[j])
+        (r0, r1, c0, c1), q = mk.input_coverage(
+            self.mask_crop(j), self.objects.box[j], self.original_size[i], self.input_size[i]
+        )
+        return np.array([c0, r0, c1, r1], np.int64), q
+
     def mask_crop(self, j: int) -> np.ndarray:
         """Object ``j``'s mask inside its box: ``(y2 - y1, x2 - x1)`` bool."""
         bits = self._bits()[self._mask_offset[j] : self._mask_offset[j + 1]]

@@ -27,6 +27,7 @@ def mask_losses(
     gamma: float = 2.0,
     backend: str = "auto",
     block: int | None = None,
+    soft: bool = False,
 ) -> MaskLosses:
     """Per-mask focal, BCE, dice, MSE and hard IoU of the logits, upsampled 4x or not, against the targets.
 
@@ -41,7 +42,9 @@ def mask_losses(
             decoder). The Triton path computes in float32 whatever the input dtype; the gradient comes back in
             the input dtype.
         targets: ``(P, 4h, 4w)`` or ``(P, h, w)`` bool or uint8 targets in the model's input frame; nonzero is
-            foreground. Read as one byte per pixel (not bit-packed).
+            foreground. Read as one byte per pixel (not bit-packed). With ``soft``: uint8 foreground shares
+            in 255ths (``trainer``'s coverage targets), the target of a pixel being ``value / 255``; ``iou``
+            then counts ``value >= 128`` as foreground.
         valid_hw: ``(P, 2)`` int ``(vh, vw)`` per mask, clamped to ``[0, f h] x [0, f w]``.
         alpha: focal class weight of the foreground (``< 0`` disables it, as in torchvision).
         gamma: focal exponent, ``>= 0``. Each distinct value compiles its own kernel (it is a ``constexpr``).
@@ -51,14 +54,15 @@ def mask_losses(
         block: a program covers ``4 block x 4 block`` target pixels (``block`` a power of two >= 2; at
             ``f = 4``, ``block x block`` groups of 4x4 pixels) in both kernels; ``None`` takes
             ``FWD_CONFIG`` and ``BWD_CONFIG`` of ``kernels/mask_losses_triton.py``.
+        soft: read ``targets`` as shares in 255ths (above) rather than as foreground flags.
 
     Returns:
         ``MaskLosses(focal, bce, dice, mse, iou)``, each a ``(P,)`` float32 tensor.
     """
-    factor = _check_mask_inputs(logits, targets, valid_hw)
+    factor = _check_mask_inputs(logits, targets, valid_hw, soft)
     if resolve_backend(backend, logits) == "torch":
-        return mask_losses_reference(logits, targets, valid_hw, alpha=alpha, gamma=gamma)
-    return triton_mask_losses(logits, targets, valid_hw, alpha, gamma, factor, block)
+        return mask_losses_reference(logits, targets, valid_hw, alpha=alpha, gamma=gamma, soft=soft)
+    return triton_mask_losses(logits, targets, valid_hw, alpha, gamma, factor, block, soft)
 
 
 def min_bytes_moved(

@@ -26,7 +26,9 @@ loaded once per group, not once per pixel.
   groups produce ``BLOCK - 1`` low-res rows/cols). Every low-res gradient is written by exactly one program:
   no atomics, no full-resolution buffer.
 
-Targets are read as one byte per pixel (bool is viewed as uint8, no copy); they are not bit-packed.
+Targets are read as one byte per pixel (bool is viewed as uint8, no copy); they are not bit-packed. With
+``SOFT`` the byte is a foreground share in 255ths and the per-pixel terms take the general (soft-target)
+formulas; the hard path is unchanged.
 """
 
 from __future__ import annotations
@@ -70,40 +72,51 @@ def _valid_count(valid_i32: torch.Tensor, height: int, width: int) -> torch.Tens
 
 
 @triton.jit
-def _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP: tl.constexpr):
-    """Foreground flags and the float32 target of the tile's pixels, from one byte per pixel."""
+def _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP: tl.constexpr, SOFT: tl.constexpr):
+    """Foreground flags and the float32 target of the tile's pixels, from one byte per pixel (``SOFT``: a
+    share in 255ths, foreground from 128)."""
     H = UP * h
     W = UP * w
     t_raw = tl.load(targets_ptr + pid_p.to(tl.int64) * H * W + y * W + x, mask=inside, other=0)
+    if SOFT:
+        return t_raw >= 128, t_raw.to(tl.float32) * (1.0 / 255.0)
     is_fg = t_raw != 0
     return is_fg, is_fg.to(tl.float32)
 
 
 @triton.jit
-def _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA: tl.constexpr):
+def _pixel_terms(up, is_fg, t, alpha_pos, alpha_neg, GAMMA: tl.constexpr, SOFT: tl.constexpr):
     """Per-pixel pieces of the losses, in float32, shared by the forward and the backward.
 
     Returns ``(e, inv, p, z, q, ce, q_gamma, a_t)``: ``e = exp(-|up|)``, ``inv = 1 / (1 + e)``,
-    ``p = sigmoid(up)``, ``z`` the logit of the true class, ``q = 1 - p_t``, ``ce`` the BCE with logits,
-    ``q ** GAMMA`` and the focal class weight.
+    ``p = sigmoid(up)``, ``z`` the logit of the true class (hard targets), ``q = 1 - p_t``, ``ce`` the BCE
+    with logits, ``q ** GAMMA`` and the focal class weight. With ``SOFT`` targets ``t``: ``p_t = p t +
+    (1 - p)(1 - t)``, ``ce = max(up, 0) - t up + log(1 + e)`` and ``a_t`` interpolated by ``t``.
     """
     # Stable sigmoid pieces from one exp: e = exp(-|x|) in (0, 1].
     e = tl.exp(-tl.abs(up))
     inv = 1.0 / (1.0 + e)
     p = tl.where(up >= 0, inv, e * inv)  # sigmoid(up)
     z = tl.where(is_fg, up, -up)  # logit of the true class
-    q = tl.where(z >= 0, e * inv, inv)  # 1 - p_t = sigmoid(-z), without the cancellation of 1 - p
     # log1p(e) to full precision (Kahan's trick; Triton has no portable log1p).
     one_e = 1.0 + e
     log1p_e = tl.where(one_e == 1.0, e, tl.log(one_e) * e / tl.where(one_e == 1.0, 1.0, one_e - 1.0))
-    ce = tl.maximum(-z, 0.0) + log1p_e  # BCE with logits = softplus(-z)
+    if SOFT:
+        q = t * tl.where(up >= 0, e * inv, inv) + (1.0 - t) * p  # t (1 - p) + (1 - t) p, no cancellation
+        ce = tl.maximum(up, 0.0) - t * up + log1p_e
+    else:
+        q = tl.where(z >= 0, e * inv, inv)  # 1 - p_t = sigmoid(-z), without the cancellation of 1 - p
+        ce = tl.maximum(-z, 0.0) + log1p_e  # BCE with logits = softplus(-z)
     if GAMMA == 2.0:
         q_gamma = q * q
     elif GAMMA == 0.0:
         q_gamma = tl.full(q.shape, 1.0, tl.float32)
     else:
         q_gamma = tl.where(q > 0, tl.exp2(GAMMA * tl.log2(tl.maximum(q, 1e-38))), 0.0)
-    a_t = tl.where(is_fg, alpha_pos, alpha_neg)
+    if SOFT:
+        a_t = alpha_pos * t + alpha_neg * (1.0 - t)
+    else:
+        a_t = tl.where(is_fg, alpha_pos, alpha_neg)
     return e, inv, p, z, q, ce, q_gamma, a_t
 
 
@@ -121,6 +134,7 @@ def _mask_losses_fwd(
     GAMMA: tl.constexpr,
     UP: tl.constexpr,
     BLOCK: tl.constexpr,
+    SOFT: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -129,8 +143,8 @@ def _mask_losses_fwd(
     # This tile's target pixels and the logits there, upsampled at UP = 4 (kernels/_tile.py).
     y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, False)
     up = load_logits(logits_ptr + pid_p.to(tl.int64) * h * w, source, UP)
-    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP)
-    _e, _inv, p, _z, _q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA)
+    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP, SOFT)
+    _e, _inv, p, _z, _q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, t, alpha_pos, alpha_neg, GAMMA, SOFT)
     focal = a_t * q_gamma * ce
     d = p - t
     pred = up > 0
@@ -162,6 +176,7 @@ def _mask_losses_bwd(
     GAMMA: tl.constexpr,
     UP: tl.constexpr,
     BLOCK: tl.constexpr,
+    SOFT: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -176,14 +191,24 @@ def _mask_losses_bwd(
     # first row. The logits and the per-pixel terms are recomputed exactly as the forward computes them.
     y, x, inside, source = tile(pid_t, n_tiles_w, vh, vw, h, w, UP, BLOCK, True)
     up = load_logits(logits_ptr + pid_p.to(tl.int64) * h * w, source, UP)
-    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP)
-    e, inv, p, z, q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, alpha_pos, alpha_neg, GAMMA)
-    p_t = tl.where(z >= 0, inv, e * inv)
-    # d focal / dz = -a_t q^gamma (gamma p_t ce + q), and dz/dx = +1 for foreground, -1 for background.
-    d_focal_dz = -a_t * q_gamma * (GAMMA * p_t * ce + q)
-    d_focal = tl.where(is_fg, d_focal_dz, -d_focal_dz)
+    is_fg, t = _load_targets(targets_ptr, pid_p, y, x, inside, h, w, UP, SOFT)
+    e, inv, p, z, q, ce, q_gamma, a_t = _pixel_terms(up, is_fg, t, alpha_pos, alpha_neg, GAMMA, SOFT)
     d = p - t  # d bce / dx
     dp = e * inv * inv  # sigmoid'(x) = p (1 - p)
+    if SOFT:
+        # d focal / dx = a_t (gamma q^(gamma - 1) (dq/dx) ce + q^gamma (p - t)), dq/dx = (1 - 2 t) p (1 - p)
+        if GAMMA == 2.0:
+            q_gm1 = q
+        elif GAMMA == 0.0:
+            q_gm1 = tl.full(q.shape, 0.0, tl.float32)  # multiplied by GAMMA = 0
+        else:
+            q_gm1 = tl.where(q > 0, tl.exp2((GAMMA - 1.0) * tl.log2(tl.maximum(q, 1e-38))), 0.0)
+        d_focal = a_t * (GAMMA * q_gm1 * (1.0 - 2.0 * t) * dp * ce + q_gamma * d)
+    else:
+        p_t = tl.where(z >= 0, inv, e * inv)
+        # d focal / dz = -a_t q^gamma (gamma p_t ce + q), and dz/dx = +1 for foreground, -1 for background.
+        d_focal_dz = -a_t * q_gamma * (GAMMA * p_t * ce + q)
+        d_focal = tl.where(is_fg, d_focal_dz, -d_focal_dz)
     g = c_focal * d_focal + c_bce * d + (2.0 * c_mse * d + c_dice_t * t + c_dice_1) * dp
     g = tl.where(inside, g, 0.0)
 
@@ -196,7 +221,7 @@ def _alpha_weights(alpha: float) -> tuple[float, float]:
     return (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
 
 
-def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, factor, block):
+def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, factor, block, soft):
     """``(P, h, w)`` logits -> ``(P, 8)`` float32 per-mask sums (see ``_S_*``)."""
     p_count, h, w = logits.shape
     block, warps = _launch_config(FWD_CONFIG[factor], block)
@@ -218,12 +243,13 @@ def _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, factor, block):
         GAMMA=float(gamma),
         UP=factor,
         BLOCK=block,
+        SOFT=soft,
         num_warps=warps,
     )
     return partial.sum(1)
 
 
-def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, factor, block):
+def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, factor, block, soft):
     """Per-mask loss coefficients ``(P, 5)`` -> ``(P, h, w)`` gradient in the logits' dtype."""
     p_count, h, w = logits.shape
     grad = torch.empty_like(logits)
@@ -246,6 +272,7 @@ def _launch_bwd(logits, targets_u8, valid_i32, coef, alpha, gamma, factor, block
         GAMMA=float(gamma),
         UP=factor,
         BLOCK=block,
+        SOFT=soft,
         num_warps=warps,
     )
     return grad
@@ -255,8 +282,8 @@ class _MaskLossesFunction(torch.autograd.Function):
     """Fused forward/backward; saves only the inputs and ``(P, 8)`` sums, never a high-res tensor."""
 
     @staticmethod
-    def forward(ctx, logits, targets_u8, valid_i32, alpha, gamma, factor, block):
-        sums = _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, factor, block)
+    def forward(ctx, logits, targets_u8, valid_i32, alpha, gamma, factor, block, soft):
+        sums = _launch_fwd(logits, targets_u8, valid_i32, alpha, gamma, factor, block, soft)
         n = _valid_count(valid_i32, *targets_u8.shape[1:])
         inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1.0), torch.zeros_like(n))
         focal = sums[:, _S_FOCAL] * inv_n
@@ -267,7 +294,7 @@ class _MaskLossesFunction(torch.autograd.Function):
         union = sums[:, _S_UNION]
         iou = torch.where(union > 0, sums[:, _S_INTER] / union.clamp(min=1.0), torch.ones_like(union))
         ctx.save_for_backward(logits, targets_u8, valid_i32, sums, inv_n)
-        ctx.alpha, ctx.gamma, ctx.factor, ctx.block = alpha, gamma, factor, block
+        ctx.alpha, ctx.gamma, ctx.factor, ctx.block, ctx.soft = alpha, gamma, factor, block, soft
         ctx.mark_non_differentiable(iou)
         return focal, bce, dice, mse, iou
 
@@ -283,12 +310,20 @@ class _MaskLossesFunction(torch.autograd.Function):
             [g_focal * inv_n, g_bce * inv_n, g_mse * inv_n, g_dice * dice_t, g_dice * dice_1], dim=1
         ).to(torch.float32)
         grad = _launch_bwd(
-            logits, targets_u8, valid_i32, coef.contiguous(), ctx.alpha, ctx.gamma, ctx.factor, ctx.block
+            logits,
+            targets_u8,
+            valid_i32,
+            coef.contiguous(),
+            ctx.alpha,
+            ctx.gamma,
+            ctx.factor,
+            ctx.block,
+            ctx.soft,
         )
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
-def triton_mask_losses(logits, targets, valid_hw, alpha, gamma, factor, block) -> MaskLosses:
+def triton_mask_losses(logits, targets, valid_hw, alpha, gamma, factor, block, soft=False) -> MaskLosses:
     """``kernels.mask_losses`` on the Triton kernels, for checked inputs and their upsample ``factor``."""
     require_launchable(logits, targets)  # valid_hw is small and moved to the logits' device below
     if gamma < 0:
@@ -299,6 +334,6 @@ def triton_mask_losses(logits, targets, valid_hw, alpha, gamma, factor, block) -
         targets_u8 = targets_u8.view(torch.uint8)  # same bytes, no copy
     valid_i32 = valid_hw.to(device=logits.device, dtype=torch.int32).contiguous()
     out = _MaskLossesFunction.apply(
-        logits.contiguous(), targets_u8, valid_i32, float(alpha), float(gamma), factor, block
+        logits.contiguous(), targets_u8, valid_i32, float(alpha), float(gamma), factor, block, bool(soft)
     )
     return MaskLosses(*out)

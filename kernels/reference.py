@@ -119,23 +119,27 @@ def mask_losses_reference(
     *,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    soft: bool = False,
 ) -> MaskLosses:
     """The definition of ``kernels.mask_losses``.
 
     Args:
         logits: ``(P, h, w)`` float32, bfloat16 or float64 low-resolution mask logits.
         targets: ``(P, 4h, 4w)`` (upsample factor 4) or ``(P, h, w)`` (factor 1) bool or uint8 ground truth
-            in the model's input frame (nonzero = foreground).
+            in the model's input frame (nonzero = foreground); with ``soft``, uint8 foreground shares in
+            255ths (the target of pixel i is ``targets[i] / 255``, and ``iou`` counts ``>= 128`` as foreground).
         valid_hw: ``(P, 2)`` int, the valid size ``(vh, vw)`` of each mask's input frame, before padding.
-        alpha, gamma: the focal loss parameters (torchvision's meaning).
+        alpha, gamma: the focal loss parameters (torchvision's meaning; with soft targets its formula as
+            written, ``p_t = p t + (1 - p)(1 - t)``).
 
     Returns:
         ``MaskLosses`` of ``(P,)`` tensors in float32 (float64 for float64 logits).
     """
-    factor = _check_mask_inputs(logits, targets, valid_hw)
+    factor = _check_mask_inputs(logits, targets, valid_hw, soft)
     valid_hw = valid_hw.to(logits.device)  # callers often keep the sizes on the host
     x = upsample(logits.to(_compute_dtype(logits.dtype))[:, None], factor)[:, 0]  # (P, f h, f w)
-    t = (targets != 0).to(x.dtype)
+    fg = (targets >= 128) if soft else (targets != 0)
+    t = targets.to(x.dtype) / 255 if soft else fg.to(x.dtype)
     valid = valid_mask(valid_hw, *x.shape[1:]).to(x.dtype)
     n = valid.sum((1, 2))
     inv_n = torch.where(n > 0, 1 / n.clamp(min=1), torch.zeros_like(n))
@@ -152,8 +156,9 @@ def mask_losses_reference(
     dice = 1 - (2 * inter + 1) / (total + 1)
     with torch.no_grad():
         pred = (x > 0).to(x.dtype)
-        hard_inter = (pred * t * valid).sum((1, 2))
-        hard_union = (torch.maximum(pred, t) * valid).sum((1, 2))
+        hard_t = fg.to(x.dtype)
+        hard_inter = (pred * hard_t * valid).sum((1, 2))
+        hard_union = (torch.maximum(pred, hard_t) * valid).sum((1, 2))
         iou = torch.where(hard_union > 0, hard_inter / hard_union.clamp(min=1), torch.ones_like(hard_union))
     return MaskLosses(focal, bce, dice, mse, iou)
 
@@ -197,7 +202,9 @@ def class_ce_reference(
     return (ce * counted).sum((1, 2)) / n.clamp(min=1)
 
 
-def _check_mask_inputs(logits: torch.Tensor, targets: torch.Tensor, valid_hw: torch.Tensor) -> int:
+def _check_mask_inputs(
+    logits: torch.Tensor, targets: torch.Tensor, valid_hw: torch.Tensor, soft: bool = False
+) -> int:
     """Raise a ``ValueError`` on inputs ``mask_losses`` does not take; return the upsample factor."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be (P, h, w), got {tuple(logits.shape)}")
@@ -207,6 +214,8 @@ def _check_mask_inputs(logits: torch.Tensor, targets: torch.Tensor, valid_hw: to
     factor = upsample_factor((h, w), targets.shape, "targets")
     if targets.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"targets must be bool or uint8, got {targets.dtype}")
+    if soft and targets.dtype != torch.uint8:
+        raise ValueError(f"soft targets are uint8 shares in 255ths, got {targets.dtype}")
     if valid_hw.shape != (p_count, 2) or valid_hw.is_floating_point():
         raise ValueError(
             f"valid_hw must be an int ({p_count}, 2) tensor, got {valid_hw.dtype} {tuple(valid_hw.shape)}"

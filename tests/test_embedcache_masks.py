@@ -55,6 +55,57 @@ def test_input_frame_is_the_centre_nearest_rule(hw, preset):
     assert np.array_equal(got, want)
 
 
+def _coverage_by_definition(full: np.ndarray, in_hw: tuple[int, int]) -> np.ndarray:
+    """The coverage frame the slow way: split every original pixel into ``h x w`` equal parts and every
+    input pixel into ``H x W`` of those, count the covered parts, round half up in 255ths."""
+    (big_h, big_w), (h, w) = full.shape, in_hw
+    rows = np.repeat(full.astype(np.int64), h, axis=0).reshape(h, big_h, big_w).sum(1)  # (h, W)
+    cells = np.repeat(rows, w, axis=1).reshape(h, w, big_w).sum(2)  # (h, w) parts of H W each
+    return ((cells * 510 + big_h * big_w) // (2 * big_h * big_w)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (160, 97), (512, 512), (700, 1100)], ids=str)
+@pytest.mark.parametrize("preset", ["vit_b", "lite_medsam", "medsam_vit_b"])
+def test_coverage_is_each_input_pixels_covered_share(hw, preset):
+    """``input_coverage`` of a box crop equals the definition on the whole frame, up- and downsizing, at
+    whole and fractional ratios."""
+    rng = np.random.default_rng(2)
+    h, w = hw
+    full = np.zeros(hw, bool)
+    full[h // 5 : h // 2, w // 3 : w - 2] = _random_mask(rng, h // 2 - h // 5, w - 2 - w // 3)
+    box = mk.mask_box(full)
+    in_hw = PRESETS[preset].input_hw(h, w)
+    (r0, r1, c0, c1), got = mk.input_coverage(full[box[1] : box[3], box[0] : box[2]], box, hw, in_hw)
+    frame = np.zeros(in_hw, np.uint8)
+    frame[r0:r1, c0:c1] = got
+    assert np.array_equal(frame, _coverage_by_definition(full, in_hw))
+    assert got.dtype == np.uint8
+    if in_hw[0] < h:  # downsizing: pixels on the edges are partly covered
+        assert ((got > 0) & (got < 255)).any()
+
+
+def test_coverage_is_centred_where_the_nearest_rule_is_not():
+    """Halving a mask: the coverage keeps its centre of mass; the nearest rule moves it half an original
+    pixel up and left (input pixel r, the footprint of pixels 2r and 2r + 1, samples pixel 2r + 1)."""
+    full = np.zeros((512, 512), bool)
+    full[101:140, 300:317] = True  # odd edges: the nearest rule takes one of each pair of rows / columns
+    box = mk.mask_box(full)
+    crop = full[box[1] : box[3], box[0] : box[2]]
+    (r0, r1, c0, c1), cov = mk.input_coverage(crop, box, (512, 512), (256, 256))
+    frame = np.zeros((256, 256))
+    frame[r0:r1, c0:c1] = cov / 255
+
+    def centre(m: np.ndarray, scale: float) -> np.ndarray:  # pixel centres, in original pixels
+        ys, xs = np.indices(m.shape)
+        return np.array([((ys + 0.5) * m).sum(), ((xs + 0.5) * m).sum()]) * scale / m.sum()
+
+    truth = centre(full.astype(float), 1)
+    # within 0.05 px: 255ths round each share by up to 1/510 (a half-covered pixel holds 128 / 255)
+    assert np.abs(centre(frame, 2) - truth).max() < 0.05
+    nearest = mk.crop_to_input(crop, box, (512, 512), (256, 256), side=256).astype(float)
+    assert np.allclose(centre(nearest, 2) - truth, [-0.5, -0.5], atol=0.05)
+
+
 def test_lowres_is_the_4x4_majority():
     rng = np.random.default_rng(2)
     m = rng.random((2, 1024, 1024)) < 0.5

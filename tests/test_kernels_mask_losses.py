@@ -77,6 +77,13 @@ def make_inputs(
         tgt = torch.zeros(p_count, factor * h, factor * w, dtype=torch.bool, device=device)
     elif targets == "full":
         tgt = torch.ones(p_count, factor * h, factor * w, dtype=torch.bool, device=device)
+    elif targets == "soft":
+        # Coverage in 255ths: blobs whose edges are fractional, with many exact 0 and 255 inside and out.
+        frame = (factor * h, factor * w)
+        blobs = F.interpolate(torch.randn(p_count, 1, h, w, **kw), frame, mode="bilinear")[:, 0]
+        tgt = (torch.sigmoid(4 * blobs).mul(1.4).sub(0.2).clamp(0, 1) * 255).round().to(torch.uint8)
+        tgt.view(-1)[::5] = 127  # either side of the foreground threshold of iou
+        tgt.view(-1)[2::5] = 128
     else:
         raise ValueError(targets)
     valid_hw = make_valid(valid, p_count, factor * h, factor * w, torch.Generator().manual_seed(seed))
@@ -105,9 +112,10 @@ def compare(out, grad, ref_out, ref_grad, atol, rtol, context, grad_scale=None):
 # ---------------------------------------------------------------- the reference against the definition
 
 
-def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0) -> MaskLosses:
+def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0, soft=False) -> MaskLosses:
     """The definition, literally: upsample 4x to ``(4h, 4w)`` targets (not at all to ``(h, w)`` ones), crop
-    each mask to ``[:vh, :vw]``, apply torchvision's losses."""
+    each mask to ``[:vh, :vw]``, apply torchvision's losses (with ``soft`` to the targets / 255, which
+    torchvision's focal formula takes as they are; IoU counts 128 and up as foreground)."""
     from torchvision.ops import sigmoid_focal_loss
 
     p_count, h, w = logits.shape
@@ -120,7 +128,7 @@ def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0) -> Mask
     for i in range(p_count):
         vh, vw = (min(max(int(v), 0), s) for v, s in zip(valid_hw[i], frame))
         x = up[i, :vh, :vw]
-        t = (targets[i, :vh, :vw] != 0).double()
+        t = targets[i, :vh, :vw].double() / 255 if soft else (targets[i, :vh, :vw] != 0).double()
         if x.numel() == 0:
             zero = up[i].sum() * 0  # keeps the graph: an empty region has zero gradient
             for name in ("focal", "bce", "dice", "mse"):
@@ -133,8 +141,9 @@ def definition_float64(logits, targets, valid_hw, alpha=0.25, gamma=2.0) -> Mask
         rows["dice"].append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
         rows["mse"].append(F.mse_loss(p, t))
         pred = x.detach() > 0
-        union = (pred | (t > 0)).sum()
-        inter = (pred & (t > 0)).sum()
+        fg = t >= 0.5 if soft else t > 0
+        union = (pred | fg).sum()
+        inter = (pred & fg).sum()
         rows["iou"].append(inter.double() / union if union > 0 else torch.ones((), dtype=torch.float64))
     return MaskLosses(*(torch.stack(rows[name]).to(torch.float64) for name in MaskLosses._fields))
 
@@ -161,6 +170,28 @@ def test_reference_matches_float64_definition(shape, alpha, gamma, factor, seed)
     ref32 = run(logits.float(), targets, valid_hw, weights.float(), backend="torch", alpha=alpha, gamma=gamma)
     scale = unsaturated_grad_scale(weights.sum(0), valid_hw, factor)
     compare(*ref32, ref[0], ref[1], 1e-6, 1e-4, context + " float32", grad_scale=scale)
+
+
+@FACTORS
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 1.5), (0.6, 0.0)])
+def test_reference_soft_targets_match_float64_definition(alpha, gamma, factor, seed):
+    """Soft targets (shares in 255ths): the reference against the definition, and 0 / 255 shares against
+    the same masks given as bool."""
+    logits, targets, valid_hw, weights = make_inputs(
+        3, 5, 7, seed=seed, factor=factor, dtype=torch.float64, targets="soft"
+    )
+    context = f"soft factor={factor} alpha={alpha} gamma={gamma} seed={seed}"
+    assert ((targets > 0) & (targets < 255)).any() and (targets == 0).any() and (targets == 255).any()
+    ref = run(logits, targets, valid_hw, weights, backend="torch", alpha=alpha, gamma=gamma, soft=True)
+    x = logits.clone().requires_grad_()
+    want = definition_float64(x, targets, valid_hw, alpha, gamma, soft=True)
+    total = sum((getattr(want, name) * weights[k]).sum() for k, name in enumerate(LOSS_NAMES))
+    (want_grad,) = torch.autograd.grad(total, x)
+    compare(*ref, MaskLosses(*(t.detach() for t in want)), want_grad, 1e-12, 1e-10, context)
+
+    hard = targets >= 128
+    as_soft = run(logits, hard.to(torch.uint8) * 255, valid_hw, weights, backend="torch", soft=True)
+    compare(*as_soft, *run(logits, hard, valid_hw, weights, backend="torch"), 1e-12, 1e-10, context)
 
 
 @FACTORS
@@ -223,6 +254,33 @@ def test_triton_matches_reference(shape, valid, factor, tol, seed):
     # seed 4137388827).
     scale = unsaturated_grad_scale(weights.sum(0), valid_hw, factor)
     compare(*got, *want, *tol, context, grad_scale=scale)
+
+
+SOFT_CASES = [((3, 3, 17), 0.25, 2.0), ((1, 17, 3), -1.0, 1.5), ((7, 3, 5), 0.6, 0.0), ((2, 5, 9), 0.25, 3.0)]
+
+
+@FACTORS
+@pytest.mark.parametrize("tol", [FP32])
+@pytest.mark.parametrize(
+    "shape,alpha,gamma", SOFT_CASES, ids=["P{}_h{}_w{}-a{}-g{}".format(*s, a, g) for s, a, g in SOFT_CASES]
+)
+@pytest.mark.interpreter
+def test_triton_soft_targets(shape, alpha, gamma, factor, tol, seed):
+    """The kernels' soft-target path (``SOFT``) against the reference, on every output and the gradient of
+    each loss on its own (a small term cannot hide behind a large one)."""
+    logits, targets, valid_hw, _ = make_inputs(*shape, seed=seed, factor=factor, targets="soft")
+    kw = {"alpha": alpha, "gamma": gamma, "soft": True}
+    for k, loss in enumerate(LOSS_NAMES):
+        weights = torch.zeros(len(LOSS_NAMES), shape[0])
+        weights[k] = torch.linspace(-0.5, 2.0, shape[0])
+        context = f"soft d{loss} shape={shape} factor={factor} valid={valid_hw.tolist()} seed={seed}"
+        compare(
+            *run(logits, targets, valid_hw, weights, backend="triton", **kw),
+            *run(logits, targets, valid_hw, weights, backend="torch", **kw),
+            *tol,
+            context,
+            grad_scale=unsaturated_grad_scale(weights.abs().sum(0), valid_hw, factor),
+        )
 
 
 # (shape, factor, block): a program covers 4 block x 4 block target pixels, so at factor 1 the masks must be
@@ -403,7 +461,15 @@ def test_triton_on_cpu_needs_the_interpreter():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(
     "bad",
-    ["targets_shape", "targets_factor_2", "targets_dtype", "valid_shape", "valid_float", "logits_rank"],
+    [
+        "targets_shape",
+        "targets_factor_2",
+        "targets_dtype",
+        "soft_bool",
+        "valid_shape",
+        "valid_float",
+        "logits_rank",
+    ],
 )
 def test_input_validation(bad, backend):
     """Bad inputs raise a ValueError before any kernel runs, on either backend."""
@@ -417,6 +483,8 @@ def test_input_validation(bad, backend):
         match = r"got \(2, 6, 8\)"
     elif bad == "targets_dtype":
         targets = targets.float()
+    elif bad == "soft_bool":
+        match = r"soft targets are uint8 shares in 255ths, got torch.bool"
     elif bad == "valid_shape":
         valid_hw = valid_hw[:, :1]
     elif bad == "valid_float":
@@ -424,7 +492,7 @@ def test_input_validation(bad, backend):
     elif bad == "logits_rank":
         logits = logits[None]
     with pytest.raises(ValueError, match=match):
-        kernels.mask_losses(logits, targets, valid_hw, backend=backend)
+        kernels.mask_losses(logits, targets, valid_hw, backend=backend, soft=bad == "soft_bool")
 
 
 @FACTORS

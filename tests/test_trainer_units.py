@@ -396,6 +396,7 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
         masks=masks,
         boxes=torch.tensor([[200.0, 100, 400, 300], [500, 500, 600, 700]]),
         valid_hw=torch.tensor([[1024, 1024]] * 2),
+        targets=None,
     )
     model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
     seen = []
@@ -457,6 +458,12 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     restarted.backward()
     assert sum(float(w[i].layers[-1].weight.grad.abs().sum()) for i in (1, 2, 3)) > 0
     assert w[0].layers[-1].weight.grad.abs().sum() > 0  # from the box round
+    # data.targets: coverage: the loss reads the batch's coverage (255 where the mask is: the same loss),
+    # the prompts still the bool masks
+    batch.targets = masks.to(torch.uint8) * 255
+    assert float(loss_of(1)[0].detach()) == pytest.approx(float(two.detach()), rel=1e-6)
+    batch.targets = masks.to(torch.uint8) * 200
+    assert float(loss_of(1)[0].detach()) != pytest.approx(float(two.detach()), rel=1e-3)
 
 
 def test_decode_output_tokens_override(sam):
@@ -500,6 +507,21 @@ def test_batch_targets_are_pasted_from_crops_exactly(tmp_path):
     assert torch.equal(scattered, batch.masks)
     no_objects = paste_crops(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, 4, dtype=torch.int64), 256)
     assert no_objects.shape == (0, 256, 256)
+    assert batch.targets is None  # the nearest rule's batch: the loss reads masks
+    # data.targets: coverage: the coverage crops pasted, on the host and by the device path
+    soft = read_batch(store, images, k=3, seed=0, epoch=0, coverage=True).to(torch.device("cpu"))
+    assert torch.equal(soft.masks, batch.masks) and soft.targets.dtype == torch.uint8
+    for k, j in enumerate(soft.object_ids.tolist()):
+        (x1, y1, x2, y2), crop = cache.input_coverage_crop(j)
+        want_k = np.zeros((cache.image_size,) * 2, np.uint8)
+        want_k[y1:y2, x1:x2] = crop
+        assert np.array_equal(soft.targets[k].numpy(), want_k)
+    assert ((soft.targets > 0) != soft.masks).any()  # the two frames differ on the edges
+    scattered = torch.zeros_like(soft.targets)
+    widths = soft.target_boxes[:, 2] - soft.target_boxes[:, 0]
+    areas = widths * (soft.target_boxes[:, 3] - soft.target_boxes[:, 1])
+    _scatter_crops(scattered, soft.target_pixels, soft.target_boxes, widths, areas)
+    assert torch.equal(scattered, soft.targets)
 
 
 def test_config_without_a_model_takes_the_caches(tmp_path):

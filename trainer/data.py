@@ -58,6 +58,15 @@ class Batch:
     """``(P, S, S)`` bool target masks in the input frame, assembled by ``to`` on the step's device
     from the crops, so only the crops cross the host-device link. ``None`` until then, and for semantic
     batches (their targets are ``labels``)."""
+    target_pixels: torch.Tensor | None = None
+    """``(S',)`` uint8 coverage crops (``data.targets: coverage``): each object's share of every input pixel
+    inside its ``target_boxes`` box, in 255ths (``embedcache.masks.input_coverage``), concatenated as
+    ``mask_pixels``. ``None`` for the nearest rule's targets and for semantic batches."""
+    target_boxes: torch.Tensor | None = None
+    """``(P, 4)`` int64 xyxy boxes of the coverage crops in the input frame (x2, y2 exclusive)."""
+    targets: torch.Tensor | None = None
+    """``(P, S, S)`` uint8 coverage targets, pasted by ``to`` from the coverage crops as ``masks`` is;
+    ``None`` without coverage crops (the loss then reads ``masks``)."""
     views: tuple[str, ...] | None = None
     """The cache view each of the ``B`` images was read in (``embedcache.views``), or None when all are the
     identity. A task that keeps its own per-image targets (not read from the batch) must key them by view."""
@@ -77,6 +86,8 @@ class Batch:
         )
         if moved.masks is None and moved.labels is None:  # a semantic batch's targets are its labels
             moved.masks = paste_crops(moved.mask_pixels, moved.mask_boxes, moved.side)
+        if moved.targets is None and moved.target_pixels is not None:
+            moved.targets = paste_crops(moved.target_pixels, moved.target_boxes, moved.side, torch.uint8)
         return moved
 
     @property
@@ -92,14 +103,17 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if t.device.type == "cpu" else t  # device-resident embeddings are already there
 
 
-def paste_crops(pixels: torch.Tensor, boxes: torch.Tensor, side: int) -> torch.Tensor:
+def paste_crops(
+    pixels: torch.Tensor, boxes: torch.Tensor, side: int, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
     """Full masks from crops, on the crops' device.
 
     Args:
         pixels: ``(S,)`` uint8 crop pixels, object after object, row-major inside each box.
         boxes: ``(P, 4)`` int64 xyxy crop boxes inside a ``side x side`` frame; S = their summed area.
+        dtype: ``torch.bool`` (masks: nonzero is True) or ``torch.uint8`` (the pixels' values, coverage).
     Returns:
-        ``(P, side, side)`` bool, the crops at their boxes and False elsewhere.
+        ``(P, side, side)`` ``dtype``, the crops at their boxes and 0 elsewhere.
 
     On CUDA one scatter places every pixel (no per-object launches, no host sync). On the host a loop of
     per-object slice copies is faster: for the demo cache's 53 objects it took 1/12 to 1/15 of the scatter's
@@ -108,12 +122,13 @@ def paste_crops(pixels: torch.Tensor, boxes: torch.Tensor, side: int) -> torch.T
     widths = boxes[:, 2] - boxes[:, 0]
     areas = widths * (boxes[:, 3] - boxes[:, 1])
     if pixels.is_cuda:
-        out = torch.zeros(boxes.shape[0], side, side, dtype=torch.bool, device=pixels.device)
+        out = torch.zeros(boxes.shape[0], side, side, dtype=dtype, device=pixels.device)
         _scatter_crops(out, pixels, boxes, widths, areas)
         return out
     # numpy on the host: calloc'd zeros (pages fault in when first touched, not in a memset up front) and
     # slice copies without torch's per-op overhead.
-    dst, src = np.zeros((boxes.shape[0], side, side), bool), pixels.numpy()
+    dst = np.zeros((boxes.shape[0], side, side), bool if dtype == torch.bool else np.uint8)
+    src = pixels.numpy()
     starts = (torch.cumsum(areas, 0) - areas).tolist()
     for k, ((x1, y1, x2, y2), start) in enumerate(zip(boxes.tolist(), starts)):
         dst[k, y1:y2, x1:x2] = src[start : start + (y2 - y1) * (x2 - x1)].reshape(y2 - y1, x2 - x1)
@@ -128,14 +143,16 @@ def _scatter_crops(out, pixels, boxes, widths, areas) -> None:
     w = widths[obj]
     rows = boxes[obj, 1] + torch.div(local, w, rounding_mode="floor")
     cols = boxes[obj, 0] + local.remainder(w)
-    out.view(-1)[(obj * side + rows) * side + cols] = pixels.bool()
+    out.view(-1)[(obj * side + rows) * side + cols] = pixels.to(out.dtype)
 
 
-def read_crops(cache, obj_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(S,)`` uint8 crop pixels and ``(n, 4)`` int64 input-frame boxes of objects ``obj_idx``."""
+def read_crops(cache, obj_idx: np.ndarray, frame: str = "input") -> tuple[np.ndarray, np.ndarray]:
+    """``(S,)`` uint8 crop pixels and ``(n, 4)`` int64 input-frame boxes of objects ``obj_idx``: their bool
+    input masks (``frame="input"``) or their coverage (``"coverage"``, ``Cache.input_coverage_crop``)."""
+    read = cache.input_mask_crop if frame == "input" else cache.input_coverage_crop
     boxes, crops = [np.zeros((0, 4), np.int64)], [np.zeros(0, np.uint8)]
     for j in obj_idx:
-        box, crop = cache.input_mask_crop(int(j))
+        box, crop = read(int(j))
         boxes.append(np.asarray(box, np.int64)[None])
         crops.append(crop.reshape(-1).view(np.uint8))
     return np.concatenate(crops), np.concatenate(boxes)
@@ -258,9 +275,11 @@ def read_batch(
     *,
     semantic: bool = False,
     views: list[str] | None = None,
+    coverage: bool = False,
 ) -> Batch:
     """Read one micro-batch of the images ``images`` (cache indices), image ``b`` in view ``views[b]`` (None:
-    all in the identity); see ``Batch``. A view's embedding, boxes, masks and sizes are all its own."""
+    all in the identity); see ``Batch``. A view's embedding, boxes, masks and sizes are all its own. With
+    ``coverage`` (an instance batch under ``data.targets: coverage``) the objects' coverage crops too."""
     cache = store.cache
     caches = [cache.view(v) for v in views] if views is not None else [cache] * len(images)
     per_image = [
@@ -271,6 +290,11 @@ def read_batch(
     crops = [read_crops(c, o) for c, o in zip(caches, per_image)]
     pixels, mask_boxes = np.concatenate([p for p, _ in crops]), np.concatenate([b for _, b in crops])
     valid = np.stack([c.input_size[i] for c, i in zip(caches, images)]).astype(np.int64).reshape(-1, 2)
+    target_pixels = target_boxes = None
+    if coverage and not semantic:
+        soft = [read_crops(c, o, "coverage") for c, o in zip(caches, per_image)]
+        target_pixels = torch.from_numpy(np.concatenate([p for p, _ in soft]))
+        target_boxes = torch.from_numpy(np.concatenate([b for _, b in soft]))
     labels = None
     if semantic:
         lab = np.zeros((len(images), cache.image_size, cache.image_size), np.int64)
@@ -295,6 +319,8 @@ def read_batch(
         image_valid_hw=torch.from_numpy(valid),
         side=cache.image_size,
         labels=labels,
+        target_pixels=target_pixels,
+        target_boxes=target_boxes,
         views=None if views is None else tuple(views),
     )
 
@@ -321,7 +347,14 @@ class Prefetcher:
             [views[view_of(self.seed, epoch, int(i), len(views))] for i in images] if len(views) > 1 else None
         )
         batch = read_batch(
-            self.store, images, self.cfg.max_objects, self.seed, epoch, semantic=self.semantic, views=chosen
+            self.store,
+            images,
+            self.cfg.max_objects,
+            self.seed,
+            epoch,
+            semantic=self.semantic,
+            views=chosen,
+            coverage=self.cfg.targets == "coverage",
         )
         # A CUDA run pastes the targets on the GPU after the copy; a host run pastes them here, off the step.
         return batch.pin() if self.pin else batch.to(torch.device("cpu"))

@@ -83,11 +83,15 @@ class InstanceTask:
         box_start = asked[0].has_box
         first = torch.where(box_start, 1.0, c.point_start)
         later = torch.where(box_start, 1.0, c.point_start * c.point_refine)
+        # the loss's targets: the objects' coverage (data.targets: coverage) or their bool masks
+        soft = batch.targets is not None
+        targets = batch.targets if soft else batch.masks
         total, per_round = 0.0, []
         for r, (out, prompts) in enumerate(zip(rounds, asked)):
             multimask = self.multimask(prompts)
+            weight = first if r == 0 else later
             loss, logged = instance_loss(
-                out.logits, out.iou, batch.masks, batch.valid_hw, c, multimask, first if r == 0 else later
+                out.logits, out.iou, targets, batch.valid_hw, c, multimask, weight, soft=soft
             )
             total = total + loss
             per_round.append(logged)

@@ -35,6 +35,7 @@ def instance_loss(
     cfg: LossConfig,
     multimask: torch.Tensor,
     weight: torch.Tensor | None = None,
+    soft: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of ``P`` objects of one prompting round, on the outputs each object's prompt uses.
 
@@ -46,7 +47,8 @@ def instance_loss(
     Args:
         logits: ``(P, 4, 256, 256)`` low-res mask logits (SAM's output 0 and multimask outputs 1..3).
         iou_pred: ``(P, 4)`` predicted IoU.
-        targets: ``(P, S, S)`` bool masks in the input frame.
+        targets: ``(P, S, S)`` bool masks in the input frame, or with ``soft`` uint8 coverage in 255ths
+            (``data.targets: coverage``; ``kernels.mask_losses``' soft targets).
         valid_hw: ``(P, 2)`` int input size (h, w) of each object's image.
         multimask: ``(P,)`` bool, the objects scored on outputs 1..3.
         weight: ``(P,)`` float factor on each object's loss (None: all 1).
@@ -69,6 +71,7 @@ def instance_loss(
         alpha=cfg.focal_alpha,
         gamma=cfg.focal_gamma,
         backend=cfg.backend,
+        soft=soft,
     )
     per_mask = sum(getattr(cfg, k) * getattr(terms, k) for k in ("focal", "dice", "bce", "mse"))
     # (P, 4) with inf where an output is not scored, so the least loss per object is a row's argmin
