@@ -113,7 +113,7 @@ def _pixel_terms(up, is_fg, t, alpha_pos, alpha_neg, GAMMA: tl.constexpr, SOFT: 
         q_gamma = tl.full(q.shape, 1.0, tl.float32)
     else:
         q_gamma = tl.where(q > 0, tl.exp2(GAMMA * tl.log2(tl.maximum(q, 1e-38))), 0.0)
-    if SOFT:
+    if SOFT:  # noqa: SIM108 (a constexpr branch: the hard path is compiled without it)
         a_t = alpha_pos * t + alpha_neg * (1.0 - t)
     else:
         a_t = tl.where(is_fg, alpha_pos, alpha_neg)

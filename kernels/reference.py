@@ -127,7 +127,7 @@ def mask_losses_reference(
         logits: ``(P, h, w)`` float32, bfloat16 or float64 low-resolution mask logits.
         targets: ``(P, 4h, 4w)`` (upsample factor 4) or ``(P, h, w)`` (factor 1) bool or uint8 ground truth
             in the model's input frame (nonzero = foreground); with ``soft``, uint8 foreground shares in
-            255ths (the target of pixel i is ``targets[i] / 255``, and ``iou`` counts ``>= 128`` as foreground).
+            255ths (the target of pixel i is ``targets[i] / 255``; ``iou`` counts ``>= 128`` as foreground).
         valid_hw: ``(P, 2)`` int, the valid size ``(vh, vw)`` of each mask's input frame, before padding.
         alpha, gamma: the focal loss parameters (torchvision's meaning; with soft targets its formula as
             written, ``p_t = p t + (1 - p)(1 - t)``).
