@@ -383,6 +383,7 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
     """Every round's loss counts: with one corrective round the loss is the sum of two rounds' losses, and
     a box-only batch gets gradient through output 0 in both rounds and never through the multimask outputs."""
     from trainer.config import Config, LossConfig, PromptConfig
+    from trainer.data import Batch
     from trainer.decoder import PromptedDecoder
     from trainer.instance import InstanceTask
 
@@ -398,6 +399,7 @@ def test_interactive_loss_sums_every_round_and_trains_output_0(sam, tmp_path):
         valid_hw=torch.tensor([[1024, 1024]] * 2),
         targets=None,
     )
+    batch.prompt_masks = lambda: Batch.prompt_masks(batch)
     model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
     seen = []
     model.mask_decoder.output_upscaling.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
@@ -522,6 +524,12 @@ def test_batch_targets_are_pasted_from_crops_exactly(tmp_path):
     areas = widths * (soft.target_boxes[:, 3] - soft.target_boxes[:, 1])
     _scatter_crops(scattered, soft.target_pixels, soft.target_boxes, widths, areas)
     assert torch.equal(scattered, soft.targets)
+    # clicks come from the pixels at least half covered; an object with none keeps its nearest-rule mask
+    assert torch.equal(batch.prompt_masks(), batch.masks)
+    assert torch.equal(soft.prompt_masks(), soft.targets >= 128)
+    soft.targets[0] = soft.targets[0].clamp(max=127)
+    assert torch.equal(soft.prompt_masks()[0], soft.masks[0]) and soft.masks[0].any()
+    assert torch.equal(soft.prompt_masks()[1:], soft.targets[1:] >= 128)
 
 
 def test_config_without_a_model_takes_the_caches(tmp_path):

@@ -90,6 +90,16 @@ class Batch:
             moved.targets = paste_crops(moved.target_pixels, moved.target_boxes, moved.side, torch.uint8)
         return moved
 
+    def prompt_masks(self) -> torch.Tensor:
+        """``(P, S, S)`` bool: the masks clicks are drawn from and judged against. With coverage targets, the
+        input pixels at least half covered, so that a click agrees with the loss's target (an object with no
+        such pixel, a sliver the downsizing thins out, keeps its nearest-rule mask); else ``masks``."""
+        if self.targets is None:
+            return self.masks
+        half = self.targets >= 128
+        thin = ~half.flatten(1).any(1)
+        return torch.where(thin[:, None, None], self.masks, half)
+
     @property
     def num_objects(self) -> int:
         return int(self.image_index.shape[0])

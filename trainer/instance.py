@@ -62,17 +62,18 @@ class InstanceTask:
         ``loss.point_refine`` on top).
         """
         p = self.cfg.prompts
-        asked = [initial_prompts(batch.masks, batch.boxes, batch.valid_hw, p, g)]
+        masks = batch.prompt_masks()
+        asked = [initial_prompts(masks, batch.boxes, batch.valid_hw, p, g)]
 
         def refine(r: int, out: Decoded, prompts: Prompts) -> Prompts | None:
             if r == p.corrective_rounds:
                 return None
             shown = out.shown(self.multimask(prompts)).detach()
             nxt = corrective_click(
-                prompts, shown, batch.masks, batch.valid_hw, g, mask_prompt_prob=p.mask_prompt_prob
+                prompts, shown, masks, batch.valid_hw, g, mask_prompt_prob=p.mask_prompt_prob
             )
             if r == 0 and p.click_restart > 0:
-                nxt = restart_with_click(nxt, batch.masks, p.click_restart, g)
+                nxt = restart_with_click(nxt, masks, p.click_restart, g)
             asked.append(nxt)
             return nxt
 
