@@ -530,6 +530,19 @@ def test_batch_targets_are_pasted_from_crops_exactly(tmp_path):
     soft.targets[0] = soft.targets[0].clamp(max=127)
     assert torch.equal(soft.prompt_masks()[0], soft.masks[0]) and soft.masks[0].any()
     assert torch.equal(soft.prompt_masks()[1:], soft.targets[1:] >= 128)
+    # the training reader follows data.targets: coverage by default, nearest gives the old batches
+    from trainer.data import Prefetcher
+
+    jobs = [(0, images[:2])]
+    for choice, has in (("coverage", True), ("nearest", False)):
+        cfg = load_config(None, [f"data.targets={choice}"]).data
+        (read,) = Prefetcher(store, jobs, cfg, seed=0, semantic=False, pin=False)
+        assert (read.targets is not None) == has and torch.equal(
+            read.masks, read_batch(store, images[:2], 8, 0, 0).to(torch.device("cpu")).masks
+        )
+    assert load_config(None, []).data.targets == "coverage"
+    with pytest.raises(ValueError, match=r"data.targets must be one of coverage\|nearest, got 'soft'"):
+        load_config(None, ["data.targets=soft"])
 
 
 def test_config_without_a_model_takes_the_caches(tmp_path):
