@@ -23,12 +23,10 @@ NOC_THRESHOLDS = (0.85, 0.90)
 """The IoU targets NoC is reported for (``noc85``, ``noc90``)."""
 
 
-def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, int] | None:
-    """The corrective click on a ``(H, W)`` bool prediction of a ``(H, W)`` bool target.
-
-    Returns ``(x, y, label)`` in the masks' pixels (label 1 positive in a missed region, 0 negative in a
-    spill), or ``None`` when the prediction is exact. A missed region wins a tie with a spill.
-    """
+def error_region(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The error region a corrective click goes to, for a ``(H, W)`` bool prediction of a ``(H, W)`` bool
+    target: the largest connected missed region (label 1) or spill (label 0), whichever has more pixels, as a
+    ``(H, W)`` bool mask and its label; ``None`` when the prediction is exact. A missed region wins a tie."""
     best = None  # (pixels, region, label)
     for region, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
         if not region.any():
@@ -39,13 +37,25 @@ def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, int] | N
         k = int(np.argmax(sizes))
         if best is None or sizes[k] > best[0]:
             best = (int(sizes[k]), parts == k, label)
-    if best is None:
+    return None if best is None else best[1:]
+
+
+def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, int] | None:
+    """The corrective click on a ``(H, W)`` bool prediction of a ``(H, W)`` bool target: the interior-most
+    pixel of ``error_region``.
+
+    Returns ``(x, y, label)`` in the masks' pixels (label 1 positive in a missed region, 0 negative in a
+    spill), or ``None`` when the prediction is exact.
+    """
+    chosen = error_region(pred, gt)
+    if chosen is None:
         return None
+    region, label = chosen
     # the distance transform only needs the region's bounding box (one pixel of margin stays outside)
-    ys, xs = np.nonzero(best[1])
+    ys, xs = np.nonzero(region)
     y0, x0 = ys.min(), xs.min()
-    x, y = farthest_interior_point(best[1][y0 : ys.max() + 1, x0 : xs.max() + 1])
-    return x + x0, y + y0, best[2]
+    x, y = farthest_interior_point(region[y0 : ys.max() + 1, x0 : xs.max() + 1])
+    return x + x0, y + y0, label
 
 
 def noc(ious: np.ndarray, threshold: float) -> float:

@@ -7,9 +7,10 @@ For every object of the SPLIT images (default val), the box mask is made as ``tr
 largest missed region or spill) and the box mask's logits as the mask prompt, the same click without the mask
 prompt, and with a click drawn uniformly from the whole error region (as training draws it, here at the
 original size; seeded) and the mask prompt. The width of an error region is twice its largest inscribed
-distance, in original pixels (a one-pixel region is 2 wide). Prints each way's mean IoU and its change from
-round 0, over all objects and for the objects whose clicked region is of each width. CHECKPOINT is anything
-``trainer eval --checkpoint`` takes. Used for docs/results.md's *Why corrective clicks lower the box masks*.
+distance, in original pixels (a one-pixel region is 2 wide), of the region ``error_region`` picks. Prints each
+way's mean IoU and its change from round 0, over all objects and for the objects whose clicked region is of
+each width. CHECKPOINT is anything ``trainer eval --checkpoint`` takes. Used for docs/results.md's *Why
+corrective clicks lower the box masks*.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from scipy import ndimage
 
 from embedcache.cache import open_cache
-from trainer.clicks import next_click
+from trainer.clicks import error_region, next_click
 from trainer.data import input_boxes
 from trainer.eval_run import _cache_encoder, _checkpoint_model
 from trainer.evaluate import iou_and_dice, postprocess
@@ -66,13 +67,9 @@ def uniform_click(pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator) ->
     return float(xs[k]), float(ys[k]), int(gt[ys[k], xs[k]])
 
 
-def region_width(pred: np.ndarray, gt: np.ndarray, label: int) -> float:
-    """Twice the largest inscribed distance of the error region ``next_click`` chose (its label's kind)."""
-    region = gt & ~pred if label == 1 else pred & ~gt
-    parts, _ = ndimage.label(region)
-    sizes = np.bincount(parts.ravel())
-    sizes[0] = 0
-    return 2 * float(ndimage.distance_transform_edt(np.pad(parts == sizes.argmax(), 1)).max())
+def region_width(region: np.ndarray) -> float:
+    """Twice the largest inscribed distance of a ``(H, W)`` bool region."""
+    return 2 * float(ndimage.distance_transform_edt(np.pad(region, 1)).max())
 
 
 @torch.no_grad()
@@ -101,7 +98,7 @@ def main(cache_path: str, checkpoint: str, split: str = "val") -> None:
         ]
         for j, (p, g) in enumerate(zip(preds, gts)):
             ious = [iou_and_dice(a[j], g)[0] for a in after]
-            rows.append((iou_and_dice(p, g)[0], *ious, region_width(p, g, int(clicks[j, 2]))))
+            rows.append((iou_and_dice(p, g)[0], *ious, region_width(error_region(p, g)[0])))
     r = np.array(rows)
     print(f"{checkpoint}: {len(r)} objects of the {split} images; box mask mIoU {r[:, 0].mean():.4f}")
     for k, way in enumerate(ways, 1):
