@@ -11,9 +11,10 @@ import pytest
 from embedcache import open_cache
 from embedcache.build import BuildConfig, build_cache
 from embedcache.synthetic import make_dataset
+from trainer import checkpoint as ckpt
 from trainer.cli import main
 from trainer.config import DEFAULT_CONFIG, load_config
-from trainer.sweep import holdout_split, rungs
+from trainer.sweep import holdout_split, rungs, sweep
 
 FAST = [
     "model.model_type=vit_tiny",
@@ -61,7 +62,7 @@ def test_sweep_prunes_picks_and_resumes_exactly(cache_path, tmp_path, monkeypatc
 
     seen = []
 
-    def known(metrics: dict, metric: str) -> float:
+    def known(metrics: dict, metric: str, task) -> float:
         seen.append(metrics["box"]["n_objects"])  # real validation metrics reach the scorer
         return -abs(np.log10(metrics["lr"]) + 3)
 
@@ -99,3 +100,30 @@ def test_sweep_prunes_picks_and_resumes_exactly(cache_path, tmp_path, monkeypatc
     again = json.loads((out / "sweep.json").read_text())
     assert again["trials"] == first["trials"] and again["best"] == first["best"]
     assert {p: p.stat().st_mtime_ns for p in weights} == weights
+
+
+def test_sweep_scores_other_tasks_by_their_own_number(cache_path, tmp_path):
+    """An AIS sweep trains on the held-in images (its targets are built for them) and scores each trial by
+    the head's validation mSA, as ``trainer run`` picks its best checkpoint; ``--metric`` is the instance
+    task's and is refused here, as is a mix of tasks."""
+    out = tmp_path / "ais"
+    args = ["sweep", "--cache", str(cache_path), "--out", str(out), "--lr", "1e-3,1e-2"]
+    args += ["--min-steps", "1", "--reduction", "2", "--holdout", "0.4", *FAST, "model.task=ais"]
+    assert main(args) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["metric"] == "AIS mSA"
+    for trial in summary["trials"]:
+        for step, value in trial["scores"].items():
+            folder = ckpt.step_dir(out / "trials" / trial["trial"], int(step))
+            state = json.loads((folder / "trainer_state.json").read_text())
+            assert value == state["evals"][step]["auto"]["msa"]
+    assert "Validation AIS mSA on 40% of the training images" in (out / "table.md").read_text()
+    assert load_config(out / "best.yaml").model.task == "ais"
+    assert main([*args[:4], str(tmp_path / "m"), *args[5:], "--metric", "box"]) == 2  # said, nothing run
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="takes no --metric"):
+        sweep(cache_path, [DEFAULT_CONFIG], [*FAST, "model.task=ais"], tmp_path / "m", lrs=[1], metric="box")
+    other = tmp_path / "ais.yaml"
+    other.write_text("model:\n  task: ais\n")
+    with pytest.raises(ValueError, match="share model.task"):
+        sweep(cache_path, [DEFAULT_CONFIG, other], FAST, tmp_path / "m", lrs=[1e-3])

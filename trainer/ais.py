@@ -262,10 +262,7 @@ class AisTask:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The head on every image of the micro-batch in one forward, against the cached targets."""
         if self.targets is None:
-            raise ValueError(
-                "model.task=ais builds its targets in train_images(cache), which a session given its own "
-                "split (trainer sweep) does not call: AIS runs train with trainer run"
-            )
+            raise ValueError("model.task=ais builds its targets in train_images(cache); call it first")
         index = torch.arange(batch.embeddings.shape[0], device=batch.embeddings.device)
         logits = model(batch.embeddings, index, None).logits
         return ais_loss(logits, self.targets(batch.image_ids, batch.views, logits.device))

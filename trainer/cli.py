@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         "--holdout", type=float, default=0.25, help="share of the train images scored, not trained on"
     )
     w.add_argument(
-        "--metric", default="mean", choices=("mean", "box", "point"), help="box, point or mean mIoU"
+        "--metric",
+        default=None,
+        choices=("mean", "box", "point"),
+        help="box, point or mean mIoU (default mean); semantic and AIS trials are scored by their own number",
     )
     w.add_argument("--min-steps", type=int, default=25, help="the first rung, in optimiser steps")
     w.add_argument("--reduction", type=int, default=3, help="keep the best 1/reduction at each rung")

@@ -191,7 +191,9 @@ def _setup(cache, cfg: Config, out: Path, lock: ExitStack, *, resume, command, c
     # accumulation and mixed precision. The learning rate is set by hand from lr_factor(step) (train_step).
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    train_images, val_images = split or (task.train_images(cache), cache.image_indices("val"))
+    # the task's training images (AIS builds its targets here), or the given split's share of them
+    task_images = task.train_images(cache)
+    train_images, val_images = split or (task_images, cache.image_indices("val"))
     if cfg.run.val_max_images:
         val_images = val_images[: cfg.run.val_max_images]
     store, per_epoch = _store(cache, cfg, train_images, val_images, accelerator)

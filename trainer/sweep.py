@@ -33,7 +33,11 @@ from trainer.session import setup, train_step
 from trainer.train import save, validate
 
 METRICS = ("mean", "box", "point")
-"""What a trial is scored by: the mean of box and point mIoU, or one of them."""
+"""What a trial of the instance task is scored by: the mean of box and point mIoU, or one of them. A trial of
+another task is scored by the task's own number (``Task.score``; its name in ``TASK_SCORES``)."""
+
+TASK_SCORES = {"semantic": "semantic mIoU", "ais": "AIS mSA"}
+"""The number ``Task.score`` picks for each task but the instance task, as tables name it."""
 
 
 def holdout_split(cache, train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +61,11 @@ def rungs(steps: int, min_steps: int, reduction: int) -> list[int]:
     return [*out, steps]
 
 
-def score(metrics: dict, metric: str) -> float:
-    """A trial's number from validation metrics: box or point mIoU, or their mean."""
+def score(metrics: dict, metric: str | None, task) -> float:
+    """A trial's number from validation metrics: box or point mIoU or their mean (``metric``, the instance
+    task), or ``task``'s own score (``metric`` None: any other task)."""
+    if metric is None:
+        return task.score(metrics)
     if metric == "mean":
         return (metrics["box"]["miou"] + metrics["point"]["miou"]) / 2
     return metrics[metric]["miou"]
@@ -77,17 +84,18 @@ def sweep(
     *,
     lrs: list[float],
     holdout: float = 0.25,
-    metric: str = "mean",
+    metric: str | None = None,
     min_steps: int = 25,
     reduction: int = 3,
     command: str = "",
 ) -> dict:
     """Search ``configs`` x ``lrs`` (each with ``overrides``) on ``cache_path`` into ``out``; see the module
-    docstring. Returns ``{"trials", "best", "table"}``."""
+    docstring. ``metric``: one of ``METRICS`` for the instance task (None: ``mean``); other tasks are scored
+    by their own number and take none. Returns ``{"trials", "best", "table"}``."""
     import optuna
 
-    if metric not in METRICS:
-        raise ValueError(f"--metric must be one of {'|'.join(METRICS)}, got {metric!r}")
+    from trainer.task import TASKS, make_task
+
     if not lrs or min(lrs) <= 0 or not all(math.isfinite(v) for v in lrs):
         raise ValueError(f"--lr needs finite learning rates > 0, got {lrs}")
     out = Path(out)
@@ -97,6 +105,12 @@ def sweep(
     cfgs = {
         name: load_config(c, [*overrides, f"optim.lr={lr!r}"], under=under) for name, (c, lr) in bases.items()
     }
+    tasks = {cfg.model.task for cfg in cfgs.values()}
+    if len(tasks) != 1:
+        raise ValueError(f"the recipes must share model.task to be compared; got {sorted(tasks)}")
+    first = next(iter(cfgs.values()))
+    task = make_task(TASKS[first.model.task].resolve(first, cache))  # every trial shares its training images
+    metric, label = _metric(tasks.pop(), metric)
     steps = {cfg.run.steps for cfg in cfgs.values()}
     if len(steps) != 1:
         raise ValueError(f"the recipes must share run.steps to compete at equal steps; got {sorted(steps)}")
@@ -106,13 +120,13 @@ def sweep(
         direction="maximize",
         pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=min_steps, reduction_factor=reduction),
     )
-    split = holdout_split(cache, first_task_images(cache, next(iter(cfgs.values()))), holdout)
+    split = holdout_split(cache, task.train_images(cache), holdout)
     rows = []
     for name, cfg in cfgs.items():
         trial = study.ask()
         row = {"trial": name, "lr": cfg.optim.lr, "scores": {}, "state": "complete"}
         for step, metrics in _train_trial(cache, cfg, out / "trials" / name, at, split, command):
-            row["scores"][str(step)] = value = score(metrics, metric)
+            row["scores"][str(step)] = value = score(metrics, metric, task)
             trial.report(value, step)
             if step != at[-1] and trial.should_prune():
                 row["state"] = f"stopped at {step}"
@@ -124,21 +138,29 @@ def sweep(
         print(f"trainer sweep: {name}: {row['state']}, scores {row['scores']}", flush=True)
     best = max((r for r in rows if r["state"] == "complete"), key=lambda r: r["scores"][str(at[-1])])
     winner = cfgs[best["trial"]]
-    header = f"trainer sweep winner {best['trial']} ({metric} {best['scores'][str(at[-1])]:.4f}); {command}"
+    header = f"trainer sweep winner {best['trial']} ({label} {best['scores'][str(at[-1])]:.4f}); {command}"
     save_config(winner, out / "best.yaml", header=header)
-    table = sweep_table(rows, at, metric, holdout)
+    table = sweep_table(rows, at, label, holdout)
     (out / "table.md").write_text(table)
-    summary = {"trials": rows, "best": best["trial"], "rungs": at, "metric": metric, "holdout": holdout}
+    summary = {"trials": rows, "best": best["trial"], "rungs": at, "metric": label, "holdout": holdout}
     summary["held_out_images"] = [str(cache.image_id[i]) for i in split[1]]
     ckpt.write_json(out / "sweep.json", summary)
     return {"trials": rows, "best": best["trial"], "table": table}
 
 
-def first_task_images(cache, cfg: Config) -> np.ndarray:
-    """The training images of ``cfg``'s task on ``cache`` (every trial shares the first recipe's split)."""
-    from trainer.task import TASKS, make_task
-
-    return make_task(TASKS[cfg.model.task].resolve(cfg, cache)).train_images(cache)
+def _metric(task: str, metric: str | None) -> tuple[str | None, str]:
+    """``(metric, its name in tables)`` of a sweep of ``task`` asked for ``metric`` (None: the default)."""
+    if task == "instance":
+        metric = metric or "mean"
+        if metric not in METRICS:
+            raise ValueError(f"--metric must be one of {'|'.join(METRICS)}, got {metric!r}")
+        return metric, f"{metric} mIoU"
+    if metric is not None:
+        raise ValueError(
+            f"--metric picks among the instance task's scores; model.task={task} is scored by its "
+            f"{TASK_SCORES[task]} and takes no --metric"
+        )
+    return None, TASK_SCORES[task]
 
 
 def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command: str):
@@ -168,11 +190,12 @@ def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command
         s.accelerator.free_memory()
 
 
-def sweep_table(rows: list[dict], at: list[int], metric: str, holdout: float) -> str:
-    """Markdown: one row per trial with its score at every rung it reached and how it ended."""
+def sweep_table(rows: list[dict], at: list[int], label: str, holdout: float) -> str:
+    """Markdown: one row per trial with its score (``label``, e.g. ``box mIoU``) at every rung it reached and
+    how it ended."""
     head = ["trial", "lr", *(f"step {s}" for s in at), "state"]
     lines = [
-        f"Validation {metric} mIoU on {holdout:.0%} of the training images, held out of every trial:",
+        f"Validation {label} on {holdout:.0%} of the training images, held out of every trial:",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
