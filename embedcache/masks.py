@@ -145,6 +145,17 @@ def input_coverage(crop: np.ndarray, box, hw: tuple[int, int], in_hw: tuple[int,
     return (r0, r0 + q.shape[0], c0, c0 + q.shape[1]), q.astype(np.uint8)
 
 
+def input_mean(values: np.ndarray, in_hw: tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` float64 mean of an ``(H, W)`` integer image ``values`` over each input pixel's footprint,
+    the coverage frame's (``input_coverage``): input pixel ``r`` averages original rows ``[r H / h, (r + 1)
+    H / h)``, columns likewise, each original pixel weighted by the part of it inside. Exact up to the final
+    division (integer sums, as ``input_coverage``)."""
+    (big_h, big_w), (h, w) = values.shape, (int(v) for v in in_hw)
+    _, rows = _integrate(values, big_h, h, 0)  # (h, W), units 1 / h
+    _, cells = _integrate(np.ascontiguousarray(rows.T), big_w, w, 0)  # (w, h), units 1 / (h w)
+    return cells.T / (big_h * big_w)
+
+
 def input_crop_to_lowres(
     region: tuple[int, int, int, int], small: np.ndarray, *, block: int, out=None
 ) -> np.ndarray:

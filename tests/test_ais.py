@@ -215,3 +215,39 @@ def test_the_head_reads_the_encoder_tails_output_on_a_partial_cache(one_image_ca
         after = model(tap, index, None).logits
     assert before.shape == after.shape and before.shape[:2] == (1, 3)
     assert (after - before).abs().max() > 1e-3
+
+
+def test_coverage_targets_are_the_original_maps_averaged_over_each_pixels_footprint(tmp_path):
+    """``data.targets=coverage`` (the default): the foreground target of a low-res pixel is the share of its
+    footprint in the original image that objects cover (written out the slow way: every original pixel split
+    into ``h x w`` parts, counted per input pixel, then over each 4 x 4 block's valid input pixels), at the
+    synthetic images' fractional ratios; the distances are the original maps averaged the same way; the
+    nearest rule's maps stay what they were; the weights do not depend on the rule."""
+    from embedcache.build import BuildConfig, build_cache
+    from embedcache.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_images=2, seed=3, max_objects=4)
+    build_cache(BuildConfig(data=data, out=tmp_path / "c.zarr", model_type="vit_tiny", progress=False))
+    cache = open_cache(tmp_path / "c.zarr")
+    for i in range(cache.num_images):
+        soft, hard = image_targets(cache, i).float(), image_targets(cache, i, "nearest").float()
+        (big_h, big_w), (h, w) = cache.original_size[i], cache.input_size[i]
+        lo, hi = cache.object_range(i)
+        full = np.zeros((big_h, big_w), np.int64)
+        for m in cache.masks(np.arange(lo, hi), "original"):
+            full |= m
+        rows = np.repeat(full, h, axis=0).reshape(h, big_h, big_w).sum(1)
+        share = np.repeat(rows, w, axis=1).reshape(h, w, big_w).sum(2) / (big_h * big_w)  # (h, w)
+        ih, iw = -(-h // 4), -(-w // 4)
+        padded, valid = np.zeros((ih * 4, iw * 4)), np.zeros((ih * 4, iw * 4))
+        padded[:h, :w], valid[:h, :w] = share, 1
+        want = padded.reshape(ih, 4, iw, 4).sum((1, 3)) / valid.reshape(ih, 4, iw, 4).sum((1, 3))
+        np.testing.assert_allclose(soft[0, :ih, :iw].numpy(), want, atol=1e-3)  # float16 targets
+        assert ((soft[0] > 0) & (soft[0] < 1)).any()  # soft on the edges
+        assert torch.equal(soft[3], hard[3])
+        inside = soft[0] > 0.99
+        assert (soft[2][inside] < 1).all() and (soft[1:3][:, soft[0] == 0] == 1).all()
+        lowres = cache.masks(np.arange(lo, hi), "lowres").any(0)
+        assert torch.equal(hard[0] > 0, torch.from_numpy(lowres))
+        agree = ((soft[0] >= 0.5) == (hard[0] > 0)).float().mean()
+        assert agree > 0.98

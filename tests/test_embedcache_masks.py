@@ -84,6 +84,23 @@ def test_coverage_is_each_input_pixels_covered_share(hw, preset):
         assert ((got > 0) & (got < 255)).any()
 
 
+@pytest.mark.parametrize("hw", [(37, 53), (160, 97)], ids=str)
+@pytest.mark.parametrize("preset", ["vit_b", "lite_medsam"])
+def test_input_mean_is_each_input_pixels_footprint_mean(hw, preset):
+    """``input_mean`` of integer values: the definition's count of equal parts (``_coverage_by_definition``
+    without the rounding), weighted by the values; a bool image gives the coverage's exact share."""
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 65536, hw)
+    in_hw = PRESETS[preset].input_hw(*hw)
+    (big_h, big_w), (h, w) = hw, in_hw
+    rows = np.repeat(values, h, axis=0).reshape(h, big_h, big_w).sum(1)
+    want = np.repeat(rows, w, axis=1).reshape(h, w, big_w).sum(2) / (big_h * big_w)
+    np.testing.assert_allclose(mk.input_mean(values, in_hw), want, rtol=1e-12)
+    full = values < 20000
+    share = np.floor(mk.input_mean(full, in_hw) * 255 + 0.5)  # half up, as the coverage rounds
+    assert np.array_equal(share, _coverage_by_definition(full, in_hw))
+
+
 def test_coverage_is_centred_where_the_nearest_rule_is_not():
     """Halving a mask: the coverage keeps its centre of mass; the nearest rule moves it half an original
     pixel up and left (input pixel r, the footprint of pixels 2r and 2r + 1, samples pixel 2r + 1)."""

@@ -8,9 +8,10 @@ were (the head, and an encoder tail's adapters where configured, are what train)
 still answers prompts as the starting model does; the head goes to the ``ais`` sidecar.
 
 The targets are computed once per run from the cache's masks (``AisTargets``): each training image's objects
-are painted into one label image at the low-res grid and turned into the three maps; the step only stacks
-them. The loss is micro-sam's (torch_em's ``DiceBasedDistanceLoss``): dice on the foreground plus dice on
-each distance map, the distances masked to the target foreground.
+are painted into one label image, turned into the three maps and brought to the low-res grid (by default
+averaged over each pixel's footprint in the original image, ``data.targets``); the step only stacks them.
+The loss is micro-sam's (torch_em's ``DiceBasedDistanceLoss``): dice on the foreground plus dice on each
+distance map, the distances masked to the target foreground.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedcache.masks import input_mean
 from embedcache.presets import LOWRES_SIZE
 from trainer.config import Config, ModelConfig
 from trainer.data import Batch, ImageStore
@@ -93,23 +95,29 @@ class AisHeadVariant(Variant):
         model.ais_head = head.to(sam.mask_decoder.iou_token.weight.device)
 
 
-def image_targets(cache: Cache, image: int) -> torch.Tensor:
+def image_targets(cache: Cache, image: int, rule: str = "coverage") -> torch.Tensor:
     """``(4, 256, 256)`` float16 targets of one cache image at the low-res grid: foreground, centre
     distance, boundary distance (``distance_targets``) and the weight of each pixel (1 inside the image's
     input region and outside the cache's ignore region, else 0).
 
-    Objects are painted largest first (a small object on a large one stays visible), from the cache's
-    low-res masks (``Cache.masks(..., "lowres")``)."""
+    Objects are painted largest first (a small object on a large one stays visible). ``rule`` is
+    ``data.targets``: ``coverage`` paints them at the original size, makes the maps there and averages each
+    over every low-res pixel's footprint in the original image (``embedcache.masks.input_mean``; soft at
+    the edges, and centred as the image resize centres it); ``nearest`` paints the cache's low-res masks
+    (``Cache.masks(..., "lowres")``), up to half an input pixel off when the image is downsized."""
     lo, hi = cache.object_range(image)
     objs = np.arange(lo, hi)
     objs = objs[cache.objects.input_area[objs] > 0]
-    masks = cache.masks(objs, "lowres")
-    labels = np.zeros((LOWRES_SIZE, LOWRES_SIZE), np.int32)
-    for k in np.argsort([-m.sum() for m in masks], kind="stable"):
-        labels[masks[k]] = k + 1
-    maps = distance_targets(labels)
     block = cache.image_size // LOWRES_SIZE
     ih, iw = (int(np.ceil(int(v) / block)) for v in cache.input_size[image])
+    if rule == "nearest":
+        pieces = [(0, 0, m) for m in cache.masks(objs, "lowres")]
+        maps = distance_targets(_labels((LOWRES_SIZE, LOWRES_SIZE), pieces))
+    else:
+        boxes = cache.objects.box
+        pieces = [(int(boxes[j][1]), int(boxes[j][0]), cache.mask_crop(j)) for j in objs]
+        labels = _labels(tuple(int(v) for v in cache.original_size[image]), pieces)
+        maps = _lowres_mean(distance_targets(labels), tuple(cache.input_size[image]), block)
     weight = np.zeros((LOWRES_SIZE, LOWRES_SIZE), np.float32)
     weight[:ih, :iw] = 1
     ignore = cache.ignore_mask(image, "input")
@@ -118,17 +126,47 @@ def image_targets(cache: Cache, image: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([maps, weight[None]])).half()
 
 
+def _labels(shape: tuple[int, int], pieces: list[tuple[int, int, np.ndarray]]) -> np.ndarray:
+    """``shape`` int32 labels of ``pieces`` (``(row, column, bool mask)``: a mask and its top-left corner),
+    painted largest first; piece ``k`` gets id ``k + 1``."""
+    labels = np.zeros(shape, np.int32)
+    for k in np.argsort([-int(m.sum()) for _, _, m in pieces], kind="stable"):
+        y0, x0, m = pieces[k]
+        labels[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]][m] = k + 1
+    return labels
+
+
+def _lowres_mean(maps: np.ndarray, in_hw: tuple[int, int], block: int) -> np.ndarray:
+    """``(3, H, W)`` maps in [0, 1] at the original size -> ``(3, 256, 256)`` float32, each low-res pixel the
+    mean over its footprint in the original image (its input pixels' footprints, ``block x block`` of them;
+    the part of a block in the padding does not count). Outside the input region: foreground 0, distances 1,
+    as ``distance_targets`` has them outside objects (the weight is 0 there)."""
+    h, w = (int(v) for v in in_hw)
+    ih, iw = -(-h // block), -(-w // block)
+    out = np.ones((3, LOWRES_SIZE, LOWRES_SIZE), np.float32)
+    out[0] = 0
+    valid = np.zeros((ih * block, iw * block))
+    valid[:h, :w] = 1
+    count = valid.reshape(ih, block, iw, block).sum(axis=(1, 3))
+    for c, m in enumerate(maps):
+        full = np.zeros_like(valid)
+        # integer sums: the maps in units of 1 / 65535
+        full[:h, :w] = input_mean(np.rint(m * 65535).astype(np.int64), (h, w)) / 65535
+        out[c, :ih, :iw] = full.reshape(ih, block, iw, block).sum(axis=(1, 3)) / count
+    return out
+
+
 class AisTargets:
     """Each training image's ``image_targets``, computed once per run and kept on the step's device.
 
     A cache with views (``embedcache build --views``) trains each image in a view per epoch
     (``Batch.views``): its targets are keyed by view and image, the identity's computed up front and the
-    others the first time a step reads them (from that view's masks)."""
+    others the first time a step reads them (from that view's masks). ``rule``: ``data.targets``."""
 
-    def __init__(self, cache: Cache, images: np.ndarray):
-        self.cache = cache
+    def __init__(self, cache: Cache, images: np.ndarray, rule: str = "coverage"):
+        self.cache, self.rule = cache, rule
         identity = cache.views[0]
-        self.per_image = {(identity, int(i)): image_targets(cache, int(i)) for i in images}
+        self.per_image = {(identity, int(i)): image_targets(cache, int(i), rule) for i in images}
 
     def __call__(
         self, images: torch.Tensor, views: tuple[str, ...] | None, device: torch.device
@@ -140,7 +178,7 @@ class AisTargets:
             key = (views[b] if views else self.cache.views[0], i)
             t = self.per_image.get(key)
             if t is None:  # another view of the image, first read now
-                t = image_targets(self.cache.view(key[0]), i)
+                t = image_targets(self.cache.view(key[0]), i, self.rule)
             if t.device != device or key not in self.per_image:
                 t = self.per_image[key] = t.to(device)
             out.append(t)
@@ -254,7 +292,7 @@ class AisTask:
         """Every training image (one without objects is all background, still a target); their targets are
         computed here, once per run."""
         images = cache.image_indices("train")
-        self.targets = AisTargets(cache, images)
+        self.targets = AisTargets(cache, images, self.cfg.data.targets)
         return images
 
     def loss(

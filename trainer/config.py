@@ -154,7 +154,9 @@ class DataConfig:
     input pixel the object covers in the original image (soft near the edges when the image is downsized,
     and centred on the image as the resize centres it), or ``nearest``, the cache's bool input masks (the
     nearest rule, up to half an input pixel off when downsizing; the only target before 2026-12-05).
-    Clicks come from the same frame (``Batch.prompt_masks``); docs/training.md has the measurements."""
+    Clicks come from the same frame (``Batch.prompt_masks``); docs/training.md has the measurements. The AIS
+    task's maps follow the same choice (``trainer.ais.image_targets``); the semantic task's class maps are
+    the nearest rule's either way."""
     views: Literal["all", "identity"] = "all"
     """Which of the cache's views (``embedcache build --views``) training reads: ``all``, one per image per
     epoch, or ``identity`` only: the same run without augmentation on the same cache (a cache without views
