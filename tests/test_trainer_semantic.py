@@ -11,7 +11,7 @@ from torch import nn
 from embedcache import open_cache
 from embedcache.build import BuildConfig, build_cache
 from embedcache.synthetic import make_dataset
-from trainer.config import load_config
+from trainer.config import DEFAULT_CONFIG, load_config
 from trainer.data import ImageStore, read_batch
 from trainer.model import build_start_sam, build_trainable
 from trainer.prompts import step_generator
@@ -77,3 +77,35 @@ def test_the_semantic_loss_descends_toward_every_class_from_the_start(tmp_path):
         for c in present
     }
     assert min(ious.values()) > 0.5, ious
+
+
+def test_a_semantic_sweep_scores_trials_by_the_semantic_miou(tmp_path):
+    """``trainer sweep`` of a semantic recipe: each trial's rung score is its validation semantic mIoU on the
+    held-out training images, what ``trainer run`` picks its best checkpoint by."""
+    import json
+
+    from trainer import checkpoint as ckpt
+    from trainer.sweep import sweep
+
+    data = make_dataset(tmp_path / "data", n_images=4, seed=2, kind="semantic")
+    build_cache(
+        BuildConfig(
+            data=data,
+            out=tmp_path / "c.zarr",
+            model_type="vit_tiny",
+            device="cpu",
+            mask_kind="semantic",
+            val_fraction=0.0,
+            progress=False,
+        )
+    )
+    fast = ["model.model_type=vit_tiny", "model.checkpoint=null", "data.images_per_batch=1", "run.steps=1"]
+    out = tmp_path / "sw"
+    overrides = [*SEMANTIC, *fast]
+    got = sweep(tmp_path / "c.zarr", [DEFAULT_CONFIG], overrides, out, lrs=[1e-3], holdout=0.5, min_steps=1)
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["metric"] == "semantic mIoU" and len(summary["held_out_images"]) == 2
+    folder = ckpt.step_dir(out / "trials" / summary["best"], 1)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert summary["trials"][0]["scores"]["1"] == state["evals"]["1"]["semantic"]["miou"]
+    assert "Validation semantic mIoU on 50% of the training images" in got["table"]
