@@ -274,6 +274,8 @@ class AisTask:
     head = AisHeadVariant
     scores_plain_sam = False
     scored_by_auto = "ais"
+    sweep_metrics = ()
+    score_name = "AIS mSA"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -30,6 +30,8 @@ class InstanceTask:
     head = None
     scores_plain_sam = True
     scored_by_auto = None
+    sweep_metrics = ("mean", "box", "point")  # box or point mIoU, or their mean
+    score_name = "box mIoU"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

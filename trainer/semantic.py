@@ -210,6 +210,8 @@ class SemanticTask:
     head = SemanticHeadVariant
     scores_plain_sam = False
     scored_by_auto = None
+    sweep_metrics = ()
+    score_name = "semantic mIoU"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

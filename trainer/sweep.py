@@ -32,13 +32,6 @@ from trainer.config import DEFAULT_CONFIG, Config, load_config, model_from_cache
 from trainer.session import setup, train_step
 from trainer.train import save, validate
 
-METRICS = ("mean", "box", "point")
-"""What a trial of the instance task is scored by: the mean of box and point mIoU, or one of them. A trial of
-another task is scored by the task's own number (``Task.score``; its name in ``TASK_SCORES``)."""
-
-TASK_SCORES = {"semantic": "semantic mIoU", "ais": "AIS mSA"}
-"""The number ``Task.score`` picks for each task but the instance task, as tables name it."""
-
 
 def holdout_split(cache, train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``(train, held out)`` cache indices: the ``fraction`` of ``train`` (at least one image) whose image ids
@@ -62,8 +55,8 @@ def rungs(steps: int, min_steps: int, reduction: int) -> list[int]:
 
 
 def score(metrics: dict, metric: str | None, task) -> float:
-    """A trial's number from validation metrics: box or point mIoU or their mean (``metric``, the instance
-    task), or ``task``'s own score (``metric`` None: any other task)."""
+    """A trial's number from validation metrics: box or point mIoU or their mean (``metric``, one of the
+    instance task's ``sweep_metrics``), or ``task``'s own score (``metric`` None: a task without them)."""
     if metric is None:
         return task.score(metrics)
     if metric == "mean":
@@ -90,8 +83,8 @@ def sweep(
     command: str = "",
 ) -> dict:
     """Search ``configs`` x ``lrs`` (each with ``overrides``) on ``cache_path`` into ``out``; see the module
-    docstring. ``metric``: one of ``METRICS`` for the instance task (None: ``mean``); other tasks are scored
-    by their own number and take none. Returns ``{"trials", "best", "table"}``."""
+    docstring. ``metric``: one of the task's ``sweep_metrics`` (None: the first), or None for a task without
+    them, which is scored by its own number. Returns ``{"trials", "best", "table"}``."""
     import optuna
 
     from trainer.task import TASKS, make_task
@@ -110,7 +103,7 @@ def sweep(
         raise ValueError(f"the recipes must share model.task to be compared; got {sorted(tasks)}")
     first = next(iter(cfgs.values()))
     task = make_task(TASKS[first.model.task].resolve(first, cache))  # every trial shares its training images
-    metric, label = _metric(tasks.pop(), metric)
+    metric, label = _metric(task, metric, first.model.task)
     steps = {cfg.run.steps for cfg in cfgs.values()}
     if len(steps) != 1:
         raise ValueError(f"the recipes must share run.steps to compete at equal steps; got {sorted(steps)}")
@@ -148,19 +141,20 @@ def sweep(
     return {"trials": rows, "best": best["trial"], "table": table}
 
 
-def _metric(task: str, metric: str | None) -> tuple[str | None, str]:
-    """``(metric, its name in tables)`` of a sweep of ``task`` asked for ``metric`` (None: the default)."""
-    if task == "instance":
-        metric = metric or "mean"
-        if metric not in METRICS:
-            raise ValueError(f"--metric must be one of {'|'.join(METRICS)}, got {metric!r}")
+def _metric(task, metric: str | None, name: str) -> tuple[str | None, str]:
+    """``(metric, its name in tables)`` of a sweep of ``task`` (``model.task`` ``name``) asked for ``metric``
+    (None: the task's default)."""
+    if task.sweep_metrics:
+        metric = metric or task.sweep_metrics[0]
+        if metric not in task.sweep_metrics:
+            raise ValueError(f"--metric must be one of {'|'.join(task.sweep_metrics)}, got {metric!r}")
         return metric, f"{metric} mIoU"
     if metric is not None:
         raise ValueError(
-            f"--metric picks among the instance task's scores; model.task={task} is scored by its "
-            f"{TASK_SCORES[task]} and takes no --metric"
+            f"--metric picks among the instance task's scores; model.task={name} is scored by its "
+            f"{task.score_name} and takes no --metric"
         )
-    return None, TASK_SCORES[task]
+    return None, task.score_name
 
 
 def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command: str):

@@ -46,6 +46,13 @@ class Task(Protocol):
     """The ``trainer eval --auto`` method whose pass gives this task's own scores (``evaluate`` is then not
     run a second time), or ``None``."""
 
+    sweep_metrics: ClassVar[tuple[str, ...]]
+    """The validation numbers ``trainer sweep --metric`` chooses among (the first is its default), or ``()``:
+    a sweep scores the task by ``score``."""
+
+    score_name: ClassVar[str]
+    """What ``score`` returns, as tables name it (``trainer sweep``)."""
+
     @staticmethod
     def check(cfg: Config) -> None:
         """Refuse a config this task cannot train (``ValueError`` naming the fields), when it is built."""
