@@ -4,6 +4,8 @@ slow)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -35,25 +37,22 @@ class _KeepLogits(nn.Module):
         return out
 
 
+def _semantic_cache(tmp_path: Path, *, n_images: int, seed: int) -> Path:
+    """A vit_tiny cache of ``n_images`` synthetic images with semantic masks, all in the train split."""
+    data = make_dataset(tmp_path / "data", n_images=n_images, seed=seed, kind="semantic")
+    out = tmp_path / "c.zarr"
+    kinds = dict(model_type="vit_tiny", device="cpu", mask_kind="semantic")
+    build_cache(BuildConfig(data=data, out=out, **kinds, val_fraction=0.0, progress=False))
+    return out
+
+
 def test_the_semantic_loss_descends_toward_every_class_from_the_start(tmp_path):
     """At the start every class token is the same, so every pixel's class logits tie and the model predicts
     all background (validation mIoU 0). The first step follows the loss's gradient: the class each pixel
     gains most on, ``argmax(-dL/dlogits)``, must be its own class, for every class of the image (per-class
     IoU with the labels). With all-background targets, a loss blind to the foreground or a flipped sign, it
     is background or the wrong class everywhere, and this fails."""
-    data = make_dataset(tmp_path / "data", n_images=1, seed=1, kind="semantic")
-    build_cache(
-        BuildConfig(
-            data=data,
-            out=tmp_path / "c.zarr",
-            model_type="vit_tiny",
-            device="cpu",
-            mask_kind="semantic",
-            val_fraction=0.0,
-            progress=False,
-        )
-    )
-    cache = open_cache(tmp_path / "c.zarr")
+    cache = open_cache(_semantic_cache(tmp_path, n_images=1, seed=1))
     cfg = TASKS["semantic"].resolve(load_config(None, SEMANTIC), cache)
     task = make_task(cfg)
     model = _KeepLogits(build_trainable(build_start_sam(cfg), cfg).train())
@@ -87,22 +86,11 @@ def test_a_semantic_sweep_scores_trials_by_the_semantic_miou(tmp_path):
     from trainer import checkpoint as ckpt
     from trainer.sweep import sweep
 
-    data = make_dataset(tmp_path / "data", n_images=4, seed=2, kind="semantic")
-    build_cache(
-        BuildConfig(
-            data=data,
-            out=tmp_path / "c.zarr",
-            model_type="vit_tiny",
-            device="cpu",
-            mask_kind="semantic",
-            val_fraction=0.0,
-            progress=False,
-        )
-    )
+    path = _semantic_cache(tmp_path, n_images=4, seed=2)
     fast = ["model.model_type=vit_tiny", "model.checkpoint=null", "data.images_per_batch=1", "run.steps=1"]
     out = tmp_path / "sw"
     overrides = [*SEMANTIC, *fast]
-    got = sweep(tmp_path / "c.zarr", [DEFAULT_CONFIG], overrides, out, lrs=[1e-3], holdout=0.5, min_steps=1)
+    got = sweep(path, [DEFAULT_CONFIG], overrides, out, lrs=[1e-3], holdout=0.5, min_steps=1)
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["metric"] == "semantic mIoU" and len(summary["held_out_images"]) == 2
     folder = ckpt.step_dir(out / "trials" / summary["best"], 1)
