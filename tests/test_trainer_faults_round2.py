@@ -355,6 +355,29 @@ def test_damaged_weights_are_named_with_the_previous_good_checkpoint(
     assert not (tmp_path / "sam.pth").exists()
 
 
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_which_a_folder_without_the_runs_config_is_a_named_error(
+    reference, finished_run, tmp_path, capsys, command
+):
+    out = _copy_run(finished_run, tmp_path)
+    loose = tmp_path / "averaged"  # weights made outside trainer run, e.g. a mean of checkpoints
+    loose.mkdir()
+    shutil.copy(ckpt.step_dir(out, 4) / "model.safetensors", loose)
+    if command == "export":
+        argv = ["export", str(out), "--out", str(tmp_path / "sam.pth"), "--which", str(loose)]
+    else:
+        argv = ["eval", "--cache", str(reference[1]), "--run", str(out), "--which", str(loose)]
+    rc, err = _cli(capsys, *argv)
+    assert rc == 2, err
+    line = _one_line_error(err)
+    assert f"{loose}: no config.yaml beside model.safetensors" in line, line
+    assert "copy the run's config.yaml there" in line, line
+    assert not (tmp_path / "sam.pth").exists() and not (out / "eval").exists()
+    shutil.copy(ckpt.step_dir(out, 4) / "config.yaml", loose)  # the fix the message names
+    rc, err = _cli(capsys, *argv)
+    assert rc == 0, err
+
+
 # ---- item 15: Ctrl-C ----
 
 

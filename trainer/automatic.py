@@ -81,11 +81,9 @@ def _load(model: str | Path, model_type: str | None, which: str):
 
     if Path(model).is_dir():  # a run folder
         from trainer import checkpoint as ckpt
-        from trainer.config import load_config
         from trainer.model import tuned_sam
 
-        weights = ckpt.resolve_weights(Path(model), which)
-        cfg = load_config(weights.parent / "config.yaml")
+        weights, cfg = ckpt.weights_and_config(Path(model), which)
         sam, tuned = tuned_sam(cfg, weights)
         if tuned.semantic_head is not None:
             raise ValueError(f"{model}: a semantic run has no IoU head for AMG; segment with its class head")

@@ -136,6 +136,25 @@ def resolve_weights(run: Path, which: str = "best") -> Path:
     return path
 
 
+def weights_and_config(run: Path, which: str = "best"):
+    """``resolve_weights(run, which)`` and the ``Config`` saved beside those weights.
+
+    Raises ``FileNotFoundError`` naming the folder when it holds no ``config.yaml``: ``--which`` then named a
+    folder that ``trainer run`` did not write (weights made elsewhere, such as averaged ones, need the run's
+    ``config.yaml`` copied beside them).
+    """
+    from trainer.config import load_config
+
+    weights = resolve_weights(run, which)
+    config = weights.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{weights.parent}: no config.yaml beside {weights.name}; a checkpoint folder of trainer run "
+            f"holds the run's resolved config (for weights made elsewhere, copy the run's config.yaml there)"
+        )
+    return weights, load_config(config)
+
+
 class CheckpointReadError(RuntimeError):
     """A checkpoint file is damaged (truncated, altered, of the wrong types); the message names the file and
     the previous good checkpoint."""

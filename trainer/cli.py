@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         "such as `trainer export` writes, or a run folder",
     )
     e.add_argument("--split", default="val", choices=("val", "train", "all"), help="cache images to score")
-    e.add_argument("--which", default="best", help="best (default), last, or a step number")
+    e.add_argument(
+        "--which", default="best", help="best (default), last, a step number or a checkpoint folder"
+    )
     e.add_argument("--out", default=None, help="for metrics.json, table.md and figures (default RUN/eval)")
     e.add_argument("--overlays", type=int, default=None, help="overlay figures to draw (default: the run's)")
     e.add_argument(
@@ -112,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write the tuned model: a SAM state dict, an HF folder, or ONNX")
     x.add_argument("run", help="a trainer run folder")
     x.add_argument("--out", required=True, help="the .pth (sam), new folder (hf) or .onnx (onnx) to write")
-    x.add_argument("--which", default="best", help="best (default), last, or a step number")
+    x.add_argument(
+        "--which", default="best", help="best (default), last, a step number or a checkpoint folder"
+    )
     x.add_argument(
         "--format",
         default="sam",

@@ -40,7 +40,7 @@ from trainer import checkpoint as ckpt
 from trainer.ais import evaluate_ais
 from trainer.amg import AmgConfig
 from trainer.auto_eval import auto_overlays, auto_table, evaluate_amg
-from trainer.config import Config, load_config
+from trainer.config import Config
 from trainer.data import ImageStore
 from trainer.evaluate import IOU_QUANTILES, PROMPT_TYPES, Contender, clicks_key
 from trainer.model import build_start_sam, build_trainable, start_checkpoint, tuned_sam
@@ -57,8 +57,7 @@ def _run_models(
 ) -> tuple[list[Contender], object]:
     """A run's ``start`` (unless not ``with_start``) and ``tuned`` models on ``cache`` (signature checked),
     and the run's config."""
-    weights = ckpt.resolve_weights(run, which)
-    cfg = load_config(weights.parent / "config.yaml")
+    weights, cfg = ckpt.weights_and_config(run, which)
     check_compatible(cache, cfg.model.model_type, start_checkpoint(cfg), init_seed=cfg.model.init_seed)
     store = ImageStore(cache, "host", device, tail_blocks=cfg.model.encoder_tail_blocks)
     _, tuned = tuned_sam(cfg, weights)

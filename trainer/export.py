@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import Sam
 
-from trainer.checkpoint import resolve_weights
-from trainer.config import Config, ModelConfig, load_config
+from trainer.checkpoint import weights_and_config
+from trainer.config import Config, ModelConfig
 from trainer.decoder import PromptedDecoder
 from trainer.model import tuned_sam
 from trainer.tuned import MANIFEST, manifest, sidecar_path
@@ -41,8 +41,7 @@ def export(run: str | Path, out: str | Path, *, which: str = "best") -> list[Pat
         raise ExportError(
             f"--out {out} is a folder; name the .pth file to write, e.g. {out / 'sam_tuned.pth'}"
         )
-    weights = resolve_weights(run, which)
-    cfg = load_config(weights.parent / "config.yaml")
+    weights, cfg = weights_and_config(run, which)
     sam, model = tuned_sam(cfg, weights)
     return export_model(sam, model, cfg.model, out, config=cfg)
 

@@ -110,10 +110,9 @@ def save_onnx(sam: Sam, path: Path) -> None:
 
 
 def _model_type(run: str | Path, which: str) -> str:
-    from trainer.checkpoint import resolve_weights
-    from trainer.config import load_config
+    from trainer.checkpoint import weights_and_config
 
-    return load_config(resolve_weights(Path(run), which).parent / "config.yaml").model.model_type
+    return weights_and_config(Path(run), which)[1].model.model_type
 
 
 def object_prompts(cache, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
