@@ -557,7 +557,7 @@ def test_config_without_a_model_takes_the_caches(tmp_path):
     under = model_from_cache(cache("vit_tiny", "random-init:7"))
     cfg = load_config(DEFAULT_CONFIG, under=under)
     assert (cfg.model.model_type, cfg.model.checkpoint, cfg.model.init_seed) == ("vit_tiny", None, 7)
-    assert cfg.prompts.corrective_rounds == 1  # the recipe itself is the file's
+    assert cfg.prompts.corrective_rounds == 2  # the recipe itself is the file's
     lite = OFFICIAL["lite_medsam"]
     cfg = load_config(DEFAULT_CONFIG, under=model_from_cache(cache("lite_medsam", lite.sha256)))
     assert (cfg.model.model_type, cfg.model.checkpoint) == ("lite_medsam", "lite_medsam")
