@@ -25,7 +25,7 @@ from trainer.cli import main
 from trainer.config import load_config
 from trainer.data import ImageStore, read_batch
 from trainer.evaluate import predict_objects
-from trainer.model import tuned_sam
+from trainer.model import build_start_sam, tuned_sam
 from trainer.session import lr_factor
 from trainer.train import run
 
@@ -69,6 +69,25 @@ def trained(cache_path, tmp_path_factory) -> Path:
     cfg = _cfg(*LEARN, "run.steps=30", "run.save_every=30", "run.overlays=1")
     run(cache_path, cfg, out, progress=False)
     return out
+
+
+def test_lr_scale_reaches_the_optimiser(cache_path, tmp_path):
+    """``optim.lr_scale``: a module at factor 0 keeps its starting weights while the rest learn, and the
+    checkpointed optimiser ran each group at its factor times the scheduled rate."""
+    out = tmp_path / "scaled"
+    scale = "optim.lr_scale={mask_decoder.transformer: 0, prompt_encoder: 0.5}"
+    cfg = _cfg(*LEARN, "run.steps=3", "run.save_every=3", "model.train_prompt_encoder=true", scale)
+    run(cache_path, cfg, out, progress=False)
+    start = build_start_sam(cfg)
+    after = load_file(ckpt.step_dir(out, 3) / "model.safetensors")
+    for name, p in start.mask_decoder.named_parameters():
+        moved = not torch.equal(after[f"mask_decoder.{name}"], p.detach())
+        assert moved != name.startswith("transformer."), name
+    groups = torch.load(ckpt.step_dir(out, 3) / "optimizer.bin", weights_only=True)["param_groups"]
+    last = cfg.optim.lr * lr_factor(2, cfg.optim, 3)
+    groups = sorted(groups, key=lambda g: g["lr_scale"])
+    assert [g["lr_scale"] for g in groups] == [0, 0.5, 1]
+    assert [g["lr"] for g in groups] == pytest.approx([0, last / 2, last])
 
 
 def test_loss_falls_and_val_box_miou_beats_start(trained):

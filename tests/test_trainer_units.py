@@ -139,6 +139,32 @@ def test_lr_schedule():
     assert [lr_factor(s, flat, 5) for s in range(5)] == [1.0] * 5
 
 
+def test_lr_scale_groups_by_the_longest_module_prefix():
+    from trainer.model import param_groups
+
+    inner = torch.nn.ModuleDict({"b": torch.nn.Linear(2, 2), "bc": torch.nn.Linear(2, 2)})
+    model = torch.nn.ModuleDict({"a": inner, "c": torch.nn.Linear(2, 2)})
+    model["c"].bias.requires_grad_(False)  # not trained: in no group
+    groups = param_groups(model, {"a": 0.5, "a.b": 2.0})
+    by_scale = {g["lr_scale"]: {id(p) for p in g["params"]} for g in groups}
+    ids = lambda *ps: {id(p) for p in ps}  # noqa: E731
+    # "a.b" is the longer key for a.b.*; "a" holds a.bc (a dotted prefix, not a string prefix of "a.b")
+    assert by_scale == {
+        0.5: ids(*model["a"]["bc"].parameters()),
+        1.0: ids(model["c"].weight),
+        2.0: ids(*model["a"]["b"].parameters()),
+    }
+    assert len(param_groups(model, {})) == 1
+    with pytest.raises(ValueError, match=r"\['a.d'\] name no trained parameter"):
+        param_groups(model, {"a.d": 3.0})
+    with pytest.raises(ValueError, match="optim.lr_scale"):
+        load_config(None, ["optim.lr_scale={mask_decoder: -1}"])
+    with pytest.raises(ValueError, match="optim.lr_scale"):
+        load_config(None, ["optim.lr_scale=3"])
+    cfg = load_config(None, ["optim.lr_scale={mask_decoder.transformer: 0.25}"])
+    assert to_dict(cfg)["optim"]["lr_scale"] == {"mask_decoder.transformer": 0.25}
+
+
 def test_embed_prompts_matches_sam_prompt_encoder(sam):
     pe = sam.prompt_encoder
     boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 5.0, 50.0, 60.0]])

@@ -286,6 +286,10 @@ class OptimConfig:
     """``cosine`` decay to ``min_lr_ratio * lr`` over the steps after warm-up, or ``constant``."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine)."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Per-module factors on the learning rate: a trained parameter whose dotted name starts with a key (a
+    whole module path, e.g. ``mask_decoder.transformer``) learns at ``lr x factor``; the longest matching key
+    wins, any other parameter takes 1. A key that names no trained parameter is an error."""
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
     clip_norm: float = 1.0
@@ -304,6 +308,12 @@ class OptimConfig:
         check_at_least(self, 0, "clip_norm")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"optim.warmup is a fraction of run.steps in [0, 1), got {self.warmup}")
+        if not isinstance(self.lr_scale, dict):
+            raise ValueError(f"optim.lr_scale maps module paths to factors, got {self.lr_scale!r}")
+        for key, factor in self.lr_scale.items():
+            number = isinstance(factor, int | float) and not isinstance(factor, bool)
+            if not isinstance(key, str) or not (number and 0 <= factor < float("inf")):
+                raise ValueError(f"optim.lr_scale: {key!r}: {factor!r}; give a module path and a factor >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -68,3 +68,26 @@ def tuned_sam(cfg: Config, weights: str | Path) -> tuple[Sam, PromptedDecoder]:
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters the optimiser updates."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def param_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dict]:
+    """The optimiser's parameter groups: the trained parameters grouped by their ``optim.lr_scale`` factor.
+
+    A parameter takes the factor of the longest key that is a dotted prefix of its name (``"a.b"`` matches
+    ``a.b.weight`` and ``a.b.c.bias``, not ``a.bc.weight``), else 1. Each group carries ``lr_scale``, which
+    ``train_step`` multiplies into the scheduled rate. Raises ``ValueError`` for a key matching no trained
+    parameter (a misspelt path would otherwise be a silent no-op).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keys = sorted(lr_scale, key=len, reverse=True)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    used = set()
+    for name, p in named:
+        key = next((k for k in keys if name == k or name.startswith(k + ".")), None)
+        used.add(key)
+        groups.setdefault(1.0 if key is None else float(lr_scale[key]), []).append(p)
+    unused = sorted(set(keys) - used)
+    if unused:
+        tops = sorted({".".join(n.split(".")[:2]) for n, _ in named})
+        raise ValueError(f"optim.lr_scale: {unused} name no trained parameter; the trained modules: {tops}")
+    return [{"params": ps, "lr_scale": f} for f, ps in sorted(groups.items())]

@@ -28,7 +28,13 @@ from embedcache.signature import check_compatible
 from trainer import checkpoint as ckpt
 from trainer.config import Config, OptimConfig, save_config, to_dict
 from trainer.data import ImageStore, Prefetcher, pick_residency
-from trainer.model import build_start_sam, build_trainable, start_checkpoint, trainable_parameters
+from trainer.model import (
+    build_start_sam,
+    build_trainable,
+    param_groups,
+    start_checkpoint,
+    trainable_parameters,
+)
 from trainer.order import batches, micro_batches
 from trainer.prompts import step_generator
 from trainer.task import TASKS, Task, make_task
@@ -186,7 +192,8 @@ def _setup(cache, cfg: Config, out: Path, lock: ExitStack, *, resume, command, c
     start_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     params = trainable_parameters(model)
     opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.lr_scale)
+    optimizer = opt_cls(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     # prepare: move to the device, wrap in DDP when there are several processes, wrap the optimiser for
     # accumulation and mixed precision. The learning rate is set by hand from lr_factor(step) (train_step).
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -406,7 +413,7 @@ def train_step(s: Session) -> StepStats:
     cfg, state, accelerator = s.cfg, s.state, s.accelerator
     lr = cfg.optim.lr * lr_factor(state.step, cfg.optim, cfg.run.steps)
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]  # optim.lr_scale's factor (trainer.model.param_groups)
     losses, prompts, logged, waited = [], 0, {}, 0.0
     for micro in range(cfg.optim.grad_accum):
         t0 = time.perf_counter()
