@@ -244,7 +244,8 @@ def test_eval_checkpoint_run_folder_is_its_tuned_model(trained, cache_path, tmp_
 
 
 def test_resume_gives_the_same_losses_and_weights(cache_path, tmp_path):
-    """Stop at step 2 (mid-epoch), resume to 4: identical per-step losses and final weights, on CPU."""
+    """Stop at step 2 (mid-epoch), resume to 4: identical per-step losses and final weights, on CPU (with
+    two optimiser parameter groups)."""
     common = [
         "data.images_per_batch=1",
         "data.max_objects=1",
@@ -255,6 +256,7 @@ def test_resume_gives_the_same_losses_and_weights(cache_path, tmp_path):
         "prompts.corrective_rounds=1",
         "prompts.mask_prompt_prob=0.5",
         "optim.grad_accum=2",
+        "optim.lr_scale={mask_decoder.output_upscaling: 3}",  # two parameter groups to restore
     ]
     run(cache_path, _cfg(*common), tmp_path / "a", progress=False)
     run(cache_path, _cfg(*common, "run.stop_at=2"), tmp_path / "b", progress=False)
