@@ -45,15 +45,20 @@ def check_at_least(section: Any, low: float, *fields: str) -> None:
 
 
 def check_finite(section: Any) -> None:
-    """Every ``float`` field (and every number of a ``tuple[float, ...]`` one) of a config section is finite.
+    """Every ``float`` field (and every number of a ``tuple[float, ...]`` or ``dict[str, float]`` one) of a
+    config section is finite.
 
     Raises ``ValueError`` naming ``section.field`` and the value (``.inf`` and ``.nan`` are valid YAML).
     """
     name = _SECTION_NAMES[type(section)]
     for f, hint in get_type_hints(type(section)).items():
-        if hint is float or (get_origin(hint) is tuple and float in get_args(hint)):
+        if hint is float or (get_origin(hint) in (tuple, dict) and float in get_args(hint)):
             value = getattr(section, f)
-            if not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            if isinstance(value, dict):
+                numbers = list(value.values())
+            else:
+                numbers = list(value) if isinstance(value, tuple) else [value]
+            if not all(math.isfinite(v) for v in numbers):
                 raise ValueError(f"{name}.{f} must be finite, got {value!r}")
 
 
@@ -308,12 +313,9 @@ class OptimConfig:
         check_at_least(self, 0, "clip_norm")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"optim.warmup is a fraction of run.steps in [0, 1), got {self.warmup}")
-        if not isinstance(self.lr_scale, dict):
-            raise ValueError(f"optim.lr_scale maps module paths to factors, got {self.lr_scale!r}")
-        for key, factor in self.lr_scale.items():
-            number = isinstance(factor, int | float) and not isinstance(factor, bool)
-            if not isinstance(key, str) or not (number and 0 <= factor < float("inf")):
-                raise ValueError(f"optim.lr_scale: {key!r}: {factor!r}; give a module path and a factor >= 0")
+        negative = {k: v for k, v in self.lr_scale.items() if v < 0}
+        if negative:
+            raise ValueError(f"optim.lr_scale factors must be >= 0, got {negative}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -412,7 +414,7 @@ def from_dict(d: dict[str, Any] | None) -> Config:
             raise ValueError(f"unknown field(s) {sorted(bad)} in section {name!r}; known: {sorted(known)}")
         hints = get_type_hints(cls)
         # YAML reads 1e-4 (no dot) as a string; a float field takes it as the number it means
-        values = {k: _as_float(v) if hints[k] is float else v for k, v in values.items()}
+        values = {k: _as_floats(v, hints[k]) for k, v in values.items()}
         for k, v in values.items():  # a wrong type is named here, not met later as a TypeError
             if not _matches(v, hints[k]):
                 raise ValueError(f"{name}.{k}={v!r}: expected {_describe(hints[k])}")
@@ -425,6 +427,9 @@ def _matches(v, t) -> bool:
     origin = get_origin(t)
     if origin in (Union, types.UnionType):
         return any(_matches(v, a) for a in get_args(t))
+    if origin is dict:
+        key, value = get_args(t)
+        return isinstance(v, dict) and all(_matches(k, key) and _matches(x, value) for k, x in v.items())
     if origin is tuple:
         args = get_args(t)
         if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
@@ -448,12 +453,24 @@ def _describe(t) -> str:
     origin = get_origin(t)
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(t))
+    if origin is dict:
+        return f"a mapping from {_describe(get_args(t)[0])} to {_describe(get_args(t)[1])}"
     if origin is tuple and get_args(t)[-1] is Ellipsis:
         return f"a list of {_describe(get_args(t)[0])} values"
     if origin is tuple:
         return f"a list of {len(get_args(t))} values ({', '.join(_describe(a) for a in get_args(t))})"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
     return names.get(t, str(t))
+
+
+def _as_floats(v, t):
+    """``v`` with YAML's number strings taken as the floats they mean where the field type ``t`` wants a
+    float: the value of a ``float`` field, the values of a ``dict[str, float]`` one."""
+    if t is float:
+        return _as_float(v)
+    if get_origin(t) is dict and get_args(t)[1] is float and isinstance(v, dict):
+        return {k: _as_float(x) for k, x in v.items()}
+    return v
 
 
 def _as_float(v):
