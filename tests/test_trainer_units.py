@@ -577,6 +577,69 @@ def test_batch_targets_are_pasted_from_crops_exactly(tmp_path):
         load_config(None, ["data.targets=soft"])
 
 
+def test_hardest_objects_keep_each_images_lowest_box_iou(sam, tmp_path):
+    """data.hardest_of: the reader draws N objects an image, and the loss trains the max_objects of each image
+    the model segments worst from their boxes, with their own masks, crops and coverage."""
+    from embedcache.build import BuildConfig, build_cache
+    from embedcache.cache import open_cache
+    from embedcache.synthetic import make_dataset
+    from trainer.data import ImageStore, Prefetcher, paste_crops
+    from trainer.instance import InstanceTask, hardest_objects
+
+    data = make_dataset(tmp_path / "data", n_images=3, seed=1, max_objects=10)  # 8, 9 and 1 objects
+    build_cache(BuildConfig(data=data, out=tmp_path / "c.zarr", model_type="vit_tiny", progress=False))
+    cache = open_cache(tmp_path / "c.zarr")
+    store = ImageStore(cache, "stream", torch.device("cpu"))
+    cfg = load_config(None, ["data.max_objects=2", "data.hardest_of=5"])
+    (batch,) = Prefetcher(store, [(0, np.arange(3))], cfg.data, seed=0, semantic=False, pin=False)
+    counts = np.bincount(batch.image_index.numpy(), minlength=3)
+    has = [hi - lo for lo, hi in map(cache.object_range, range(3))]
+    assert counts.tolist() == [min(n, 5) for n in has] == [5, 5, 1]  # the candidates, not max_objects
+    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
+    kept = hardest_objects(model, batch, 2)
+    # each object's box IoU on its own, one image at a time
+    iou = []
+    for k in range(batch.num_objects):
+        b = int(batch.image_index[k])
+        one = Prompts(
+            point_coords=torch.zeros(1, 0, 2),
+            point_labels=torch.zeros(1, 0, dtype=torch.long),
+            boxes=batch.boxes[k : k + 1],
+            has_box=torch.ones(1, dtype=torch.bool),
+        )
+        with torch.no_grad():
+            logits = model(batch.embeddings[b : b + 1], torch.zeros(1, dtype=torch.long), one).logits[0, 0]
+        pred = F.interpolate(logits[None, None], batch.targets.shape[1:], mode="bilinear")[0, 0] > 0
+        vh, vw = batch.valid_hw[k].tolist()
+        pred, target = pred[:vh, :vw], batch.targets[k, :vh, :vw] >= 128  # the soft targets' foreground
+        iou.append(float((pred & target).sum() / (pred | target).sum()))
+    iou, image = np.array(iou), batch.image_index.numpy()
+    want = sorted(k for b in range(3) for k in np.flatnonzero(image == b)[np.argsort(iou[image == b])[:2]])
+    rows = [int(np.flatnonzero(batch.object_ids.numpy() == j)[0]) for j in kept.object_ids.tolist()]
+    assert rows == want
+    assert np.array_equal(np.bincount(kept.image_index.numpy(), minlength=3), np.minimum(counts, 2))
+    # the kept objects carry their own masks, coverage and crops (pasting the crops gives them back)
+    assert torch.equal(kept.masks, batch.masks[rows]) and torch.equal(kept.targets, batch.targets[rows])
+    assert torch.equal(paste_crops(kept.mask_pixels, kept.mask_boxes, kept.side), kept.masks)
+    pasted = paste_crops(kept.target_pixels, kept.target_boxes, kept.side, torch.uint8)
+    assert torch.equal(pasted, kept.targets)
+    assert torch.equal(kept.embeddings, batch.embeddings)
+    # the task's loss is the kept objects' loss, and prompts/s counts them
+    task = InstanceTask(cfg)
+    accel = SimpleNamespace(unwrap_model=lambda m: m)
+    plain = InstanceTask(load_config(None, ["data.max_objects=2"]))
+    loss, _ = task.loss(model, batch, step_generator(0, 0, 0, torch.device("cpu")), accel)
+    want_loss, _ = plain.loss(model, kept, step_generator(0, 0, 0, torch.device("cpu")), accel)
+    assert float(loss.detach()) == float(want_loss.detach())
+    assert task.prompts_in(batch) == kept.num_objects and plain.prompts_in(batch) == batch.num_objects
+    # refused: a pool no larger than max_objects, and the tasks without prompted objects
+    pool = r"data.hardest_of must be 0 \(off\) or more than data.max_objects \(8\), got 8"
+    with pytest.raises(ValueError, match=pool):
+        load_config(None, ["data.hardest_of=8"])
+    with pytest.raises(ValueError, match="data.hardest_of picks prompted objects.*model.task=ais"):
+        load_config(None, ["model.task=ais", "data.hardest_of=16"])
+
+
 def test_config_without_a_model_takes_the_caches(tmp_path):
     """The default recipe names no model: a random-init cache gives its type and seed, an official
     checkpoint's sha256 gives its name, and a file's own value wins over the cache's."""

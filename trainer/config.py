@@ -147,6 +147,11 @@ class DataConfig:
     """B: images per micro-batch on each process."""
     max_objects: int = 8
     """K: at most this many objects per image per step, a fresh random subset each epoch."""
+    hardest_of: int = 0
+    """0: the ``max_objects`` are drawn at random. N > ``max_objects`` (instance task only): N are drawn at
+    random, each is predicted from its box by the model as it is at that step (no gradient), and the
+    ``max_objects`` of each image with the lowest IoU train (``trainer.instance.hardest_objects``); this
+    costs one more decoder pass over the N objects a micro-batch."""
     residency: Literal["stream", "host", "device", "auto"] = "auto"
     """Where embeddings live: ``stream`` (read from Zarr every epoch), ``host`` (RAM after the first read),
     ``device`` (the GPU, read once), or ``auto`` (the first of device, host that fits; else stream)."""
@@ -171,6 +176,11 @@ class DataConfig:
         check_choices(self)
         if self.images_per_batch < 1 or self.max_objects < 1:
             raise ValueError("data.images_per_batch and data.max_objects must be >= 1")
+        if self.hardest_of and self.hardest_of <= self.max_objects:
+            raise ValueError(
+                f"data.hardest_of must be 0 (off) or more than data.max_objects ({self.max_objects}), "
+                f"got {self.hardest_of}"
+            )
         if self.readers < 1 or self.prefetch < 1:
             raise ValueError("data.readers and data.prefetch must be >= 1")
 
@@ -374,6 +384,11 @@ class Config:
         from trainer.task import TASKS  # the tasks import this module, so their registry is read here
 
         TASKS[self.model.task].check(self)
+        if self.data.hardest_of and self.model.task != "instance":
+            raise ValueError(
+                f"data.hardest_of picks prompted objects, the instance task's; model.task={self.model.task} "
+                "trains on whole images: set data.hardest_of=0"
+            )
 
 
 _SECTION_TYPES = {

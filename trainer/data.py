@@ -12,7 +12,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,20 @@ class Batch:
     def num_objects(self) -> int:
         return int(self.image_index.shape[0])
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The batch of the objects ``rows`` (``(P',)`` int64 into the ``P`` objects, in that order), their
+        crops included; the image tensors are unchanged."""
+        picked = {
+            k: getattr(self, k)[rows]
+            for k in ("image_index", "mask_boxes", "boxes", "valid_hw", "object_ids", "masks")
+            + ("target_boxes", "targets")
+            if getattr(self, k) is not None
+        }
+        picked["mask_pixels"] = crop_rows(self.mask_pixels, self.mask_boxes, rows)
+        if self.target_pixels is not None:
+            picked["target_pixels"] = crop_rows(self.target_pixels, self.target_boxes, rows)
+        return replace(self, **picked)
+
 
 def _map(v, fn):
     return fn(v) if isinstance(v, torch.Tensor) else v
@@ -111,6 +125,18 @@ def _map(v, fn):
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if t.device.type == "cpu" else t  # device-resident embeddings are already there
+
+
+def crop_rows(pixels: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The concatenated crops of the objects ``rows`` (in that order) out of ``(S,)`` concatenated crops
+    whose ``(P, 4)`` xyxy ``boxes`` give each crop's size (``Batch.mask_pixels``)."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    start = torch.cumsum(area, 0) - area
+    n = area[rows]
+    # each kept crop's pixels: its start in ``pixels`` plus 0 .. n - 1
+    within = torch.arange(int(n.sum()), device=pixels.device)
+    within -= torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return pixels[torch.repeat_interleave(start[rows], n) + within]
 
 
 def paste_crops(
@@ -359,7 +385,7 @@ class Prefetcher:
         batch = read_batch(
             self.store,
             images,
-            self.cfg.max_objects,
+            max(self.cfg.max_objects, self.cfg.hardest_of),  # data.hardest_of's candidates
             self.seed,
             epoch,
             semantic=self.semantic,

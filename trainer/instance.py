@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import kernels
 from trainer.config import Config
 from trainer.data import Batch, ImageStore, image_file
 from trainer.decoder import Decoded
@@ -64,6 +65,8 @@ class InstanceTask:
         ``loss.point_refine`` on top).
         """
         p = self.cfg.prompts
+        if self.cfg.data.hardest_of:
+            batch = hardest_objects(model, batch, self.cfg.data.max_objects, self.cfg.loss.backend)
         masks = batch.prompt_masks()
         asked = [initial_prompts(masks, batch.boxes, batch.valid_hw, p, g)]
 
@@ -108,7 +111,11 @@ class InstanceTask:
         return single_point(prompts) & self.cfg.prompts.multimask
 
     def prompts_in(self, batch: Batch) -> int:
-        return batch.num_objects
+        if not self.cfg.data.hardest_of:
+            return batch.num_objects
+        # the objects hardest_objects keeps: at most max_objects of each image's candidates
+        per_image = torch.bincount(batch.image_index, minlength=len(batch.image_ids))
+        return int(per_image.clamp(max=self.cfg.data.max_objects).sum())
 
     def validate(self, model: nn.Module, store: ImageStore, images: np.ndarray, accelerator) -> dict:
         return evaluate(model, store, images, accelerator)
@@ -134,6 +141,40 @@ class InstanceTask:
         self, folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int
     ) -> list[Path]:
         return box_overlays(folder, images, first, second, n)
+
+
+def hardest_objects(model: nn.Module, batch: Batch, keep: int, backend: str = "auto") -> Batch:
+    """The ``keep`` objects of each image the model segments worst from their boxes (``data.hardest_of``).
+
+    Every object of ``batch`` is predicted from its tight box (output 0, no gradient, one decoder call) and
+    scored by its hard IoU against the loss's targets; per image the ``keep`` lowest (ties in object order)
+    stay, in their order in ``batch``. An image with ``keep`` objects or fewer keeps all of them. One host
+    read (the kept crops' size).
+
+    Args:
+        model: the (DDP-wrapped) model being trained, in the state the step's update starts from.
+        batch: on its device, masks pasted (``Batch.to``); ``P`` candidate objects.
+    Returns:
+        the batch of the kept objects (``Batch.select``).
+    """
+    p = batch.num_objects
+    box = Prompts(
+        point_coords=batch.boxes.new_zeros((p, 0, 2)),
+        point_labels=batch.image_index.new_zeros((p, 0)),
+        boxes=batch.boxes,
+        has_box=torch.ones(p, dtype=torch.bool, device=batch.boxes.device),
+    )
+    with torch.no_grad():
+        out = model(batch.embeddings, batch.image_index, box)
+        soft = batch.targets is not None
+        targets = batch.targets if soft else batch.masks
+        iou = kernels.mask_losses(out.logits[:, 0], targets, batch.valid_hw, backend=backend, soft=soft).iou
+    # rank within each image by IoU, lowest first: a stable sort by image, then IoU (IoU is in [0, 1])
+    order = torch.sort(batch.image_index.double() * 2 + iou.double(), stable=True).indices
+    counts = torch.bincount(batch.image_index, minlength=len(batch.image_ids))
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(p, device=order.device) - first[batch.image_index[order]]
+    return batch.select(torch.sort(order[rank < keep]).values)
 
 
 def box_overlays(folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int) -> list[Path]:
