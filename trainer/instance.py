@@ -54,7 +54,9 @@ class InstanceTask:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch with fresh prompts: SAM's interactive training, summed over rounds.
 
-        Round 0 is the drawn box or click(s). Each of the ``prompts.corrective_rounds`` rounds after it adds
+        With ``data.hardest_of``, the batch's candidates are first cut to each image's ``max_objects`` worst
+        segmented from their boxes (``hardest_objects``). Round 0 is the drawn box or click(s). Each of the
+        ``prompts.corrective_rounds`` rounds after it adds
         one click from the error region of the previous round's shown mask and, with probability
         ``prompts.mask_prompt_prob`` per object, that mask's detached logits as the mask prompt; with
         ``prompts.click_restart``, a share of the box starts is re-prompted by one click alone in the first
