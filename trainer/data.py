@@ -25,6 +25,19 @@ from trainer.prompts import to_input_frame
 EMBEDDING_BYTES = 256 * 64 * 64 * 2  # one float16 embedding
 
 
+OBJECT_ROWS = (
+    "image_index",
+    "mask_boxes",
+    "boxes",
+    "valid_hw",
+    "object_ids",
+    "masks",
+    "target_boxes",
+    "targets",
+)
+"""The ``Batch`` fields with one row per object (``Batch.select``); the crops are concatenated, not rows."""
+
+
 @dataclass
 class Batch:
     """One micro-batch. Object tensors have ``P`` rows, image tensors ``B``."""
@@ -107,12 +120,7 @@ class Batch:
     def select(self, rows: torch.Tensor) -> Batch:
         """The batch of the objects ``rows`` (``(P',)`` int64 into the ``P`` objects, in that order), their
         crops included; the image tensors are unchanged."""
-        picked = {
-            k: getattr(self, k)[rows]
-            for k in ("image_index", "mask_boxes", "boxes", "valid_hw", "object_ids", "masks")
-            + ("target_boxes", "targets")
-            if getattr(self, k) is not None
-        }
+        picked = {k: getattr(self, k)[rows] for k in OBJECT_ROWS if getattr(self, k) is not None}
         picked["mask_pixels"] = crop_rows(self.mask_pixels, self.mask_boxes, rows)
         if self.target_pixels is not None:
             picked["target_pixels"] = crop_rows(self.target_pixels, self.target_boxes, rows)

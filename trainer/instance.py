@@ -21,7 +21,14 @@ from trainer.decoder import Decoded
 from trainer.evaluate import Contender, evaluate, iou_and_dice, predict_objects
 from trainer.losses import instance_loss
 from trainer.plots import overlay
-from trainer.prompts import Prompts, corrective_click, initial_prompts, restart_with_click, single_point
+from trainer.prompts import (
+    Prompts,
+    box_prompts,
+    corrective_click,
+    initial_prompts,
+    restart_with_click,
+    single_point,
+)
 
 
 class InstanceTask:
@@ -159,15 +166,8 @@ def hardest_objects(model: nn.Module, batch: Batch, keep: int, backend: str = "a
     Returns:
         the batch of the kept objects (``Batch.select``).
     """
-    p = batch.num_objects
-    box = Prompts(
-        point_coords=batch.boxes.new_zeros((p, 0, 2)),
-        point_labels=batch.image_index.new_zeros((p, 0)),
-        boxes=batch.boxes,
-        has_box=torch.ones(p, dtype=torch.bool, device=batch.boxes.device),
-    )
     with torch.no_grad():
-        out = model(batch.embeddings, batch.image_index, box)
+        out = model(batch.embeddings, batch.image_index, box_prompts(batch.boxes))
         soft = batch.targets is not None
         targets = batch.targets if soft else batch.masks
         iou = kernels.mask_losses(out.logits[:, 0], targets, batch.valid_hw, backend=backend, soft=soft).iou
@@ -175,7 +175,7 @@ def hardest_objects(model: nn.Module, batch: Batch, keep: int, backend: str = "a
     order = torch.sort(batch.image_index.double() * 2 + iou.double(), stable=True).indices
     counts = torch.bincount(batch.image_index, minlength=len(batch.image_ids))
     first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(p, device=order.device) - first[batch.image_index[order]]
+    rank = torch.arange(batch.num_objects, device=order.device) - first[batch.image_index[order]]
     return batch.select(torch.sort(order[rank < keep]).values)
 
 

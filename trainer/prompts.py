@@ -47,6 +47,17 @@ class Prompts:
         )
 
 
+def box_prompts(boxes: torch.Tensor) -> Prompts:
+    """``P`` prompts of one box each and no point: ``(P, 4)`` float32 xyxy boxes in the input frame."""
+    p, dev = boxes.shape[0], boxes.device
+    return Prompts(
+        point_coords=torch.zeros((p, 0, 2), device=dev),
+        point_labels=torch.zeros((p, 0), dtype=torch.long, device=dev),
+        boxes=boxes,
+        has_box=torch.ones(p, dtype=torch.bool, device=dev),
+    )
+
+
 def to_input_frame(xy: np.ndarray, original_hw, input_hw) -> np.ndarray:
     """``(..., 2)`` x, y in original pixels -> the input frame, each axis by its own ratio, as
     ``ResizeLongestSide.apply_coords`` scales them for ``SamPredictor`` (MedSAM's square stretch scales the

@@ -27,7 +27,7 @@ from trainer.data import Batch, ImageStore
 from trainer.decoder import PromptedDecoder
 from trainer.evaluate import Contender, postprocess
 from trainer.losses import semantic_loss
-from trainer.prompts import Prompts
+from trainer.prompts import Prompts, box_prompts
 from trainer.variant import Variant
 
 if TYPE_CHECKING:
@@ -69,13 +69,7 @@ def image_prompts(valid_hw: torch.Tensor, kind: str) -> Prompts | None:
     head, ``None`` (no prompt) for a ``none`` head."""
     if kind != "box":
         return None
-    b = valid_hw.shape[0]
-    return Prompts(
-        point_coords=torch.zeros((b, 0, 2), device=valid_hw.device),
-        point_labels=torch.zeros((b, 0), dtype=torch.long, device=valid_hw.device),
-        boxes=torch.cat([torch.zeros_like(valid_hw), valid_hw.flip(1)], 1).float(),
-        has_box=torch.ones(b, dtype=torch.bool, device=valid_hw.device),
-    )
+    return box_prompts(torch.cat([torch.zeros_like(valid_hw), valid_hw.flip(1)], 1).float())
 
 
 def class_logits(
