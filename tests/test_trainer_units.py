@@ -577,24 +577,34 @@ def test_batch_targets_are_pasted_from_crops_exactly(tmp_path):
         load_config(None, ["data.targets=soft"])
 
 
-def test_hardest_objects_keep_each_images_lowest_box_iou(sam, tmp_path):
-    """data.hardest_of: the reader draws N objects an image, and the loss trains the max_objects of each image
-    the model segments worst from their boxes, with their own masks, crops and coverage."""
+def _hardest_candidates(tmp_path, *overrides: str):
+    """The config (max_objects 2 of hardest_of 5) and the one micro-batch of candidates of a 3-image vit_tiny
+    cache whose images have 8, 9 and 1 objects."""
     from embedcache.build import BuildConfig, build_cache
     from embedcache.cache import open_cache
     from embedcache.synthetic import make_dataset
-    from trainer.data import ImageStore, Prefetcher, paste_crops
-    from trainer.instance import InstanceTask, hardest_objects
+    from trainer.data import ImageStore, Prefetcher
 
-    data = make_dataset(tmp_path / "data", n_images=3, seed=1, max_objects=10)  # 8, 9 and 1 objects
+    data = make_dataset(tmp_path / "data", n_images=3, seed=1, max_objects=10)
     build_cache(BuildConfig(data=data, out=tmp_path / "c.zarr", model_type="vit_tiny", progress=False))
     cache = open_cache(tmp_path / "c.zarr")
     store = ImageStore(cache, "stream", torch.device("cpu"))
-    cfg = load_config(None, ["data.max_objects=2", "data.hardest_of=5"])
+    cfg = load_config(None, ["data.max_objects=2", "data.hardest_of=5", *overrides])
     (batch,) = Prefetcher(store, [(0, np.arange(3))], cfg.data, seed=0, semantic=False, pin=False)
-    counts = np.bincount(batch.image_index.numpy(), minlength=3)
     has = [hi - lo for lo, hi in map(cache.object_range, range(3))]
+    counts = np.bincount(batch.image_index.numpy(), minlength=3)
     assert counts.tolist() == [min(n, 5) for n in has] == [5, 5, 1]  # the candidates, not max_objects
+    return cfg, batch
+
+
+def test_hardest_objects_keep_each_images_lowest_box_iou(sam, tmp_path):
+    """data.hardest_of: the reader draws N objects an image, and the loss trains the max_objects of each image
+    the model segments worst from their boxes, with their own masks, crops and coverage."""
+    from trainer.data import paste_crops
+    from trainer.instance import InstanceTask, hardest_objects
+
+    cfg, batch = _hardest_candidates(tmp_path)
+    counts = np.bincount(batch.image_index.numpy(), minlength=3)
     model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
     kept = hardest_objects(model, batch, 2)
     # each object's box IoU on its own, one image at a time
@@ -638,6 +648,60 @@ def test_hardest_objects_keep_each_images_lowest_box_iou(sam, tmp_path):
         load_config(None, ["data.hardest_of=8"])
     with pytest.raises(ValueError, match="data.hardest_of picks prompted objects.*model.task=ais"):
         load_config(None, ["model.task=ais", "data.hardest_of=16"])
+
+
+def test_hardest_box_starts_leave_the_clicks_to_ordinary_objects(sam, tmp_path):
+    """data.hardest_starts=box: an image's box slots take its lowest box IoUs, its click slots random others;
+    box_fraction 1 keeps what hardest_objects keeps; the draw is the generator's, and the loss uses it."""
+    from trainer.instance import (
+        InstanceTask,
+        box_iou_now,
+        box_start_rows,
+        hardest_box_starts,
+        hardest_objects,
+    )
+
+    cfg, batch = _hardest_candidates(tmp_path, "data.hardest_starts=box", "prompts.box_fraction=0.5")
+    model = PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)
+    iou, index = box_iou_now(model, batch), batch.image_index
+    image = index.numpy()
+    assert len(set(iou[index == 0].tolist())) == 5  # distinct IoUs: the hardest are well defined
+    picked, n_box = {0: set(), 1: set()}, {0: set(), 1: set()}
+    for s in range(24):
+        rows, has_box = box_start_rows(iou, index, 3, 2, 0.5, torch.Generator().manual_seed(s))
+        assert rows.tolist() == sorted(rows.tolist()) and has_box.shape == rows.shape
+        assert np.bincount(image[rows], minlength=3).tolist() == [2, 2, 1]
+        for b in range(3):
+            mine = [int(r) for r in rows if image[r] == b]
+            boxed = [int(r) for r, hb in zip(rows, has_box) if hb and image[r] == b]
+            ranked = np.flatnonzero(image == b)[np.argsort(iou[index == b].numpy(), kind="stable")].tolist()
+            assert boxed == sorted(ranked[: len(boxed)])  # the box starts are the hardest
+            if b < 2:
+                picked[b].update(set(mine) - set(boxed))
+                n_box[b].add(len(boxed))
+        again = box_start_rows(iou, index, 3, 2, 0.5, torch.Generator().manual_seed(s))
+        assert torch.equal(again[0], rows) and torch.equal(again[1], has_box)
+    # both slot kinds were drawn, and the click starts came from more than the two hardest
+    assert n_box[0] == n_box[1] == {0, 1, 2} and len(picked[0]) > 2 and len(picked[1]) > 2
+    kept, has_box = hardest_box_starts(model, batch, 2, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(kept.object_ids, hardest_objects(model, batch, 2).object_ids) and bool(has_box.all())
+    # the task trains exactly the objects and starts hardest_box_starts draws from the step's generator
+    real, calls = model.forward, []
+
+    def spy(embeddings, image_index, prompts, **kw):
+        calls.append((image_index.clone(), prompts.has_box.clone()))
+        return real(embeddings, image_index, prompts, **kw)
+
+    kept, has_box = hardest_box_starts(model, batch, 2, 0.5, step_generator(0, 0, 0, torch.device("cpu")))
+    model.forward = spy
+    task = InstanceTask(cfg)
+    task.loss(model, batch, step_generator(0, 0, 0, torch.device("cpu")), SimpleNamespace(unwrap_model=None))
+    (_, all_boxes), (trained_images, trained_starts) = calls  # the IoU pass, then the rounds
+    assert bool(all_boxes.all()) and len(all_boxes) == batch.num_objects
+    assert torch.equal(trained_images, kept.image_index) and torch.equal(trained_starts, has_box)
+    assert task.prompts_in(batch) == kept.num_objects
+    with pytest.raises(ValueError, match=r"data.hardest_starts must be one of all\|box, got 'clicks'"):
+        load_config(None, ["data.hardest_starts=clicks"])
 
 
 def test_config_without_a_model_takes_the_caches(tmp_path):

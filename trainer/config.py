@@ -152,6 +152,12 @@ class DataConfig:
     random, each is predicted from its box by the model as it is at that step (no gradient), and the
     ``max_objects`` of each image with the lowest IoU train (``trainer.instance.hardest_objects``); this
     costs one more decoder pass over the N objects a micro-batch."""
+    hardest_starts: Literal["all", "box"] = "all"
+    """With ``hardest_of``, which starts the hardest objects fill: ``all``, every kept object, box or click
+    start as ``prompts.box_fraction`` draws it; ``box``, each of an image's ``max_objects`` slots is a box
+    start with probability ``prompts.box_fraction`` and takes the hardest candidate left, a click slot a
+    random one of the others (``trainer.instance.hardest_box_starts``), so the clicks train on ordinary
+    objects. Ignored when ``hardest_of`` is 0."""
     residency: Literal["stream", "host", "device", "auto"] = "auto"
     """Where embeddings live: ``stream`` (read from Zarr every epoch), ``host`` (RAM after the first read),
     ``device`` (the GPU, read once), or ``auto`` (the first of device, host that fits; else stream)."""

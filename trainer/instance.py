@@ -62,7 +62,8 @@ class InstanceTask:
         """The loss of one micro-batch with fresh prompts: SAM's interactive training, summed over rounds.
 
         With ``data.hardest_of``, the batch's candidates are first cut to each image's ``max_objects`` worst
-        segmented from their boxes (``hardest_objects``). Round 0 is the drawn box or click(s). Each of the
+        segmented from their boxes (``hardest_objects``; with ``data.hardest_starts=box`` only the box starts
+        are, ``hardest_box_starts``). Round 0 is the drawn box or click(s). Each of the
         ``prompts.corrective_rounds`` rounds after it adds
         one click from the error region of the previous round's shown mask and, with probability
         ``prompts.mask_prompt_prob`` per object, that mask's detached logits as the mask prompt; with
@@ -74,10 +75,15 @@ class InstanceTask:
         ``loss.point_refine`` on top).
         """
         p = self.cfg.prompts
-        if self.cfg.data.hardest_of:
-            batch = hardest_objects(model, batch, self.cfg.data.max_objects, self.cfg.loss.backend)
+        d, has_box = self.cfg.data, None
+        if d.hardest_of and d.hardest_starts == "box":
+            batch, has_box = hardest_box_starts(
+                model, batch, d.max_objects, p.box_fraction, g, self.cfg.loss.backend
+            )
+        elif d.hardest_of:
+            batch = hardest_objects(model, batch, d.max_objects, self.cfg.loss.backend)
         masks = batch.prompt_masks()
-        asked = [initial_prompts(masks, batch.boxes, batch.valid_hw, p, g)]
+        asked = [initial_prompts(masks, batch.boxes, batch.valid_hw, p, g, has_box)]
 
         def refine(r: int, out: Decoded, prompts: Prompts) -> Prompts | None:
             if r == p.corrective_rounds:
@@ -166,17 +172,77 @@ def hardest_objects(model: nn.Module, batch: Batch, keep: int, backend: str = "a
     Returns:
         the batch of the kept objects (``Batch.select``).
     """
-    with torch.no_grad():
-        out = model(batch.embeddings, batch.image_index, box_prompts(batch.boxes))
-        soft = batch.targets is not None
-        targets = batch.targets if soft else batch.masks
-        iou = kernels.mask_losses(out.logits[:, 0], targets, batch.valid_hw, backend=backend, soft=soft).iou
+    iou = box_iou_now(model, batch, backend)
     # rank within each image by IoU, lowest first: a stable sort by image, then IoU (IoU is in [0, 1])
     order = torch.sort(batch.image_index.double() * 2 + iou.double(), stable=True).indices
     counts = torch.bincount(batch.image_index, minlength=len(batch.image_ids))
     first = torch.cumsum(counts, 0) - counts
     rank = torch.arange(batch.num_objects, device=order.device) - first[batch.image_index[order]]
     return batch.select(torch.sort(order[rank < keep]).values)
+
+
+def box_iou_now(model: nn.Module, batch: Batch, backend: str = "auto") -> torch.Tensor:
+    """``(P,)`` the hard IoU of every object of ``batch`` predicted from its tight box by ``model`` as it is
+    (output 0, no gradient, one decoder call), against the loss's targets."""
+    with torch.no_grad():
+        out = model(batch.embeddings, batch.image_index, box_prompts(batch.boxes))
+        soft = batch.targets is not None
+        targets = batch.targets if soft else batch.masks
+        return kernels.mask_losses(out.logits[:, 0], targets, batch.valid_hw, backend=backend, soft=soft).iou
+
+
+def hardest_box_starts(
+    model: nn.Module, batch: Batch, keep: int, box_fraction: float, g: torch.Generator, backend: str = "auto"
+) -> tuple[Batch, torch.Tensor]:
+    """``data.hardest_starts=box``: the hardest candidates of each image start from their boxes, the click
+    starts are ordinary ones (``box_start_rows`` on ``box_iou_now``).
+
+    Args:
+        batch: on its device, masks pasted (``Batch.to``); ``P`` candidate objects.
+    Returns:
+        the batch of the kept objects in their order in ``batch`` (``Batch.select``), and ``(P',)`` bool,
+        which of them start from their box (``initial_prompts``'s ``has_box``).
+    """
+    iou = box_iou_now(model, batch, backend)
+    rows, has_box = box_start_rows(
+        iou.cpu(), batch.image_index.cpu(), len(batch.image_ids), keep, box_fraction, g
+    )
+    device = batch.image_index.device
+    return batch.select(rows.to(device)), has_box.to(device)
+
+
+def box_start_rows(
+    iou: torch.Tensor,
+    image_index: torch.Tensor,
+    n_images: int,
+    keep: int,
+    box_fraction: float,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which candidates train and which of them start from their box, for ``hardest_box_starts``.
+
+    Per image (in order), each of its ``min(keep, n)`` slots is a box start with probability ``box_fraction``
+    (drawn from ``g``); the ``b`` box slots take the ``b`` candidates with the lowest IoU (ties in object
+    order), the click slots a random draw from ``g`` among the rest.
+
+    Args:
+        iou: ``(P,)`` each candidate's box IoU, on the host; image_index: ``(P,)`` int64, its image.
+    Returns:
+        ``(P',)`` int64 rows into the candidates, ascending, and ``(P',)`` bool, box start or not.
+    """
+    rows, boxed = [], []
+    for i in range(n_images):
+        candidates = torch.nonzero(image_index == i)[:, 0]
+        slots = min(keep, len(candidates))
+        n_box = int((torch.rand(slots, generator=g, device=g.device) < box_fraction).sum())
+        ranked = candidates[torch.sort(iou[candidates], stable=True).indices]
+        rest = ranked[n_box:]
+        clicks = rest[torch.randperm(len(rest), generator=g, device=g.device).cpu()[: slots - n_box]]
+        rows += [ranked[:n_box], clicks]
+        boxed += [torch.ones(n_box, dtype=torch.bool), torch.zeros(slots - n_box, dtype=torch.bool)]
+    rows_t, boxed_t = torch.cat(rows), torch.cat(boxed)
+    order = torch.sort(rows_t).indices
+    return rows_t[order], boxed_t[order]
 
 
 def box_overlays(folder: Path, images: np.ndarray, first: Contender, second: Contender, n: int) -> list[Path]:

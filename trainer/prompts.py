@@ -141,7 +141,12 @@ def valid_region(valid_hw: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def initial_prompts(
-    masks: torch.Tensor, boxes: torch.Tensor, valid_hw: torch.Tensor, cfg: PromptConfig, g: torch.Generator
+    masks: torch.Tensor,
+    boxes: torch.Tensor,
+    valid_hw: torch.Tensor,
+    cfg: PromptConfig,
+    g: torch.Generator,
+    has_box: torch.Tensor | None = None,
 ) -> Prompts:
     """The first-round prompts of a step: a jittered box for a ``box_fraction`` of objects, points for the
     rest.
@@ -150,9 +155,12 @@ def initial_prompts(
         masks: ``(P, S, S)`` bool targets in the input frame.
         boxes: ``(P, 4)`` float32 tight boxes in the input frame.
         valid_hw: ``(P, 2)`` int input size (h, w) of each object's image.
+        has_box: ``(P,)`` bool, which objects start from their box when the caller has drawn it; None draws
+            it here (``box_fraction``).
     """
     p, h, w = masks.shape
-    has_box = torch.rand(p, generator=g, device=masks.device) < cfg.box_fraction
+    if has_box is None:
+        has_box = torch.rand(p, generator=g, device=masks.device) < cfg.box_fraction
     jittered = jitter_boxes(boxes, valid_hw, cfg, g)
     n_pos = max(
         cfg.pos_points if not bool(has_box.all()) else 0, cfg.box_points if bool(has_box.any()) else 0
