@@ -89,7 +89,7 @@ def test_a_semantic_sweep_scores_trials_by_the_semantic_miou(tmp_path):
     path = _semantic_cache(tmp_path, n_images=4, seed=2)
     fast = ["model.model_type=vit_tiny", "model.checkpoint=null", "data.images_per_batch=1", "run.steps=1"]
     out = tmp_path / "sw"
-    overrides = [*SEMANTIC, *fast]
+    overrides = [*SEMANTIC, *fast, "data.hardest_of=0"]  # the default's hardest_of is the instance task's
     got = sweep(path, [DEFAULT_CONFIG], overrides, out, lrs=[1e-3], holdout=0.5, min_steps=1)
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["metric"] == "semantic mIoU" and len(summary["held_out_images"]) == 2

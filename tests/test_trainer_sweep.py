@@ -108,7 +108,8 @@ def test_sweep_scores_other_tasks_by_their_own_number(cache_path, tmp_path):
     task's and is refused here, as is a mix of tasks."""
     out = tmp_path / "ais"
     args = ["sweep", "--cache", str(cache_path), "--out", str(out), "--lr", "1e-3,1e-2"]
-    args += ["--min-steps", "1", "--reduction", "2", "--holdout", "0.4", *FAST, "model.task=ais"]
+    ais = [*FAST, "model.task=ais", "data.hardest_of=0"]  # the default's hardest_of is the instance task's
+    args += ["--min-steps", "1", "--reduction", "2", "--holdout", "0.4", *ais]
     assert main(args) == 0
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["metric"] == "AIS mSA"
@@ -122,7 +123,7 @@ def test_sweep_scores_other_tasks_by_their_own_number(cache_path, tmp_path):
     assert main([*args[:4], str(tmp_path / "m"), *args[5:], "--metric", "box"]) == 2  # said, nothing run
     assert not (tmp_path / "m").exists()
     with pytest.raises(ValueError, match="takes no --metric"):
-        sweep(cache_path, [DEFAULT_CONFIG], [*FAST, "model.task=ais"], tmp_path / "m", lrs=[1], metric="box")
+        sweep(cache_path, [DEFAULT_CONFIG], ais, tmp_path / "m", lrs=[1], metric="box")
     other = tmp_path / "ais.yaml"
     other.write_text("model:\n  task: ais\n")
     with pytest.raises(ValueError, match="share model.task"):

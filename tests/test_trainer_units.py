@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from embedcache.models import build_sam
-from trainer.config import Config, load_config, to_dict
+from trainer.config import DEFAULT_CONFIG, Config, load_config, to_dict
 from trainer.decoder import PromptedDecoder, decode, embed_prompts, instance_head
 from trainer.lora import add_lora, merge_lora
 from trainer.order import batches, micro_batches, permutation
@@ -646,8 +646,11 @@ def test_hardest_objects_keep_each_images_lowest_box_iou(sam, tmp_path):
     pool = r"data.hardest_of must be 0 \(off\) or more than data.max_objects \(8\), got 8"
     with pytest.raises(ValueError, match=pool):
         load_config(None, ["data.hardest_of=8"])
-    with pytest.raises(ValueError, match="data.hardest_of picks prompted objects.*model.task=ais"):
+    picks = "data.hardest_of picks prompted objects.*model.task={}.*configs/ais.yaml"
+    with pytest.raises(ValueError, match=picks.format("ais")):
         load_config(None, ["model.task=ais", "data.hardest_of=16"])
+    with pytest.raises(ValueError, match=picks.format("semantic")):
+        load_config(DEFAULT_CONFIG, ["model.task=semantic", "loss.ce=1"])  # the default trains the hardest
 
 
 def test_hardest_box_starts_leave_the_clicks_to_ordinary_objects(sam, tmp_path):
@@ -708,7 +711,7 @@ def test_config_without_a_model_takes_the_caches(tmp_path):
     """The default recipe names no model: a random-init cache gives its type and seed, an official
     checkpoint's sha256 gives its name, and a file's own value wins over the cache's."""
     from embedcache.weights import OFFICIAL
-    from trainer.config import DEFAULT_CONFIG, model_from_cache
+    from trainer.config import model_from_cache
 
     def cache(model_type: str, ck: str):
         return SimpleNamespace(signature={"model_type": model_type, "checkpoint": ck})
@@ -716,7 +719,7 @@ def test_config_without_a_model_takes_the_caches(tmp_path):
     under = model_from_cache(cache("vit_tiny", "random-init:7"))
     cfg = load_config(DEFAULT_CONFIG, under=under)
     assert (cfg.model.model_type, cfg.model.checkpoint, cfg.model.init_seed) == ("vit_tiny", None, 7)
-    assert cfg.prompts.corrective_rounds == 2  # the recipe itself is the file's
+    assert cfg.prompts.corrective_rounds == 1  # the recipe itself is the file's
     lite = OFFICIAL["lite_medsam"]
     cfg = load_config(DEFAULT_CONFIG, under=model_from_cache(cache("lite_medsam", lite.sha256)))
     assert (cfg.model.model_type, cfg.model.checkpoint) == ("lite_medsam", "lite_medsam")

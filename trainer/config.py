@@ -393,7 +393,8 @@ class Config:
         if self.data.hardest_of and self.model.task != "instance":
             raise ValueError(
                 f"data.hardest_of picks prompted objects, the instance task's; model.task={self.model.task} "
-                "trains on whole images: set data.hardest_of=0"
+                "trains on whole images: set data.hardest_of=0 (configs/default.yaml sets it; "
+                "configs/ais.yaml and configs/semantic.yaml are recipes for those tasks)"
             )
 
 
