@@ -129,3 +129,27 @@ def test_sweep_scores_other_tasks_by_their_own_number(cache_path, tmp_path):
     other.write_text("model:\n  task: ais\n")
     with pytest.raises(ValueError, match="share model.task"):
         sweep(cache_path, [DEFAULT_CONFIG, other], FAST, tmp_path / "m", lrs=[1e-3])
+
+
+def test_sweeps_run_apart_are_gathered_without_training(cache_path, tmp_path):
+    """With one rung (``--min-steps`` = ``run.steps``) each rate can run as its own sweep, on its own
+    machine; their trial folders copied into one ``--out`` and the whole command run there scores them
+    together from their recorded rungs, training nothing, as one sweep of every rate would."""
+    import shutil
+
+    def run(out: Path, lrs: str) -> dict:
+        args = ["sweep", "--cache", str(cache_path), "--out", str(out), "--lr", lrs]
+        assert main([*args, "--min-steps", "2", "--reduction", "2", "--holdout", "0.4", *FAST]) == 0
+        return json.loads((out / "sweep.json").read_text())
+
+    apart = [run(tmp_path / f"apart{i}", lr)["trials"][0] for i, lr in enumerate(["1e-2", "1e-3"])]
+    for i in range(2):
+        shutil.copytree(tmp_path / f"apart{i}" / "trials", tmp_path / "all" / "trials", dirs_exist_ok=True)
+    weights = {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "all").glob("trials/*/checkpoints/*/model.safetensors")
+    }
+    assert len(weights) == 2
+    gathered = run(tmp_path / "all", "1e-2,1e-3")
+    assert gathered["trials"] == apart
+    assert gathered["best"] == max(apart, key=lambda t: t["scores"]["2"])["trial"]
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights
