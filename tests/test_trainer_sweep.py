@@ -88,10 +88,12 @@ def test_sweep_prunes_picks_and_resumes_exactly(cache_path, tmp_path, monkeypatc
     best = load_config(out / "best.yaml")
     assert best.optim.lr == 1e-3 and best.run.steps == 2 and best.model.model_type == "vit_tiny"
     assert best.prompts.corrective_rounds == load_config(DEFAULT_CONFIG).prompts.corrective_rounds
-    assert "| default_lr0.0001 | 0.0001 | -1.0000 | - | stopped at 1 |" in (out / "table.md").read_text()
-    # the stopped trial trained one step only
+    # the stopped trial trained one step only; beside its score, the box and point mIoU it was measured at
     state = json.loads(next(out.glob("trials/default_lr0.0001/checkpoints/*/trainer_state.json")).read_text())
     assert state["step"] == 1
+    box, point = (state["evals"]["1"][k]["miou"] for k in ("box", "point"))
+    row = f"| default_lr0.0001 | 0.0001 | -1.0000 | - | stopped at 1 | {box:.4f} / {point:.4f} |"
+    assert row in (out / "table.md").read_text()
     # resume: every rung is read back from the trials' folders, nothing is trained again
     weights = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/checkpoints/*/model.safetensors")}
     (out / "sweep.json").unlink()
@@ -119,7 +121,8 @@ def test_sweep_scores_other_tasks_by_their_own_number(cache_path, tmp_path):
             folder = ckpt.step_dir(out / "trials" / trial["trial"], int(step))
             state = json.loads((folder / "trainer_state.json").read_text())
             assert value == state["evals"][step]["auto"]["msa"]
-    assert "Validation AIS mSA on 40% of the training images" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "Validation AIS mSA on 40% of the training images" in table and "box / point" not in table
     assert load_config(out / "best.yaml").model.task == "ais"
     assert main([*args[:4], str(tmp_path / "m"), *args[5:], "--metric", "box"]) == 2  # said, nothing run
     assert not (tmp_path / "m").exists()

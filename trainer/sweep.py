@@ -120,6 +120,8 @@ def sweep(
         row = {"trial": name, "lr": cfg.optim.lr, "scores": {}, "state": "complete"}
         for step, metrics in _train_trial(cache, cfg, out / "trials" / name, at, split, command):
             row["scores"][str(step)] = value = score(metrics, metric, task)
+            if metric is not None:  # the instance task: its box and point beside the mean they make
+                row["box_point"] = [metrics["box"]["miou"], metrics["point"]["miou"]]
             trial.report(value, step)
             if step != at[-1] and trial.should_prune():
                 row["state"] = f"stopped at {step}"
@@ -185,9 +187,10 @@ def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command
 
 
 def sweep_table(rows: list[dict], at: list[int], label: str, holdout: float) -> str:
-    """Markdown: one row per trial with its score (``label``, e.g. ``box mIoU``) at every rung it reached and
-    how it ended."""
-    head = ["trial", "lr", *(f"step {s}" for s in at), "state"]
+    """Markdown: one row per trial with its score (``label``, e.g. ``box mIoU``) at every rung it reached, how
+    it ended, and for the instance task its box and point mIoU at its last rung (``row["box_point"]``)."""
+    split = all("box_point" in r for r in rows)
+    head = ["trial", "lr", *(f"step {s}" for s in at), "state", *(["box / point at its last rung"] * split)]
     lines = [
         f"Validation {label} on {holdout:.0%} of the training images, held out of every trial:",
         "",
@@ -196,8 +199,10 @@ def sweep_table(rows: list[dict], at: list[int], label: str, holdout: float) -> 
     ]
     for r in rows:
         scores = [f"{r['scores'][str(s)]:.4f}" if str(s) in r["scores"] else "-" for s in at]
-        cells = [r["trial"], f"{r['lr']:g}", *scores]
-        lines.append("| " + " | ".join([*cells, r["state"]]) + " |")
+        cells = [r["trial"], f"{r['lr']:g}", *scores, r["state"]]
+        if split:
+            cells.append("{:.4f} / {:.4f}".format(*r["box_point"]))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
