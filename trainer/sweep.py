@@ -189,8 +189,8 @@ def _train_trial(cache, cfg: Config, folder: Path, at: list[int], split, command
 def sweep_table(rows: list[dict], at: list[int], label: str, holdout: float) -> str:
     """Markdown: one row per trial with its score (``label``, e.g. ``box mIoU``) at every rung it reached, how
     it ended, and for the instance task its box and point mIoU at its last rung (``row["box_point"]``)."""
-    split = all("box_point" in r for r in rows)
-    head = ["trial", "lr", *(f"step {s}" for s in at), "state", *(["box / point at its last rung"] * split)]
+    parts = all("box_point" in r for r in rows)
+    head = ["trial", "lr", *(f"step {s}" for s in at), "state", *(["box / point at its last rung"] * parts)]
     lines = [
         f"Validation {label} on {holdout:.0%} of the training images, held out of every trial:",
         "",
@@ -200,7 +200,7 @@ def sweep_table(rows: list[dict], at: list[int], label: str, holdout: float) -> 
     for r in rows:
         scores = [f"{r['scores'][str(s)]:.4f}" if str(s) in r["scores"] else "-" for s in at]
         cells = [r["trial"], f"{r['lr']:g}", *scores, r["state"]]
-        if split:
+        if parts:
             cells.append("{:.4f} / {:.4f}".format(*r["box_point"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
