@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,6 @@ def test_sweeps_run_apart_are_gathered_without_training(cache_path, tmp_path):
     """With one rung (``--min-steps`` = ``run.steps``) each rate can run as its own sweep, on its own
     machine; their trial folders copied into one ``--out`` and the whole command run there scores them
     together from their recorded rungs, training nothing, as one sweep of every rate would."""
-    import shutil
 
     def run(out: Path, lrs: str) -> dict:
         args = ["sweep", "--cache", str(cache_path), "--out", str(out), "--lr", lrs]
